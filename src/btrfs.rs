@@ -1,0 +1,205 @@
+//! Project storage on btrfs: the filesystem (a configured mount, or a loop image under the state
+//! directory set up by `cocalc-project-host storage-setup`) and one subvolume per project.
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cmd::{self, CmdError};
+use crate::config::Settings;
+use crate::project::ProjectId;
+
+const BTRFS: &str = "/usr/bin/btrfs";
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// The root directory of a btrfs subvolume always has this inode number.
+const SUBVOLUME_ROOT_INO: u64 = 256;
+/// Magic of a btrfs superblock, at 64 KiB + 0x40.
+const SUPER_MAGIC: &[u8; 8] = b"_BHRfS_M";
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The storage path is not a mounted btrfs.
+    #[error(
+        "project storage {0} is not a mounted btrfs filesystem (run `cocalc-project-host storage-setup` or set storage.mount)"
+    )]
+    NotBtrfs(PathBuf),
+    /// A path exists but is not what it must be.
+    #[error("{0} exists but is not a btrfs subvolume; refusing to touch it")]
+    NotSubvolume(PathBuf),
+    /// A filesystem call failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// the path
+        path: PathBuf,
+        /// the error
+        source: std::io::Error,
+    },
+    /// An external program failed.
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Whether `path` is on btrfs.
+pub fn is_btrfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC)
+}
+
+/// Whether `path` is a mount point (its device differs from its parent's).
+fn is_mountpoint(path: &Path) -> bool {
+    let (Ok(m), Ok(p)) = (std::fs::metadata(path), std::fs::metadata(path.join(".."))) else {
+        return false;
+    };
+    m.dev() != p.dev() || m.ino() == p.ino()
+}
+
+fn has_btrfs_superblock(image: &Path) -> bool {
+    let mut buf = [0u8; 8];
+    std::fs::File::open(image)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(0x10040))?;
+            f.read_exact(&mut buf)
+        })
+        .is_ok()
+        && &buf == SUPER_MAGIC
+}
+
+/// The host's project storage.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    root: PathBuf,
+    owner_uid: u32,
+}
+
+impl Storage {
+    /// Storage as configured (nothing is touched until used).
+    pub fn new(settings: &Settings) -> Storage {
+        Storage {
+            root: settings.storage_mount(),
+            owner_uid: settings.host_user_uid(),
+        }
+    }
+
+    /// The mount point.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A project's home subvolume (it may not exist yet).
+    pub fn home(&self, id: &ProjectId) -> PathBuf {
+        self.root.join(id.subvolume_name())
+    }
+
+    /// Makes sure the project's home subvolume exists and belongs to the container's `user`.
+    /// Never replaces or deletes anything that is already there.
+    pub async fn ensure_home(&self, id: &ProjectId) -> Result<PathBuf, StorageError> {
+        if !is_btrfs(&self.root) {
+            return Err(StorageError::NotBtrfs(self.root.clone()));
+        }
+        let home = self.home(id);
+        match std::fs::symlink_metadata(&home) {
+            Ok(m) if m.is_dir() && m.ino() == SUBVOLUME_ROOT_INO => return Ok(home),
+            Ok(_) => return Err(StorageError::NotSubvolume(home)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&home)(e)),
+        }
+        cmd::run(
+            BTRFS,
+            ["-q", "subvolume", "create"]
+                .iter()
+                .map(|s| s.as_ref())
+                .chain([home.as_os_str()]),
+            TIMEOUT,
+        )
+        .await?;
+        let uid = nix::unistd::Uid::from_raw(self.owner_uid);
+        let gid = nix::unistd::Gid::from_raw(self.owner_uid);
+        nix::unistd::chown(&home, Some(uid), Some(gid)).map_err(|e| io(&home)(e.into()))?;
+        std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o750))
+            .map_err(io(&home))?;
+        tracing::info!(project_id = %id, path = %home.display(), "created home subvolume");
+        Ok(home)
+    }
+}
+
+/// Prepares the storage (the oneshot `cocalc-project-host-storage.service` runs this): with
+/// `storage.mount` set, checks it is a mounted btrfs; otherwise creates (once) a sparse image under
+/// the state directory, formats it (only if it holds no btrfs yet) and loop-mounts it. Idempotent.
+pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
+    let mount = settings.storage_mount();
+    if settings.storage.mount.is_some() {
+        return if is_btrfs(&mount) {
+            Ok(mount)
+        } else {
+            Err(StorageError::NotBtrfs(mount))
+        };
+    }
+    if is_mountpoint(&mount) && is_btrfs(&mount) {
+        return Ok(mount);
+    }
+    let image = settings.storage_image();
+    std::fs::create_dir_all(&settings.state_dir).map_err(io(&settings.state_dir))?;
+    std::fs::create_dir_all(&mount).map_err(io(&mount))?;
+    if !image.exists() {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&image)
+            .map_err(io(&image))?;
+        f.set_len(settings.storage.image_size).map_err(io(&image))?;
+        tracing::info!(path = %image.display(), size = settings.storage.image_size, "created storage image");
+    }
+    if !has_btrfs_superblock(&image) {
+        cmd::run(
+            "/usr/sbin/mkfs.btrfs",
+            [std::ffi::OsStr::new("-q"), image.as_os_str()],
+            TIMEOUT,
+        )
+        .await?;
+        tracing::info!(path = %image.display(), "formatted storage image");
+    }
+    cmd::run(
+        "/usr/bin/mount",
+        [
+            std::ffi::OsStr::new("-o"),
+            "loop,noatime".as_ref(),
+            image.as_os_str(),
+            mount.as_os_str(),
+        ],
+        TIMEOUT,
+    )
+    .await?;
+    tracing::info!(path = %mount.display(), "mounted project storage");
+    Ok(mount)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_detection() {
+        let p = std::env::temp_dir().join(format!("cph-sb-{}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 0x20000]).unwrap();
+        assert!(!has_btrfs_superblock(&p));
+        let mut b = vec![0u8; 0x20000];
+        b[0x10040..0x10048].copy_from_slice(SUPER_MAGIC);
+        std::fs::write(&p, b).unwrap();
+        assert!(has_btrfs_superblock(&p));
+        std::fs::remove_file(&p).unwrap();
+        assert!(!has_btrfs_superblock(&p));
+    }
+
+    #[test]
+    fn root_is_a_mountpoint() {
+        assert!(is_mountpoint(Path::new("/")));
+    }
+}

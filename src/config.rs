@@ -1,0 +1,485 @@
+//! Host configuration: TOML fragments (every key optional) merged from `/usr/lib`, `/run`, `/etc`
+//! (later wins; in each, `config.toml` then `config.d/*.toml` sorted by name), then validated into
+//! [`Settings`]. A bad key or value is refused with the file and key named.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::project::NetworkMode;
+
+/// Where fragments are read from, lowest priority first.
+pub const DEFAULT_ROOTS: [&str; 3] = [
+    "/usr/lib/cocalc-project-host",
+    "/run/cocalc-project-host",
+    "/etc/cocalc-project-host",
+];
+
+/// Overrides [`DEFAULT_ROOTS`] (colon-separated), for tests and development.
+pub const ROOTS_ENV: &str = "COCALC_PROJECT_HOST_CONFIG_DIRS";
+
+/// Validated settings of the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Where the store and the default storage image live.
+    pub state_dir: PathBuf,
+    /// Address bound when not socket-activated.
+    pub listen: SocketAddr,
+    /// Project storage.
+    pub storage: StorageSettings,
+    /// Defaults for projects.
+    pub projects: ProjectSettings,
+}
+
+/// Project storage settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageSettings {
+    /// A mounted btrfs to use; when unset, a loop image under the state directory.
+    pub mount: Option<PathBuf>,
+    /// Size of the loop image (bytes, sparse).
+    pub image_size: u64,
+}
+
+/// Defaults for projects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectSettings {
+    /// Image used when a start config names none.
+    pub image: String,
+    /// Command used instead of the image's CMD, when set.
+    pub cmd: Option<Vec<String>>,
+    /// Default network mode.
+    pub network: NetworkMode,
+    /// Graceful stop timeout in seconds (SIGTERM → SIGKILL inside the container).
+    pub stop_timeout_secs: u64,
+    /// First host uid/gid of the range container ids are mapped onto.
+    pub uid_base: u32,
+    /// Size of that range.
+    pub uid_count: u32,
+    /// The uid/gid of `user` inside the container.
+    pub user_uid: u32,
+}
+
+impl Settings {
+    /// Where the project storage is mounted.
+    pub fn storage_mount(&self) -> PathBuf {
+        self.storage
+            .mount
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("projects"))
+    }
+    /// The loop image backing the default storage.
+    pub fn storage_image(&self) -> PathBuf {
+        self.state_dir.join("projects.img")
+    }
+    /// Host uid that owns a project's files (the container's `user`).
+    pub fn host_user_uid(&self) -> u32 {
+        self.projects.uid_base + self.projects.user_uid
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            state_dir: PathBuf::from("/var/lib/cocalc-project-host"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9002)),
+            storage: StorageSettings {
+                mount: None,
+                image_size: 20 << 30,
+            },
+            projects: ProjectSettings {
+                image: "localhost/cocalc-project:latest".into(),
+                cmd: None,
+                network: NetworkMode::None,
+                stop_timeout_secs: 10,
+                uid_base: 100_000,
+                uid_count: 65_536,
+                user_uid: 1000,
+            },
+        }
+    }
+}
+
+/// A configuration error: names the file (when one is at fault) and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML or has an unknown key or a wrongly typed value.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, one line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file that set it last.
+        path: String,
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fragment {
+    state_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    #[serde(default)]
+    storage: StorageFragment,
+    #[serde(default)]
+    projects: ProjectsFragment,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageFragment {
+    mount: Option<PathBuf>,
+    image_size: Option<Size>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectsFragment {
+    image: Option<String>,
+    cmd: Option<Vec<String>>,
+    network: Option<NetworkMode>,
+    stop_timeout: Option<u64>,
+    uid_base: Option<u32>,
+    uid_count: Option<u32>,
+    user_uid: Option<u32>,
+}
+
+/// A byte size: an integer, or a string with a K/M/G/T suffix (powers of 1024).
+#[derive(Debug, Clone, Copy)]
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `512M`, `20G`, `1073741824`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown size suffix (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// The fragment files under `roots`, in the order they apply.
+pub fn fragment_files(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for root in roots {
+        let main = root.join("config.toml");
+        if main.is_file() {
+            files.push(main);
+        }
+        if let Ok(rd) = std::fs::read_dir(root.join("config.d")) {
+            let mut d: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+                .collect();
+            d.sort();
+            files.extend(d);
+        }
+    }
+    files
+}
+
+/// The roots to read: [`ROOTS_ENV`] when set, else [`DEFAULT_ROOTS`].
+pub fn roots_from_env() -> Vec<PathBuf> {
+    match std::env::var_os(ROOTS_ENV) {
+        Some(v) => std::env::split_paths(&v).collect(),
+        None => DEFAULT_ROOTS.iter().map(PathBuf::from).collect(),
+    }
+}
+
+/// Reads, merges and validates the fragments under `roots`.
+pub fn load(roots: &[PathBuf]) -> Result<Settings, ConfigError> {
+    let mut parsed = Vec::new();
+    for path in fragment_files(roots) {
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        parsed.push((path, text));
+    }
+    merge(parsed.iter().map(|(p, t)| (p.as_path(), t.as_str())))
+}
+
+/// Merges fragment texts (lowest priority first) onto the defaults and validates the result.
+pub fn merge<'a>(
+    fragments: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> Result<Settings, ConfigError> {
+    let mut s = Settings::default();
+    // which file set each validated key last, for error messages
+    let mut origin = std::collections::HashMap::<&'static str, String>::new();
+    for (path, text) in fragments {
+        let f: Fragment = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().replace('\n', " ") + &location(text, e.span()),
+        })?;
+        let p = path.display().to_string();
+        let mut set = |key: &'static str| {
+            origin.insert(key, p.clone());
+        };
+        if let Some(v) = f.state_dir {
+            s.state_dir = v;
+            set("state_dir");
+        }
+        if let Some(v) = f.listen {
+            s.listen = v;
+        }
+        if let Some(v) = f.storage.mount {
+            s.storage.mount = Some(v);
+            set("storage.mount");
+        }
+        if let Some(v) = f.storage.image_size {
+            s.storage.image_size = v.0;
+            set("storage.image_size");
+        }
+        let pr = f.projects;
+        if let Some(v) = pr.image {
+            s.projects.image = v;
+            set("projects.image");
+        }
+        if let Some(v) = pr.cmd {
+            s.projects.cmd = Some(v);
+            set("projects.cmd");
+        }
+        if let Some(v) = pr.network {
+            s.projects.network = v;
+        }
+        if let Some(v) = pr.stop_timeout {
+            s.projects.stop_timeout_secs = v;
+            set("projects.stop_timeout");
+        }
+        if let Some(v) = pr.uid_base {
+            s.projects.uid_base = v;
+            set("projects.uid_base");
+        }
+        if let Some(v) = pr.uid_count {
+            s.projects.uid_count = v;
+            set("projects.uid_count");
+        }
+        if let Some(v) = pr.user_uid {
+            s.projects.user_uid = v;
+            set("projects.user_uid");
+        }
+    }
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: origin
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| "built-in default".into()),
+        key,
+        message,
+    };
+    if !s.state_dir.is_absolute() {
+        return Err(invalid("state_dir", "must be an absolute path".into()));
+    }
+    if let Some(m) = &s.storage.mount
+        && !m.is_absolute()
+    {
+        return Err(invalid("storage.mount", "must be an absolute path".into()));
+    }
+    if s.storage.image_size < 256 << 20 {
+        return Err(invalid(
+            "storage.image_size",
+            "must be at least 256M (btrfs needs room)".into(),
+        ));
+    }
+    let image_ok = crate::project::RunConfig {
+        image: Some(s.projects.image.clone()),
+        ..Default::default()
+    };
+    if let Err(e) = image_ok.validate() {
+        return Err(invalid("projects.image", e.reason));
+    }
+    if let Some(cmd) = &s.projects.cmd
+        && cmd.is_empty()
+    {
+        return Err(invalid(
+            "projects.cmd",
+            "must not be empty (leave it unset for the image's CMD)".into(),
+        ));
+    }
+    if s.projects.stop_timeout_secs > 3600 {
+        return Err(invalid(
+            "projects.stop_timeout",
+            "must be at most 3600 seconds".into(),
+        ));
+    }
+    if s.projects.uid_base == 0 {
+        return Err(invalid(
+            "projects.uid_base",
+            "must not be 0: container root must not be host root".into(),
+        ));
+    }
+    if s.projects.uid_count < 65_536 {
+        return Err(invalid(
+            "projects.uid_count",
+            "must be at least 65536".into(),
+        ));
+    }
+    if s.projects
+        .uid_base
+        .checked_add(s.projects.uid_count)
+        .is_none()
+    {
+        return Err(invalid(
+            "projects.uid_count",
+            "uid_base + uid_count overflows".into(),
+        ));
+    }
+    if s.projects.user_uid == 0 || s.projects.user_uid >= s.projects.uid_count {
+        return Err(invalid(
+            "projects.user_uid",
+            "must be inside the mapped range and not 0".into(),
+        ));
+    }
+    Ok(s)
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) if r.start <= text.len() => {
+            let line = text[..r.start].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(frags: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        merge(frags.iter().map(|(p, t)| (Path::new(*p), *t)))
+    }
+
+    #[test]
+    fn defaults_hold_with_no_files() {
+        assert_eq!(m(&[]).unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn later_fragments_win() {
+        let s = m(&[
+            (
+                "/usr/lib/x/config.d/10.toml",
+                "[projects]\nimage = \"a/b:1\"\nstop_timeout = 3\n",
+            ),
+            (
+                "/etc/x/config.d/10.toml",
+                "[projects]\nimage = \"c/d:2\"\n[storage]\nimage_size = \"1G\"\n",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(s.projects.image, "c/d:2");
+        assert_eq!(s.projects.stop_timeout_secs, 3);
+        assert_eq!(s.storage.image_size, 1 << 30);
+    }
+
+    #[test]
+    fn a_typo_names_file_and_key() {
+        let e = m(&[("/etc/x/config.toml", "[projects]\nimgae = \"x\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/etc/x/config.toml: "), "{e}");
+        assert!(e.contains("imgae"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_file_and_key() {
+        let e = m(&[("/etc/x/a.toml", "[projects]\nuid_base = 0\n")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/x/a.toml: projects.uid_base: must not be 0: container root must not be host root"
+        );
+        let e = m(&[("/etc/x/a.toml", "[storage]\nimage_size = \"12Q\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("suffix"), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("7"), Ok(7));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn fragment_files_are_ordered_by_root_then_name() {
+        let d = std::env::temp_dir().join(format!("cph-cfg-{}", std::process::id()));
+        let (a, b) = (d.join("usr"), d.join("etc"));
+        for (root, names) in [
+            (&a, &["20.toml", "10.toml", "x.conf"][..]),
+            (&b, &["05.toml"][..]),
+        ] {
+            std::fs::create_dir_all(root.join("config.d")).unwrap();
+            for n in names {
+                std::fs::write(root.join("config.d").join(n), "").unwrap();
+            }
+        }
+        std::fs::write(b.join("config.toml"), "").unwrap();
+        let got: Vec<String> = fragment_files(&[a.clone(), b.clone()])
+            .iter()
+            .map(|p| p.strip_prefix(&d).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "usr/config.d/10.toml",
+                "usr/config.d/20.toml",
+                "etc/config.toml",
+                "etc/config.d/05.toml"
+            ]
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,341 @@
+//! The HTTP API (hyper 1): a thin adapter over [`Host`]. `serve(listener, host, shutdown)` takes
+//! its listener and shutdown signal from the caller, so socket activation and tests come free.
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::host::{self, Host};
+use crate::project::{ProjectId, RunConfig};
+
+/// Largest request body accepted (a start config is a few hundred bytes).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Most connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// An API error: status, machine code, message. Serialized as `{"error","code"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status
+    pub status: StatusCode,
+    /// machine-readable code
+    pub code: &'static str,
+    /// one-line message
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<host::Error> for ApiError {
+    fn from(e: host::Error) -> ApiError {
+        use host::Error as E;
+        let status = match &e {
+            E::InvalidProjectId(_) | E::InvalidConfig(_) => StatusCode::BAD_REQUEST,
+            E::Storage(_) | E::Systemd(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::StartFailed { .. } | E::StopFailed { .. } | E::Store(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+/// What a request asks for, decided from method and path alone (no I/O, unit tested).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /healthz`
+    Health,
+    /// `GET /projects`
+    List,
+    /// `GET /projects/:id/status`
+    Status(ProjectId),
+    /// `POST /projects/:id/start`
+    Start(ProjectId),
+    /// `POST /projects/:id/stop`
+    Stop(ProjectId),
+}
+
+/// Maps method + path to a route. Paths are not percent-decoded: `%2e%2e` is just an invalid id.
+pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
+    let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let (want, r) = match segs.as_slice() {
+        ["healthz"] => (Method::GET, Route::Health),
+        ["projects"] => (Method::GET, Route::List),
+        ["projects", id, action @ ("status" | "start" | "stop")] => {
+            let id: ProjectId = id.parse().map_err(|e: crate::project::InvalidProjectId| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_project_id", e.to_string())
+            })?;
+            match *action {
+                "status" => (Method::GET, Route::Status(id)),
+                "start" => (Method::POST, Route::Start(id)),
+                _ => (Method::POST, Route::Stop(id)),
+            }
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint: {path}"),
+            ));
+        }
+    };
+    if *method != want {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{path} accepts {want} only"),
+        ));
+    }
+    Ok(r)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    #[serde(default)]
+    config: Option<RunConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    force: bool,
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    json_response(e.status, &json!({"error": e.message, "code": e.code}))
+}
+
+/// Reads a JSON body (empty = default), enforcing [`MAX_BODY`].
+async fn read_json<T: for<'de> Deserialize<'de> + Default>(
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let too_big = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("body exceeds {MAX_BODY} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > MAX_BODY as u64
+    {
+        return Err(too_big());
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_big()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("cannot read body: {e}"),
+                )
+            }
+        })?;
+    let bytes = body.to_bytes();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+async fn dispatch(host: &Host, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let r = route(req.method(), req.uri().path())?;
+    let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v));
+    match r {
+        Route::Health => ok(json!({"ok": true})),
+        Route::List => {
+            let projects: Vec<_> = host
+                .list()
+                .into_iter()
+                .map(|(id, last)| json!({"project_id": id, "last": last}))
+                .collect();
+            ok(json!({ "projects": projects }))
+        }
+        Route::Status(id) => ok(serde_json::to_value(host.status(id)).unwrap_or_default()),
+        Route::Start(id) => {
+            let body: StartBody = read_json(req).await?;
+            let st = host.start(id, body.config).await?;
+            ok(serde_json::to_value(st).unwrap_or_default())
+        }
+        Route::Stop(id) => {
+            let body: StopBody = read_json(req).await?;
+            let st = host.stop(id, body.force).await?;
+            ok(serde_json::to_value(st).unwrap_or_default())
+        }
+    }
+}
+
+async fn handle(
+    host: Arc<Host>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let resp = match dispatch(&host, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(%method, %path, status = e.status.as_u16(), code = e.code, error = %e.message, "request failed");
+            }
+            error_response(&e)
+        }
+    };
+    Ok(resp)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then lets in-flight requests finish
+/// (up to 30 s) before returning.
+pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: impl Future<Output = ()>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // e.g. EMFILE: back off instead of spinning
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let host = host.clone();
+        let svc = hyper::service::service_fn(move |req| handle(host.clone(), req));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish within 30s of shutdown");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "6f1c2d3e-0000-4000-8000-000000000001";
+
+    #[test]
+    fn routes() {
+        let id: ProjectId = ID.parse().unwrap();
+        assert_eq!(route(&Method::GET, "/healthz"), Ok(Route::Health));
+        assert_eq!(route(&Method::GET, "/projects"), Ok(Route::List));
+        assert_eq!(
+            route(&Method::GET, &format!("/projects/{ID}/status")),
+            Ok(Route::Status(id))
+        );
+        assert_eq!(
+            route(&Method::POST, &format!("/projects/{ID}/start")),
+            Ok(Route::Start(id))
+        );
+        assert_eq!(
+            route(&Method::POST, &format!("/projects/{ID}/stop")),
+            Ok(Route::Stop(id))
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_clear_errors() {
+        let code = |m: Method, p: &str| route(&m, p).map(|_| ()).unwrap_err();
+        for p in [
+            "/",
+            "/nope",
+            "/projects/",
+            "/healthz/",
+            &format!("/projects/{ID}/rm"),
+            &format!("/projects/{ID}"),
+        ] {
+            let e = code(Method::GET, p);
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::NOT_FOUND, "not_found"),
+                "{p}"
+            );
+        }
+        for id in ["..", "%2e%2e", "x", "6F1C2D3E-0000-4000-8000-000000000001"] {
+            let e = code(Method::GET, &format!("/projects/{id}/status"));
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::BAD_REQUEST, "invalid_project_id"),
+                "{id}"
+            );
+        }
+        let e = code(Method::GET, &format!("/projects/{ID}/start"));
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = code(Method::POST, "/healthz");
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn bodies_reject_unknown_fields() {
+        assert!(serde_json::from_str::<StopBody>(r#"{"forc":true}"#).is_err());
+        assert!(serde_json::from_str::<StopBody>(r#"{"force":"yes"}"#).is_err());
+        assert!(serde_json::from_str::<StartBody>(r#"{"config":{"bad":1}}"#).is_err());
+        assert!(
+            serde_json::from_str::<StartBody>(r#"{"config":null}"#)
+                .unwrap()
+                .config
+                .is_none()
+        );
+    }
+}

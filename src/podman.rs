@@ -1,0 +1,187 @@
+//! The `podman` command lines of a project's unit: pure functions of the settings and the run
+//! config, unit tested; the unit (systemd.rs) runs them.
+use std::path::Path;
+
+use crate::config::Settings;
+use crate::project::{ProjectId, RunConfig};
+
+/// Path of the podman binary (what the unit's Exec* lines run).
+pub const PODMAN: &str = "/usr/bin/podman";
+
+/// Where a project's container id file lives: the unit's own RuntimeDirectory, so systemd
+/// creates it on start and removes it once the unit has stopped.
+pub fn cidfile(id: &ProjectId) -> String {
+    format!("/run/cocalc-project-{id}/ctr-id")
+}
+
+/// The home directory inside the container.
+pub const HOME: &str = "/home/user";
+
+/// `ExecStart`: run the container detached; conmon reports READY (`--sdnotify=conmon`) and stays
+/// in the unit's cgroup (`--cgroups=no-conmon`), so the unit's main process is conmon.
+pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Path) -> Vec<String> {
+    let p = &settings.projects;
+    let map = format!("0:{}:{}", p.uid_base, p.uid_count);
+    let mut a: Vec<String> = vec![
+        PODMAN.into(),
+        "run".into(),
+        format!("--cidfile={}", cidfile(id)),
+        "--cgroups=no-conmon".into(),
+        "--rm".into(),
+        "--sdnotify=conmon".into(),
+        "-d".into(),
+        "--replace".into(),
+        format!("--name={}", id.container_name()),
+        "--init".into(),
+        "--log-driver=journald".into(),
+        format!("--network={}", cfg.network.unwrap_or(p.network).as_str()),
+        // container root is never host root: a user namespace onto the reserved range
+        format!("--uidmap={map}"),
+        format!("--gidmap={map}"),
+        format!("--user={}:{}", p.user_uid, p.user_uid),
+        format!("--volume={}:{HOME}", home.display()),
+        format!("--workdir={HOME}"),
+        format!("--env=HOME={HOME}"),
+        format!("--env=COCALC_PROJECT_ID={id}"),
+        "--pull=never".into(),
+    ];
+    for (k, v) in &cfg.env {
+        a.push(format!("--env={k}={v}"));
+    }
+    if let Some(m) = cfg.memory {
+        a.push(format!("--memory={m}"));
+        if !cfg.swap.unwrap_or(false) {
+            a.push(format!("--memory-swap={m}"));
+        }
+    }
+    if let Some(c) = cfg.cpu {
+        a.push(format!("--cpus={c}"));
+    }
+    if let Some(n) = cfg.pids {
+        a.push(format!("--pids-limit={n}"));
+    }
+    // `--` ends podman's options: neither the image nor the command can be read as a flag
+    a.push("--".into());
+    a.push(cfg.image.clone().unwrap_or_else(|| p.image.clone()));
+    if let Some(cmd) = cfg.cmd.as_ref().or(p.cmd.as_ref()) {
+        a.extend(cmd.iter().cloned());
+    }
+    a
+}
+
+/// `ExecStop`: graceful stop with the configured timeout.
+pub fn stop_argv(id: &ProjectId, timeout_secs: u64) -> Vec<String> {
+    vec![
+        PODMAN.into(),
+        "stop".into(),
+        "--ignore".into(),
+        format!("--time={timeout_secs}"),
+        format!("--cidfile={}", cidfile(id)),
+    ]
+}
+
+/// `ExecStopPost`: whatever happened, leave no container behind.
+pub fn rm_argv(id: &ProjectId) -> Vec<String> {
+    vec![
+        PODMAN.into(),
+        "rm".into(),
+        "--force".into(),
+        "--ignore".into(),
+        "--time=0".into(),
+        format!("--cidfile={}", cidfile(id)),
+    ]
+}
+
+/// Removes a container by name, for cleaning up after a failed start.
+pub fn rm_by_name_argv(id: &ProjectId) -> Vec<String> {
+    vec![
+        "rm".into(),
+        "--force".into(),
+        "--ignore".into(),
+        "--time=0".into(),
+        id.container_name(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::project::NetworkMode;
+
+    fn id() -> ProjectId {
+        "6f1c2d3e-0000-4000-8000-000000000001".parse().unwrap()
+    }
+
+    #[test]
+    fn run_argv_has_the_recipe_and_the_user_namespace() {
+        let s = Settings::default();
+        let a = run_argv(
+            &id(),
+            &s,
+            &RunConfig::default(),
+            Path::new("/srv/p/project-x"),
+        );
+        let has = |x: &str| a.iter().any(|y| y == x);
+        assert_eq!(a[0], PODMAN);
+        assert_eq!(a[1], "run");
+        for f in [
+            "--cgroups=no-conmon",
+            "--sdnotify=conmon",
+            "--rm",
+            "-d",
+            "--replace",
+            "--init",
+            "--uidmap=0:100000:65536",
+            "--gidmap=0:100000:65536",
+            "--user=1000:1000",
+            "--volume=/srv/p/project-x:/home/user",
+            "--env=HOME=/home/user",
+            "--env=COCALC_PROJECT_ID=6f1c2d3e-0000-4000-8000-000000000001",
+            "--network=none",
+            "--cidfile=/run/cocalc-project-6f1c2d3e-0000-4000-8000-000000000001/ctr-id",
+        ] {
+            assert!(has(f), "missing {f} in {a:?}");
+        }
+        // image last, after `--`, and no command: the image's CMD runs
+        assert_eq!(&a[a.len() - 2..], ["--", "localhost/cocalc-project:latest"]);
+    }
+
+    #[test]
+    fn run_config_reaches_the_argv() {
+        let s = Settings::default();
+        let cfg = RunConfig {
+            image: Some("localhost/other:2".into()),
+            env: [("A".to_string(), "b c".to_string())].into(),
+            cmd: Some(vec!["sleep".into(), "9".into()]),
+            network: Some(NetworkMode::Slirp4netns),
+            memory: Some(64 << 20),
+            cpu: Some(0.5),
+            pids: Some(50),
+            ..Default::default()
+        };
+        let a = run_argv(&id(), &s, &cfg, Path::new("/h"));
+        let has = |x: &str| a.iter().any(|y| y == x);
+        for f in [
+            "--env=A=b c",
+            "--network=slirp4netns",
+            "--memory=67108864",
+            "--memory-swap=67108864",
+            "--cpus=0.5",
+            "--pids-limit=50",
+        ] {
+            assert!(has(f), "missing {f} in {a:?}");
+        }
+        assert_eq!(&a[a.len() - 4..], ["--", "localhost/other:2", "sleep", "9"]);
+    }
+
+    #[test]
+    fn stop_and_rm_use_the_cidfile() {
+        assert_eq!(stop_argv(&id(), 7)[3], "--time=7");
+        assert!(
+            rm_argv(&id())
+                .last()
+                .unwrap()
+                .starts_with("--cidfile=/run/cocalc-project-")
+        );
+    }
+}

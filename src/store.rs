@@ -1,0 +1,246 @@
+//! The host's memory: SQLite (bundled, WAL) on a dedicated thread, so the async threads never
+//! wait on a file lock. Callers send closures; answers come back on oneshot channels.
+use std::path::Path;
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use crate::project::{ProjectId, ProjectState, RunConfig};
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Handle to the store thread. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    tx: mpsc::Sender<Job>,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The store thread is gone.
+    #[error("store: the store thread has stopped")]
+    Gone,
+    /// A stored config no longer parses.
+    #[error("store: bad config JSON for {0}: {1}")]
+    BadConfig(String, serde_json::Error),
+}
+
+/// One project row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectRow {
+    /// The id.
+    pub id: ProjectId,
+    /// Last state the host recorded.
+    pub state: ProjectState,
+    /// Config of the last start.
+    pub config: RunConfig,
+    /// Created, ms since the epoch.
+    pub created: u64,
+    /// Last touched, ms since the epoch.
+    pub last_touched: u64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS projects (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    config TEXT NOT NULL DEFAULT '{}',
+    created INTEGER NOT NULL,
+    last_touched INTEGER NOT NULL
+);
+";
+
+impl Store {
+    /// Opens (creating) the database at `path` and starts its thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || {
+                for job in rx {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|_| StoreError::Gone)?;
+        Ok(Store { tx })
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (otx, orx) = oneshot::channel();
+        self.tx
+            .send(Box::new(move |c| {
+                let _ = otx.send(f(c));
+            }))
+            .map_err(|_| StoreError::Gone)?;
+        orx.await.map_err(|_| StoreError::Gone)?
+    }
+
+    /// The host id, generated once and kept forever.
+    pub async fn host_id(&self) -> Result<String, StoreError> {
+        self.call(|c| {
+            let tx = c.transaction()?;
+            let got: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE key='host_id'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let id = match got {
+                Some(id) => id,
+                None => {
+                    let id = uuid::Uuid::new_v4().hyphenated().to_string();
+                    tx.execute("INSERT INTO meta(key, value) VALUES('host_id', ?1)", [&id])?;
+                    id
+                }
+            };
+            tx.commit()?;
+            Ok(id)
+        })
+        .await
+    }
+
+    /// All projects, most recently touched first.
+    pub async fn projects(&self) -> Result<Vec<ProjectRow>, StoreError> {
+        self.call(|c| {
+            let mut st = c.prepare(
+                "SELECT id, state, config, created, last_touched FROM projects ORDER BY last_touched DESC, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, state, config, created, touched) = row?;
+                // rows are written only by us from valid ids; skip anything else rather than fail
+                let Ok(pid) = id.parse::<ProjectId>() else { continue };
+                let config = serde_json::from_str(&config).map_err(|e| StoreError::BadConfig(id, e))?;
+                let state = serde_json::from_value(serde_json::Value::String(state)).unwrap_or(ProjectState::Opened);
+                out.push(ProjectRow {
+                    id: pid,
+                    state,
+                    config,
+                    created: created as u64,
+                    last_touched: touched as u64,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Inserts or updates a project's state, config and touch time.
+    pub async fn upsert(
+        &self,
+        id: ProjectId,
+        state: ProjectState,
+        config: Option<RunConfig>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let config = match config {
+            Some(c) => Some(
+                serde_json::to_string(&c).map_err(|e| StoreError::BadConfig(id.to_string(), e))?,
+            ),
+            None => None,
+        };
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO projects(id, state, config, created, last_touched) VALUES(?1, ?2, COALESCE(?3, '{}'), ?4, ?4)
+                 ON CONFLICT(id) DO UPDATE SET state=?2, config=COALESCE(?3, config), last_touched=MAX(last_touched, ?4)",
+                params![id.to_string(), state.as_str(), config, now_ms as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a touch without waiting for it (coalesced by SQLite's MAX).
+    pub fn touch(&self, id: ProjectId, now_ms: u64) {
+        let _ = self.tx.send(Box::new(move |c| {
+            let r = c.execute(
+                "UPDATE projects SET last_touched=MAX(last_touched, ?2) WHERE id=?1",
+                params![id.to_string(), now_ms as i64],
+            );
+            if let Err(e) = r {
+                tracing::warn!(project_id = %id, error = %e, "store: touch failed");
+            }
+        }));
+    }
+
+    /// Waits until every job sent before this call has run.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.call(|_| Ok(())).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ProjectId {
+        format!("00000000-0000-4000-8000-0000000000{n:02x}")
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn host_id_is_stable_and_projects_round_trip() {
+        let dir = std::env::temp_dir().join(format!("cph-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let _ = std::fs::remove_file(&path);
+        let s = Store::open(&path).unwrap();
+        let h = s.host_id().await.unwrap();
+        assert_eq!(s.host_id().await.unwrap(), h);
+
+        let cfg = RunConfig {
+            memory: Some(64 << 20),
+            ..Default::default()
+        };
+        s.upsert(id(1), ProjectState::Running, Some(cfg.clone()), 1000)
+            .await
+            .unwrap();
+        s.upsert(id(2), ProjectState::Opened, None, 2000)
+            .await
+            .unwrap();
+        s.touch(id(1), 3000);
+        s.touch(id(1), 2500); // an older touch never moves time back
+        s.upsert(id(1), ProjectState::Opened, None, 1500)
+            .await
+            .unwrap(); // keeps config
+        let rows = s.projects().await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [id(1), id(2)]
+        );
+        assert_eq!(rows[0].last_touched, 3000);
+        assert_eq!(rows[0].created, 1000);
+        assert_eq!(rows[0].state, ProjectState::Opened);
+        assert_eq!(rows[0].config, cfg);
+        drop(s);
+
+        // reopened: same host id, same rows
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.host_id().await.unwrap(), h);
+        assert_eq!(s.projects().await.unwrap().len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

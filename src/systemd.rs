@@ -1,0 +1,498 @@
+//! systemd over the system bus: the calls the host makes (hand-written zbus proxies for the few
+//! Manager methods used, all present in systemd 252), the transient unit recipe of a project, and
+//! the watcher that keeps project unit state current from signals.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
+
+use crate::podman;
+use crate::project::{ProjectId, UnitInfo};
+
+/// The slice every project unit runs in.
+pub const PROJECTS_SLICE: &str = "cocalc-projects.slice";
+const UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn subscribe(&self) -> zbus::Result<()>;
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Variant<'_>)],
+        aux: &[(&str, &[(&str, Variant<'_>)])],
+    ) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
+}
+
+/// A systemd call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    /// D-Bus transport or a systemd error reply.
+    #[error("systemd: {0}")]
+    Bus(#[from] zbus::Error),
+    /// A job ended with a result other than `done`.
+    #[error("job for {unit} ended with result '{result}'")]
+    Job {
+        /// unit name
+        unit: String,
+        /// systemd's job result
+        result: String,
+    },
+    /// A job did not finish in time.
+    #[error("job for {unit} did not finish within {secs}s")]
+    JobTimeout {
+        /// unit name
+        unit: String,
+        /// the limit
+        secs: u64,
+    },
+}
+
+impl SystemdError {
+    /// Whether systemd said the unit does not exist (a stopped project, not a failure).
+    pub fn is_no_such_unit(&self) -> bool {
+        matches!(self, SystemdError::Bus(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit")
+    }
+}
+
+/// A change to a project unit seen on the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnitEvent {
+    /// Some properties changed (absent ones did not).
+    Changed {
+        /// the project
+        id: ProjectId,
+        /// `ActiveState`
+        active_state: Option<String>,
+        /// `SubState`
+        sub_state: Option<String>,
+        /// `MainPID`
+        main_pid: Option<u32>,
+        /// `ActiveEnterTimestamp` (µs)
+        active_enter_usec: Option<u64>,
+    },
+    /// The unit was unloaded (stopped and collected).
+    Removed(ProjectId),
+}
+
+/// The system bus connection the host uses to drive systemd.
+#[derive(Debug, Clone)]
+pub struct Systemd {
+    conn: Connection,
+    manager: ManagerProxy<'static>,
+}
+
+/// Escapes a unit name into its object path, as systemd does (`-` → `_2d`, `.` → `_2e`).
+pub fn unit_path(unit: &str) -> String {
+    let mut p = String::from(UNIT_PATH_PREFIX);
+    for (i, b) in unit.bytes().enumerate() {
+        if b.is_ascii_alphabetic() || (b.is_ascii_digit() && i > 0) {
+            p.push(b as char);
+        } else {
+            p.push_str(&format!("_{b:02x}"));
+        }
+    }
+    p
+}
+
+/// The inverse of [`unit_path`]; `None` for anything that is not an escaped unit path.
+pub fn unit_name_from_path(path: &str) -> Option<String> {
+    let esc = path.strip_prefix(UNIT_PATH_PREFIX)?;
+    let b = esc.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'_' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The properties of a project's transient unit (the recipe in DESIGN.md).
+pub fn unit_properties(
+    id: &ProjectId,
+    run_argv: Vec<String>,
+    stop_timeout_secs: u64,
+) -> Vec<(&'static str, Variant<'static>)> {
+    let exec = |argv: Vec<String>| -> Variant<'static> {
+        let path = argv[0].clone();
+        Variant::from(vec![(path, argv, false)])
+    };
+    let cidfile = podman::cidfile(id);
+    vec![
+        ("Description", Variant::from(format!("CoCalc project {id}"))),
+        ("Slice", Variant::from(PROJECTS_SLICE.to_string())),
+        ("Type", Variant::from("notify".to_string())),
+        ("NotifyAccess", Variant::from("all".to_string())),
+        ("KillMode", Variant::from("mixed".to_string())),
+        (
+            "CollectMode",
+            Variant::from("inactive-or-failed".to_string()),
+        ),
+        (
+            "SyslogIdentifier",
+            Variant::from(format!("cocalc-project-{id}")),
+        ),
+        (
+            "RuntimeDirectory",
+            Variant::from(vec![format!("cocalc-project-{id}")]),
+        ),
+        (
+            "Environment",
+            Variant::from(vec![
+                format!("COCALC_PROJECT_ID={id}"),
+                format!("PODMAN_SYSTEMD_UNIT={}", id.unit_name()),
+            ]),
+        ),
+        ("TimeoutStartUSec", Variant::from(120_000_000u64)),
+        // podman stop's own timeout plus room for podman itself and ExecStopPost
+        (
+            "TimeoutStopUSec",
+            Variant::from((stop_timeout_secs + 15) * 1_000_000),
+        ),
+        (
+            "ExecStartPre",
+            exec(vec!["/bin/rm".into(), "-f".into(), cidfile]),
+        ),
+        ("ExecStart", exec(run_argv)),
+        ("ExecStop", exec(podman::stop_argv(id, stop_timeout_secs))),
+        ("ExecStopPost", exec(podman::rm_argv(id))),
+    ]
+}
+
+fn prop<T: TryFrom<OwnedVariant>>(props: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
+    props
+        .get(name)
+        .and_then(|v| v.try_clone().ok())
+        .and_then(|v| T::try_from(v).ok())
+}
+
+impl Systemd {
+    /// Connects to the system bus and subscribes to systemd's signals.
+    pub async fn connect() -> Result<Systemd, SystemdError> {
+        let conn = Connection::system().await?;
+        let manager = ManagerProxy::new(&conn).await?;
+        match manager.subscribe().await {
+            Ok(()) => {}
+            Err(zbus::Error::MethodError(n, _, _)) if n.as_str().ends_with("AlreadySubscribed") => {
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Systemd { conn, manager })
+    }
+
+    async fn job_stream(&self) -> Result<MessageStream, SystemdError> {
+        let rule = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender("org.freedesktop.systemd1")
+            .interface("org.freedesktop.systemd1.Manager")
+            .member("JobRemoved")
+            .build()?;
+        Ok(MessageStream::for_match_rule(rule, &self.conn, None).await?)
+    }
+
+    async fn wait_job(
+        &self,
+        mut jobs: MessageStream,
+        job: &OwnedObjectPath,
+        unit: &str,
+        timeout: Duration,
+    ) -> Result<(), SystemdError> {
+        let wait = async {
+            while let Some(msg) = jobs.next().await {
+                let msg = msg?;
+                let (_, path, _, result): (u32, OwnedObjectPath, String, String) =
+                    msg.body().deserialize()?;
+                if path.as_str() == job.as_str() {
+                    return Ok(result);
+                }
+            }
+            Err(SystemdError::Job {
+                unit: unit.into(),
+                result: "bus connection closed".into(),
+            })
+        };
+        let result =
+            tokio::time::timeout(timeout, wait)
+                .await
+                .map_err(|_| SystemdError::JobTimeout {
+                    unit: unit.into(),
+                    secs: timeout.as_secs(),
+                })??;
+        if result == "done" {
+            Ok(())
+        } else {
+            Err(SystemdError::Job {
+                unit: unit.into(),
+                result,
+            })
+        }
+    }
+
+    /// Starts a transient unit and waits for its start job; `Ok` only if the job result is `done`.
+    pub async fn start_transient(
+        &self,
+        unit: &str,
+        props: &[(&str, Variant<'_>)],
+        timeout: Duration,
+    ) -> Result<(), SystemdError> {
+        // listen before calling: a fast job can finish before the call returns
+        let jobs = self.job_stream().await?;
+        let job = self
+            .manager
+            .start_transient_unit(unit, "fail", props, &[])
+            .await?;
+        self.wait_job(jobs, &job, unit, timeout).await
+    }
+
+    /// Stops a unit and waits for the stop job. A unit that does not exist is already stopped.
+    pub async fn stop(&self, unit: &str, timeout: Duration) -> Result<(), SystemdError> {
+        let jobs = self.job_stream().await?;
+        match self.manager.stop_unit(unit, "replace").await {
+            Ok(job) => self.wait_job(jobs, &job, unit, timeout).await,
+            Err(e) => {
+                let e = SystemdError::from(e);
+                if e.is_no_such_unit() { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    /// Sends `signal` to every process of the unit.
+    pub async fn kill(&self, unit: &str, signal: i32) -> Result<(), SystemdError> {
+        match self.manager.kill_unit(unit, "all", signal).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = SystemdError::from(e);
+                if e.is_no_such_unit() { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    /// Forgets a failed unit so its name can be used again (ignores "no such unit").
+    pub async fn reset_failed(&self, unit: &str) {
+        let _ = self.manager.reset_failed_unit(unit).await;
+    }
+
+    /// Reads the state of a unit; `None` when it is not loaded.
+    pub async fn unit_info(&self, unit: &str) -> Result<Option<UnitInfo>, SystemdError> {
+        let path = unit_path(unit);
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let iface = |s: &'static str| zbus::names::InterfaceName::from_static_str_unchecked(s);
+        let u = match props.get_all(iface("org.freedesktop.systemd1.Unit")).await {
+            Ok(u) => u,
+            Err(zbus::fdo::Error::UnknownObject(_))
+            | Err(zbus::fdo::Error::UnknownInterface(_)) => return Ok(None),
+            Err(e) => return Err(zbus::Error::from(e).into()),
+        };
+        let load: String = prop(&u, "LoadState").unwrap_or_default();
+        if load == "not-found" {
+            return Ok(None);
+        }
+        let s = props
+            .get_all(iface("org.freedesktop.systemd1.Service"))
+            .await
+            .unwrap_or_default();
+        Ok(Some(UnitInfo {
+            active_state: prop(&u, "ActiveState").unwrap_or_default(),
+            sub_state: prop(&u, "SubState").unwrap_or_default(),
+            main_pid: prop(&s, "MainPID").unwrap_or(0),
+            active_enter_usec: prop(&u, "ActiveEnterTimestamp").unwrap_or(0),
+        }))
+    }
+
+    /// Reads `MemoryCurrent` of a unit (not signalled by systemd, so read on demand).
+    pub async fn memory_current(&self, unit: &str) -> Option<u64> {
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(unit_path(unit))
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        let iface = zbus::names::InterfaceName::from_static_str_unchecked(
+            "org.freedesktop.systemd1.Service",
+        );
+        let v = props.get(iface, "MemoryCurrent").await.ok()?;
+        u64::try_from(v).ok().filter(|m| *m != u64::MAX)
+    }
+
+    /// The project units systemd has loaded now.
+    pub async fn list_project_units(&self) -> Result<Vec<(ProjectId, UnitInfo)>, SystemdError> {
+        let units = self
+            .manager
+            .list_units_by_patterns(&[], &["cocalc-project-*.service"])
+            .await?;
+        let mut out = Vec::new();
+        for u in units {
+            let Some(id) = ProjectId::from_unit_name(&u.0) else {
+                continue;
+            };
+            // list gives active/sub state; MainPID and timestamps need a read
+            let info = match self.unit_info(&u.0).await? {
+                Some(i) => i,
+                None => continue,
+            };
+            out.push((id, info));
+        }
+        Ok(out)
+    }
+
+    /// Streams changes of project units (PropertiesChanged on their objects, UnitRemoved) into
+    /// `tx`. Call before reading the initial state, so nothing falls between the two.
+    pub async fn watch(&self, tx: mpsc::UnboundedSender<UnitEvent>) -> Result<(), SystemdError> {
+        let changes = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender("org.freedesktop.systemd1")
+            .interface("org.freedesktop.DBus.Properties")
+            .member("PropertiesChanged")
+            .path_namespace(UNIT_PATH_PREFIX.trim_end_matches('/'))
+            .build()?;
+        let removed = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender("org.freedesktop.systemd1")
+            .interface("org.freedesktop.systemd1.Manager")
+            .member("UnitRemoved")
+            .build()?;
+        let changes = MessageStream::for_match_rule(changes, &self.conn, None).await?;
+        let removed = MessageStream::for_match_rule(removed, &self.conn, None).await?;
+        let mut all = futures_util::stream::select(changes, removed);
+        tokio::spawn(async move {
+            while let Some(msg) = all.next().await {
+                let Ok(msg) = msg else { continue };
+                if let Some(ev) = decode_event(&msg)
+                    && tx.send(ev).is_err()
+                {
+                    break;
+                }
+            }
+            tracing::warn!("systemd signal stream ended");
+        });
+        Ok(())
+    }
+}
+
+fn decode_event(msg: &zbus::Message) -> Option<UnitEvent> {
+    let h = msg.header();
+    match h.member()?.as_str() {
+        "UnitRemoved" => {
+            let (name, _): (String, OwnedObjectPath) = msg.body().deserialize().ok()?;
+            Some(UnitEvent::Removed(ProjectId::from_unit_name(&name)?))
+        }
+        "PropertiesChanged" => {
+            let unit = unit_name_from_path(h.path()?.as_str())?;
+            let id = ProjectId::from_unit_name(&unit)?;
+            let (_iface, changed, _inv): (String, HashMap<String, OwnedVariant>, Vec<String>) =
+                msg.body().deserialize().ok()?;
+            let ev = UnitEvent::Changed {
+                id,
+                active_state: prop(&changed, "ActiveState"),
+                sub_state: prop(&changed, "SubState"),
+                main_pid: prop(&changed, "MainPID"),
+                active_enter_usec: prop(&changed, "ActiveEnterTimestamp"),
+            };
+            match &ev {
+                UnitEvent::Changed {
+                    active_state: None,
+                    sub_state: None,
+                    main_pid: None,
+                    active_enter_usec: None,
+                    ..
+                } => None,
+                _ => Some(ev),
+            }
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_paths_escape_like_systemd() {
+        let u = "cocalc-project-6f1c2d3e-0000-4000-8000-000000000001.service";
+        let p = unit_path(u);
+        assert_eq!(
+            p,
+            "/org/freedesktop/systemd1/unit/cocalc_2dproject_2d6f1c2d3e_2d0000_2d4000_2d8000_2d000000000001_2eservice"
+        );
+        assert_eq!(unit_name_from_path(&p).as_deref(), Some(u));
+        assert_eq!(
+            unit_path("1a.service"),
+            "/org/freedesktop/systemd1/unit/_31a_2eservice"
+        );
+        assert_eq!(
+            unit_name_from_path("/org/freedesktop/systemd1/unit/x_2"),
+            None
+        );
+        assert_eq!(unit_name_from_path("/elsewhere/x"), None);
+    }
+
+    #[test]
+    fn unit_properties_follow_the_recipe() {
+        let id: ProjectId = "6f1c2d3e-0000-4000-8000-000000000001".parse().unwrap();
+        let props = unit_properties(&id, vec!["/usr/bin/podman".into(), "run".into()], 10);
+        let get = |n: &str| {
+            props
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        };
+        assert_eq!(get("Type").as_deref(), Some("\"notify\""));
+        assert_eq!(get("Slice").as_deref(), Some("\"cocalc-projects.slice\""));
+        assert_eq!(get("KillMode").as_deref(), Some("\"mixed\""));
+        assert_eq!(
+            get("CollectMode").as_deref(),
+            Some("\"inactive-or-failed\"")
+        );
+        assert_eq!(get("TimeoutStopUSec").as_deref(), Some("uint64 25000000"));
+        // ExecStart is a(sasb) with argv[0] repeated in the argv
+        let exec = props.iter().find(|(k, _)| *k == "ExecStart").unwrap();
+        assert_eq!(exec.1.value_signature().to_string(), "a(sasb)");
+        for (k, v) in &props {
+            assert!(!v.value_signature().to_string().is_empty(), "{k}");
+        }
+    }
+}
