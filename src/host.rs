@@ -26,7 +26,7 @@ pub enum Error {
     #[error(transparent)]
     InvalidConfig(#[from] InvalidConfig),
     /// The project could not be started; nothing of it is left running.
-    #[error("start of project {id} failed: {reason}{}", if .journal.is_empty() { String::new() } else { format!(" — unit log: {}", .journal) })]
+    #[error("start of project {id} failed: {reason}")]
     StartFailed {
         /// the project
         id: ProjectId,
@@ -405,11 +405,12 @@ impl Host {
                     .await?;
             }
             tracing::warn!(project_id = %id, error = %e, journal = %journal, "project start failed");
-            return Err(Error::StartFailed {
-                id,
-                reason: e.to_string(),
-                journal,
-            });
+            // podman says what went wrong in its "Error: …" line; lead with it
+            let reason = match journal.lines().find_map(|l| l.trim().strip_prefix("Error: ")) {
+                Some(podman) => format!("{podman} ({e})"),
+                None => e.to_string(),
+            };
+            return Err(Error::StartFailed { id, reason, journal: cmd::tail(&journal, 6) });
         }
         let info = self.systemd.unit_info(&unit).await?;
         self.set_unit(id, info);
@@ -485,7 +486,12 @@ impl Host {
         // journald may still be writing the last lines of the failed unit
         tokio::time::sleep(Duration::from_millis(200)).await;
         match cmd::run("/usr/bin/journalctl", args, Duration::from_secs(10)).await {
-            Ok(out) => cmd::tail(&out, 8),
+            // only this attempt: from the last "Starting …" line on
+            Ok(out) => {
+                let lines: Vec<&str> = out.lines().collect();
+                let from = lines.iter().rposition(|l| l.starts_with("Starting ")).unwrap_or(0);
+                lines[from..].join("\n")
+            }
             Err(e) => format!("(journal unavailable: {e})"),
         }
     }

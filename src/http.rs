@@ -261,6 +261,9 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: impl Future
         });
     }
     drop(listener);
+    // A connection accepted just before shutdown may not have sent its request yet; hyper counts
+    // it idle and would close it unanswered. Give such clients a moment to be read first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
         .is_err()

@@ -8,6 +8,7 @@
 #   testbed.sh up            fresh copy of the rootfs, btrfs loop image, boot, wait until running
 #   testbed.sh exec CMD...   run CMD inside (all namespaces of the machine)
 #   testbed.sh run CMD...    run CMD as a transient unit inside (systemd-run --wait --pipe)
+#   testbed.sh push F PATH   copy host file F to PATH inside the machine
 #   testbed.sh leader        print the PID of the machine's systemd (for nsenter -t PID -n ...)
 #   testbed.sh down          clean poweroff; remove cgroups, mounts, loop devices, the run copy
 #
@@ -206,5 +207,7 @@ case "${1:-}" in
   run) shift; ns systemd-run --quiet --wait --pipe --collect --service-type=exec -- "$@" ;;
   leader) leader ;;
   root) echo "$RUN/root" ;;
-  *) echo "usage: $0 rootfs|up|exec CMD...|run CMD...|leader|root|down" >&2; exit 2 ;;
+  push) [ $# -eq 3 ] || die "usage: $0 push HOST_FILE MACHINE_PATH"; leader >/dev/null
+        ns sh -c 'mkdir -p "$(dirname "$1")" && cat > "$1"' _ "$3" < "$2" ;;
+  *) echo "usage: $0 rootfs|up|exec CMD...|run CMD...|push FILE PATH|leader|root|down" >&2; exit 2 ;;
 esac

@@ -1,0 +1,133 @@
+//! Access to the testbed machine: run commands inside, talk HTTP to the installed daemon.
+//! The testbed must be up with the package installed (scripts/test does both); if it is not,
+//! every test fails loudly.
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Output of a command run inside the machine.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn script() -> String {
+    format!("{}/tests/testbed/testbed.sh", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn check_up() {
+    static UP: Once = Once::new();
+    UP.call_once(|| {
+        let out = Command::new(script()).arg("exec").arg("systemctl").arg("is-system-running").output();
+        match out {
+            Ok(o) if matches!(String::from_utf8_lossy(&o.stdout).trim(), "running" | "degraded") => {}
+            Ok(o) => panic!(
+                "the testbed is not up (run scripts/test, or tests/testbed/testbed.sh up): {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!("cannot run {}: {e}", script()),
+        }
+    });
+}
+
+/// Runs `cmd` with bash inside the machine, feeding `stdin`.
+pub fn sh_in(cmd: &str, stdin: &[u8]) -> Out {
+    check_up();
+    let mut child = Command::new(script())
+        .args(["exec", "bash", "-c", cmd])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn testbed exec");
+    {
+        let mut i = child.stdin.take().expect("stdin");
+        // a command may exit without reading all of it
+        let _ = i.write_all(stdin);
+    }
+    let o = child.wait_with_output().expect("wait testbed exec");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Runs `cmd` with bash inside the machine.
+pub fn sh(cmd: &str) -> Out {
+    sh_in(cmd, b"")
+}
+
+/// Runs `cmd` inside and asserts it succeeds; returns trimmed stdout.
+#[track_caller]
+pub fn ok(cmd: &str) -> String {
+    let o = sh(cmd);
+    assert_eq!(o.code, 0, "`{cmd}` failed ({}):\n{}{}", o.code, o.stdout, o.stderr);
+    o.stdout.trim().to_string()
+}
+
+pub const API: &str = "http://127.0.0.1:9002";
+
+/// An HTTP request to the daemon from inside the machine; returns status and JSON body.
+#[track_caller]
+pub fn http(method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let cmd = format!(
+        "curl -sS -m 120 -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
+        if body.is_some() { "-H 'content-type: application/json' --data-binary @-" } else { "" }
+    );
+    let o = sh_in(&cmd, body.unwrap_or("").as_bytes());
+    assert_eq!(o.code, 0, "curl {method} {path} failed: {}", o.stderr);
+    let (status, rest) = o.stdout.split_once('\n').unwrap_or((&o.stdout, ""));
+    let status: u16 = status.trim().parse().unwrap_or_else(|_| panic!("no status from curl: {:?}", o.stdout));
+    let v = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {rest:?}"));
+    (status, v)
+}
+
+#[track_caller]
+pub fn start(id: &str, config: Option<&str>) -> Value {
+    let body = config.map(|c| format!("{{\"config\":{c}}}"));
+    let (s, v) = http("POST", &format!("/projects/{id}/start"), body.as_deref());
+    assert_eq!(s, 200, "start {id}: {v}");
+    v
+}
+
+#[track_caller]
+pub fn stop(id: &str, force: bool) -> Value {
+    let (s, v) = http("POST", &format!("/projects/{id}/stop"), Some(&format!("{{\"force\":{force}}}")));
+    assert_eq!(s, 200, "stop {id}: {v}");
+    v
+}
+
+#[track_caller]
+pub fn status(id: &str) -> Value {
+    let (s, v) = http("GET", &format!("/projects/{id}/status"), None);
+    assert_eq!(s, 200, "status {id}: {v}");
+    v
+}
+
+/// A fresh project id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().hyphenated().to_string()
+}
+
+/// Polls `f` until it returns `Some` or `secs` pass.
+#[track_caller]
+pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs}s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Where project homes live in the machine (the package's default storage).
+pub const STORAGE: &str = "/var/lib/cocalc-project-host/projects";
