@@ -406,11 +406,18 @@ impl Host {
             }
             tracing::warn!(project_id = %id, error = %e, journal = %journal, "project start failed");
             // podman says what went wrong in its "Error: …" line; lead with it
-            let reason = match journal.lines().find_map(|l| l.trim().strip_prefix("Error: ")) {
+            let reason = match journal
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Error: "))
+            {
                 Some(podman) => format!("{podman} ({e})"),
                 None => e.to_string(),
             };
-            return Err(Error::StartFailed { id, reason, journal: cmd::tail(&journal, 6) });
+            return Err(Error::StartFailed {
+                id,
+                reason,
+                journal: cmd::tail(&journal, 6),
+            });
         }
         let info = self.systemd.unit_info(&unit).await?;
         self.set_unit(id, info);
@@ -489,7 +496,10 @@ impl Host {
             // only this attempt: from the last "Starting …" line on
             Ok(out) => {
                 let lines: Vec<&str> = out.lines().collect();
-                let from = lines.iter().rposition(|l| l.starts_with("Starting ")).unwrap_or(0);
+                let from = lines
+                    .iter()
+                    .rposition(|l| l.starts_with("Starting "))
+                    .unwrap_or(0);
                 lines[from..].join("\n")
             }
             Err(e) => format!("(journal unavailable: {e})"),

@@ -4,15 +4,27 @@ use serde_json::Value;
 use crate::tb::{self, STORAGE, http, new_id, ok, sh, start, status, stop, wait_for};
 
 fn container_pid(id: &str) -> u32 {
-    ok(&format!("podman inspect -f '{{{{.State.Pid}}}}' project-{id}")).parse().unwrap()
+    ok(&format!(
+        "podman inspect -f '{{{{.State.Pid}}}}' project-{id}"
+    ))
+    .parse()
+    .unwrap()
 }
 
 fn containers_named(id: &str) -> usize {
-    ok(&format!("podman ps -a --format '{{{{.Names}}}}' --filter name=project-{id}")).lines().filter(|l| !l.is_empty()).count()
+    ok(&format!(
+        "podman ps -a --format '{{{{.Names}}}}' --filter name=project-{id}"
+    ))
+    .lines()
+    .filter(|l| !l.is_empty())
+    .count()
 }
 
 fn unit_active(id: &str) -> String {
-    sh(&format!("systemctl is-active cocalc-project-{id}.service")).stdout.trim().to_string()
+    sh(&format!("systemctl is-active cocalc-project-{id}.service"))
+        .stdout
+        .trim()
+        .to_string()
 }
 
 #[test]
@@ -25,27 +37,54 @@ fn start_runs_a_real_unit_as_an_unprivileged_user() {
     assert!(v["main_pid"].as_u64().is_some_and(|p| p > 1), "{v}");
     assert!(v["server"].as_str().is_some_and(|s| s.len() == 36), "{v}");
     assert_eq!(unit_active(&id), "active");
-    assert_eq!(ok(&format!("systemctl show -p Slice --value cocalc-project-{id}")), "cocalc-projects.slice");
+    assert_eq!(
+        ok(&format!(
+            "systemctl show -p Slice --value cocalc-project-{id}"
+        )),
+        "cocalc-projects.slice"
+    );
     assert_eq!(containers_named(&id), 1);
 
     // inside: user `user`, home on the subvolume, files owned by an unprivileged host uid
     assert_eq!(ok(&format!("podman exec project-{id} id -un")), "user");
-    assert_eq!(ok(&format!("podman exec project-{id} sh -c 'echo $HOME $COCALC_PROJECT_ID'")), format!("/home/user {id}"));
-    ok(&format!("podman exec project-{id} sh -c 'echo hello > /home/user/hello.txt'"));
+    assert_eq!(
+        ok(&format!(
+            "podman exec project-{id} sh -c 'echo $HOME $COCALC_PROJECT_ID'"
+        )),
+        format!("/home/user {id}")
+    );
+    ok(&format!(
+        "podman exec project-{id} sh -c 'echo hello > /home/user/hello.txt'"
+    ));
     let home = format!("{STORAGE}/project-{id}");
-    assert_eq!(ok(&format!("btrfs subvolume show {home} >/dev/null && echo subvol")), "subvol");
+    assert_eq!(
+        ok(&format!(
+            "btrfs subvolume show {home} >/dev/null && echo subvol"
+        )),
+        "subvol"
+    );
     assert_eq!(ok(&format!("cat {home}/hello.txt")), "hello");
-    assert_eq!(ok(&format!("stat -c %u:%g {home}/hello.txt")), "101000:101000");
+    assert_eq!(
+        ok(&format!("stat -c %u:%g {home}/hello.txt")),
+        "101000:101000"
+    );
     // container root is not host root: the container's processes live in a user namespace
     let pid = container_pid(&id);
     let map = ok(&format!("cat /proc/{pid}/uid_map"));
     let f: Vec<&str> = map.split_whitespace().collect();
     assert_eq!(f, ["0", "100000", "65536"], "uid_map of {pid}: {map}");
-    assert_eq!(ok(&format!("stat -c %u /proc/{pid}")), "101000", "the container's init runs as user");
+    assert_eq!(
+        ok(&format!("stat -c %u /proc/{pid}")),
+        "101000",
+        "the container's init runs as user"
+    );
     // the container's output is in the unit's journal
     let log = wait_for("container output in the journal", 10, || {
-        let l = ok(&format!("journalctl -u cocalc-project-{id} -o cat --no-pager"));
-        l.contains(&format!("cocalc project {id} up as user")).then_some(l)
+        let l = ok(&format!(
+            "journalctl -u cocalc-project-{id} -o cat --no-pager"
+        ));
+        l.contains(&format!("cocalc project {id} up as user"))
+            .then_some(l)
     });
     assert!(!log.is_empty());
     stop(&id, false);
@@ -55,12 +94,19 @@ fn start_runs_a_real_unit_as_an_unprivileged_user() {
 fn stop_keeps_files_and_a_new_start_sees_them() {
     let id = new_id();
     start(&id, None);
-    ok(&format!("podman exec project-{id} sh -c 'echo kept > /home/user/keep.txt'"));
+    ok(&format!(
+        "podman exec project-{id} sh -c 'echo kept > /home/user/keep.txt'"
+    ));
     let v = stop(&id, false);
     assert_eq!(v["state"], "opened", "{v}");
     assert!(v.get("main_pid").is_none(), "{v}");
     assert_eq!(unit_active(&id), "inactive");
-    assert_eq!(ok(&format!("systemctl list-units --all --no-legend 'cocalc-project-{id}.service' | wc -l")), "0");
+    assert_eq!(
+        ok(&format!(
+            "systemctl list-units --all --no-legend 'cocalc-project-{id}.service' | wc -l"
+        )),
+        "0"
+    );
     assert_eq!(containers_named(&id), 0);
     assert_eq!(ok(&format!("cat {STORAGE}/project-{id}/keep.txt")), "kept");
     assert_eq!(status(&id)["state"], "opened");
@@ -69,7 +115,10 @@ fn stop_keeps_files_and_a_new_start_sees_them() {
 
     let v = start(&id, None);
     assert_eq!(v["state"], "running");
-    assert_eq!(ok(&format!("podman exec project-{id} cat /home/user/keep.txt")), "kept");
+    assert_eq!(
+        ok(&format!("podman exec project-{id} cat /home/user/keep.txt")),
+        "kept"
+    );
     // starting a running project is fine and does nothing
     let again = start(&id, None);
     assert_eq!(again["main_pid"], v["main_pid"], "no second container");
@@ -93,11 +142,27 @@ fn projects_survive_a_killed_daemon() {
     // the next request reaches a new daemon (restarted, or activated by the socket) that adopted them
     let va = status(&a);
     let vb = status(&b);
-    assert_eq!((va["state"].clone(), va["main_pid"].clone()), (Value::from("running"), pa), "{va}");
-    assert_eq!((vb["state"].clone(), vb["main_pid"].clone()), (Value::from("running"), pb), "{vb}");
+    assert_eq!(
+        (va["state"].clone(), va["main_pid"].clone()),
+        (Value::from("running"), pa),
+        "{va}"
+    );
+    assert_eq!(
+        (vb["state"].clone(), vb["main_pid"].clone()),
+        (Value::from("running"), pb),
+        "{vb}"
+    );
     let (_, list) = http("GET", "/projects", None);
-    let ids: Vec<&str> = list["projects"].as_array().unwrap().iter().filter_map(|p| p["project_id"].as_str()).collect();
-    assert!(ids.contains(&a.as_str()) && ids.contains(&b.as_str()), "{list}");
+    let ids: Vec<&str> = list["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["project_id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&a.as_str()) && ids.contains(&b.as_str()),
+        "{list}"
+    );
     stop(&a, false);
     stop(&b, false);
 }
@@ -105,15 +170,24 @@ fn projects_survive_a_killed_daemon() {
 #[test]
 fn a_container_that_exits_shows_as_stopped() {
     let id = new_id();
-    let v = start(&id, Some(r#"{"cmd":["sh","-c","echo short-lived; sleep 1"]}"#));
+    let v = start(
+        &id,
+        Some(r#"{"cmd":["sh","-c","echo short-lived; sleep 1"]}"#),
+    );
     assert_eq!(v["state"], "running", "{v}");
-    wait_for("status to show the exit", 20, || (status(&id)["state"] == "opened").then_some(()));
-    wait_for("the unit to be gone", 20, || (unit_active(&id) != "active").then_some(()));
+    wait_for("status to show the exit", 20, || {
+        (status(&id)["state"] == "opened").then_some(())
+    });
+    wait_for("the unit to be gone", 20, || {
+        (unit_active(&id) != "active").then_some(())
+    });
     assert_eq!(containers_named(&id), 0);
     // the config of the last start is remembered for the next one
     let v = start(&id, None);
     assert_eq!(v["state"], "running");
-    wait_for("status to show the exit again", 20, || (status(&id)["state"] == "opened").then_some(()));
+    wait_for("status to show the exit again", 20, || {
+        (status(&id)["state"] == "opened").then_some(())
+    });
 }
 
 #[test]
@@ -124,14 +198,24 @@ fn concurrent_starts_and_stops_stay_consistent() {
     let mut script = String::from("pids=\n");
     for i in 0..20 {
         let action = if i % 2 == 0 { "start" } else { "stop" };
-        script += &format!("curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{one}/{action} >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n", tb::API);
+        script += &format!(
+            "curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{one}/{action} >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            tb::API
+        );
     }
     for id in &many {
-        script += &format!("curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{id}/start >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n", tb::API);
+        script += &format!(
+            "curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{id}/start >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            tb::API
+        );
     }
     script += "wait $pids; cat /tmp/e2e-conc.$$; rm -f /tmp/e2e-conc.$$\n";
     let codes = ok(&script);
-    assert_eq!(codes.lines().filter(|c| *c == "200").count(), 30, "all calls succeed: {codes}");
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        30,
+        "all calls succeed: {codes}"
+    );
 
     // the one project: what the API says is what systemd and podman say, and no duplicates
     let st = status(&one)["state"].as_str().unwrap().to_string();
@@ -154,7 +238,10 @@ fn concurrent_starts_and_stops_stay_consistent() {
     for id in &many {
         stop(id, true);
     }
-    assert_eq!(ok("podman ps -a --format '{{.Names}}' | grep -c ^project- || true"), "0");
+    assert_eq!(
+        ok("podman ps -a --format '{{.Names}}' | grep -c ^project- || true"),
+        "0"
+    );
 }
 
 #[test]
@@ -162,28 +249,116 @@ fn bad_input_is_refused_with_json_and_changes_nothing() {
     let id = new_id();
     let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
         ("GET", "/projects/../status".into(), None, 404, "not_found"),
-        ("GET", "/projects/%2e%2e/status".into(), None, 400, "invalid_project_id"),
-        ("GET", "/projects/not-a-uuid/status".into(), None, 400, "invalid_project_id"),
-        ("POST", format!("/projects/{}/start", id.to_uppercase()), None, 400, "invalid_project_id"),
-        ("POST", format!("/projects/{id}x/start"), None, 400, "invalid_project_id"),
-        ("POST", format!("/projects/{id}/start"), Some("{not json".into()), 400, "invalid_body"),
-        ("POST", format!("/projects/{id}/start"), Some(r#"{"config":{"memory":"lots"}}"#.into()), 400, "invalid_body"),
-        ("POST", format!("/projects/{id}/start"), Some(r#"{"config":{"imgae":"x"}}"#.into()), 400, "invalid_body"),
-        ("POST", format!("/projects/{id}/start"), Some(r#"{"config":{"image":"--privileged"}}"#.into()), 400, "invalid_config"),
-        ("POST", format!("/projects/{id}/start"), Some(r#"{"config":{"env":{"A=B":"c"}}}"#.into()), 400, "invalid_config"),
-        ("POST", format!("/projects/{id}/start"), Some(r#"{"config":{"cpu":-1}}"#.into()), 400, "invalid_config"),
-        ("POST", format!("/projects/{id}/stop"), Some(r#"{"force":"yes"}"#.into()), 400, "invalid_body"),
-        ("GET", format!("/projects/{id}/start"), None, 405, "method_not_allowed"),
+        (
+            "GET",
+            "/projects/%2e%2e/status".into(),
+            None,
+            400,
+            "invalid_project_id",
+        ),
+        (
+            "GET",
+            "/projects/not-a-uuid/status".into(),
+            None,
+            400,
+            "invalid_project_id",
+        ),
+        (
+            "POST",
+            format!("/projects/{}/start", id.to_uppercase()),
+            None,
+            400,
+            "invalid_project_id",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}x/start"),
+            None,
+            400,
+            "invalid_project_id",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/start"),
+            Some("{not json".into()),
+            400,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/start"),
+            Some(r#"{"config":{"memory":"lots"}}"#.into()),
+            400,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/start"),
+            Some(r#"{"config":{"imgae":"x"}}"#.into()),
+            400,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/start"),
+            Some(r#"{"config":{"image":"--privileged"}}"#.into()),
+            400,
+            "invalid_config",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/start"),
+            Some(r#"{"config":{"env":{"A=B":"c"}}}"#.into()),
+            400,
+            "invalid_config",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/start"),
+            Some(r#"{"config":{"cpu":-1}}"#.into()),
+            400,
+            "invalid_config",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/stop"),
+            Some(r#"{"force":"yes"}"#.into()),
+            400,
+            "invalid_body",
+        ),
+        (
+            "GET",
+            format!("/projects/{id}/start"),
+            None,
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (m, p, body, want, code) in &cases {
         let (s, v) = http(m, p, body.as_deref());
-        assert_eq!((s, v["code"].as_str()), (*want, Some(*code)), "{m} {p} {body:?}: {v}");
-        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty() && !e.contains("Some(")), "{v}");
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (*want, Some(*code)),
+            "{m} {p} {body:?}: {v}"
+        );
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty() && !e.contains("Some(")),
+            "{v}"
+        );
     }
     // a 10 MB body
-    let big = format!("{{\"config\":{{\"env\":{{\"A\":\"{}\"}}}}}}", "x".repeat(10 << 20));
+    let big = format!(
+        "{{\"config\":{{\"env\":{{\"A\":\"{}\"}}}}}}",
+        "x".repeat(10 << 20)
+    );
     let (s, v) = http("POST", &format!("/projects/{id}/start"), Some(&big));
-    assert_eq!((s, v["code"].as_str()), (413, Some("body_too_large")), "{v}");
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (413, Some("body_too_large")),
+        "{v}"
+    );
     // nothing was created for the id
     ok(&format!("! test -e {STORAGE}/project-{id}"));
     assert_eq!(unit_active(&id), "inactive");
@@ -194,17 +369,29 @@ fn bad_input_is_refused_with_json_and_changes_nothing() {
 #[test]
 fn a_missing_image_fails_cleanly() {
     let id = new_id();
-    let (s, v) = http("POST", &format!("/projects/{id}/start"), Some(r#"{"config":{"image":"localhost/no-such-image:1"}}"#));
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/start"),
+        Some(r#"{"config":{"image":"localhost/no-such-image:1"}}"#),
+    );
     assert_eq!(s, 500, "{v}");
     assert_eq!(v["code"], "start_failed");
     let msg = v["error"].as_str().unwrap();
     assert!(msg.contains("image not known"), "{msg}");
     assert_eq!(unit_active(&id), "inactive");
-    assert_eq!(ok(&format!("systemctl list-units --all --no-legend 'cocalc-project-{id}.service' | wc -l")), "0");
+    assert_eq!(
+        ok(&format!(
+            "systemctl list-units --all --no-legend 'cocalc-project-{id}.service' | wc -l"
+        )),
+        "0"
+    );
     assert_eq!(containers_named(&id), 0);
     assert_eq!(status(&id)["state"], "opened");
     // and the project starts fine with a good image afterwards
-    assert_eq!(start(&id, Some(r#"{"image":"localhost/cocalc-project:latest"}"#))["state"], "running");
+    assert_eq!(
+        start(&id, Some(r#"{"image":"localhost/cocalc-project:latest"}"#))["state"],
+        "running"
+    );
     stop(&id, false);
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests: real systemd (PID 1), D-Bus, podman and btrfs in the testbed, against the
 //! installed .deb. Run with `scripts/test` (root). Tests share one machine: run them with
 //! `--test-threads=1`; each leaves the machine as it found it.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod lifecycle;
 mod spine;
 mod tb;

@@ -5,25 +5,46 @@ use serde_json::Value;
 use crate::tb::{self, http, ok, sh};
 
 fn main_pid() -> u32 {
-    ok("systemctl show -p MainPID --value cocalc-project-host.service").parse().unwrap()
+    ok("systemctl show -p MainPID --value cocalc-project-host.service")
+        .parse()
+        .unwrap()
 }
 
 #[test]
 fn socket_is_enabled_and_activates_the_service() {
     ok("systemctl stop cocalc-project-host.service");
-    assert_eq!(ok("systemctl is-enabled cocalc-project-host.socket"), "enabled");
-    assert_eq!(ok("systemctl is-active cocalc-project-host.socket"), "active");
-    assert_eq!(sh("systemctl is-active cocalc-project-host.service").stdout.trim(), "inactive");
+    assert_eq!(
+        ok("systemctl is-enabled cocalc-project-host.socket"),
+        "enabled"
+    );
+    assert_eq!(
+        ok("systemctl is-active cocalc-project-host.socket"),
+        "active"
+    );
+    assert_eq!(
+        sh("systemctl is-active cocalc-project-host.service")
+            .stdout
+            .trim(),
+        "inactive"
+    );
 
     let (s, v) = http("GET", "/healthz", None);
     assert_eq!((s, v), (200, serde_json::json!({"ok": true})));
-    assert_eq!(ok("systemctl is-active cocalc-project-host.service"), "active");
+    assert_eq!(
+        ok("systemctl is-active cocalc-project-host.service"),
+        "active"
+    );
     // READY=1 came with a STATUS= line
-    assert!(ok("systemctl show -p StatusText --value cocalc-project-host.service").starts_with("serving on 127.0.0.1:9002"));
+    assert!(
+        ok("systemctl show -p StatusText --value cocalc-project-host.service")
+            .starts_with("serving on 127.0.0.1:9002")
+    );
 
     // the daemon used the fd systemd passed: its startup line says so, with structured fields
     let pid = main_pid();
-    let lines = ok(&format!("journalctl -u cocalc-project-host.service _PID={pid} -o json --no-pager"));
+    let lines = ok(&format!(
+        "journalctl -u cocalc-project-host.service _PID={pid} -o json --no-pager"
+    ));
     let serving: Vec<Value> = lines
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -47,7 +68,10 @@ fn unknown_paths_get_json_404() {
         let (s, v) = http("GET", p, None);
         assert_eq!(s, 404, "{p}: {v}");
         assert_eq!(v["code"], "not_found", "{p}: {v}");
-        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{p}: {v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{p}: {v}"
+        );
     }
 }
 
@@ -71,9 +95,16 @@ fn restart_loses_no_request() {
         cat /tmp/e2e-loop.log
     "#);
     assert!(out.ends_with("DONE"), "{out}");
-    assert_eq!(out.matches("FAIL").count(), 0, "failed requests during restart:\n{out}");
+    assert_eq!(
+        out.matches("FAIL").count(),
+        0,
+        "failed requests during restart:\n{out}"
+    );
     assert_ne!(main_pid(), before, "the service did restart");
-    assert_eq!(ok("systemctl is-active cocalc-project-host.service"), "active");
+    assert_eq!(
+        ok("systemctl is-active cocalc-project-host.service"),
+        "active"
+    );
 }
 
 #[test]
@@ -83,7 +114,9 @@ fn bus_name_is_owned_and_policy_holds() {
     assert!(intro.contains("com.cocalc.ProjectHost1.Manager"), "{intro}");
     assert!(intro.contains(".Version"), "{intro}");
     assert_eq!(
-        ok("busctl get-property com.cocalc.ProjectHost1 /com/cocalc/ProjectHost1 com.cocalc.ProjectHost1.Manager Version"),
+        ok(
+            "busctl get-property com.cocalc.ProjectHost1 /com/cocalc/ProjectHost1 com.cocalc.ProjectHost1.Manager Version"
+        ),
         format!("s \"{}\"", env!("CARGO_PKG_VERSION"))
     );
     let nobody = "setpriv --reuid=nobody --regid=nogroup --clear-groups";
@@ -92,7 +125,9 @@ fn bus_name_is_owned_and_policy_holds() {
         "{nobody} busctl get-property com.cocalc.ProjectHost1 /com/cocalc/ProjectHost1 com.cocalc.ProjectHost1.Manager Version"
     ));
     assert_eq!(v, format!("s \"{}\"", env!("CARGO_PKG_VERSION")));
-    ok(&format!("{nobody} busctl introspect com.cocalc.ProjectHost1 /com/cocalc/ProjectHost1"));
+    ok(&format!(
+        "{nobody} busctl introspect com.cocalc.ProjectHost1 /com/cocalc/ProjectHost1"
+    ));
     // nobody may not own the name
     let o = sh(&format!(
         "{nobody} busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus RequestName su com.cocalc.ProjectHost1 0"
@@ -112,8 +147,18 @@ fn package_remove_and_purge() {
 
     // remove: units stopped and gone, port closed, state kept
     ok("dpkg -r cocalc-project-host >/dev/null");
-    assert_eq!(sh("systemctl is-active cocalc-project-host.socket").stdout.trim(), "inactive");
-    assert_eq!(sh("systemctl is-active cocalc-project-host.service").stdout.trim(), "inactive");
+    assert_eq!(
+        sh("systemctl is-active cocalc-project-host.socket")
+            .stdout
+            .trim(),
+        "inactive"
+    );
+    assert_eq!(
+        sh("systemctl is-active cocalc-project-host.service")
+            .stdout
+            .trim(),
+        "inactive"
+    );
     ok("! test -e /lib/systemd/system/cocalc-project-host.service");
     ok("! test -e /lib/systemd/system/cocalc-project-host.socket");
     ok("! test -e /usr/share/dbus-1/system.d/com.cocalc.ProjectHost1.conf");
@@ -134,7 +179,10 @@ fn package_remove_and_purge() {
 
     // leave the machine as found
     ok(&format!("dpkg -i {deb} >/dev/null"));
-    assert_eq!(ok("systemctl is-enabled cocalc-project-host.socket"), "enabled");
+    assert_eq!(
+        ok("systemctl is-enabled cocalc-project-host.socket"),
+        "enabled"
+    );
     let (s, v) = http("GET", "/healthz", None);
     assert_eq!((s, v), (200, serde_json::json!({"ok": true})));
     assert!(tb::STORAGE.starts_with("/var/lib/cocalc-project-host"));

@@ -23,9 +23,17 @@ fn script() -> String {
 fn check_up() {
     static UP: Once = Once::new();
     UP.call_once(|| {
-        let out = Command::new(script()).arg("exec").arg("systemctl").arg("is-system-running").output();
+        let out = Command::new(script())
+            .arg("exec")
+            .arg("systemctl")
+            .arg("is-system-running")
+            .output();
         match out {
-            Ok(o) if matches!(String::from_utf8_lossy(&o.stdout).trim(), "running" | "degraded") => {}
+            Ok(o)
+                if matches!(
+                    String::from_utf8_lossy(&o.stdout).trim(),
+                    "running" | "degraded"
+                ) => {}
             Ok(o) => panic!(
                 "the testbed is not up (run scripts/test, or tests/testbed/testbed.sh up): {}{}",
                 String::from_utf8_lossy(&o.stdout),
@@ -68,7 +76,11 @@ pub fn sh(cmd: &str) -> Out {
 #[track_caller]
 pub fn ok(cmd: &str) -> String {
     let o = sh(cmd);
-    assert_eq!(o.code, 0, "`{cmd}` failed ({}):\n{}{}", o.code, o.stdout, o.stderr);
+    assert_eq!(
+        o.code, 0,
+        "`{cmd}` failed ({}):\n{}{}",
+        o.code, o.stdout, o.stderr
+    );
     o.stdout.trim().to_string()
 }
 
@@ -79,13 +91,21 @@ pub const API: &str = "http://127.0.0.1:9002";
 pub fn http(method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let cmd = format!(
         "curl -sS -m 120 -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
-        if body.is_some() { "-H 'content-type: application/json' --data-binary @-" } else { "" }
+        if body.is_some() {
+            "-H 'content-type: application/json' --data-binary @-"
+        } else {
+            ""
+        }
     );
     let o = sh_in(&cmd, body.unwrap_or("").as_bytes());
     assert_eq!(o.code, 0, "curl {method} {path} failed: {}", o.stderr);
     let (status, rest) = o.stdout.split_once('\n').unwrap_or((&o.stdout, ""));
-    let status: u16 = status.trim().parse().unwrap_or_else(|_| panic!("no status from curl: {:?}", o.stdout));
-    let v = serde_json::from_str(rest).unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {rest:?}"));
+    let status: u16 = status
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no status from curl: {:?}", o.stdout));
+    let v = serde_json::from_str(rest)
+        .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {rest:?}"));
     (status, v)
 }
 
@@ -99,7 +119,11 @@ pub fn start(id: &str, config: Option<&str>) -> Value {
 
 #[track_caller]
 pub fn stop(id: &str, force: bool) -> Value {
-    let (s, v) = http("POST", &format!("/projects/{id}/stop"), Some(&format!("{{\"force\":{force}}}")));
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/stop"),
+        Some(&format!("{{\"force\":{force}}}")),
+    );
     assert_eq!(s, 200, "stop {id}: {v}");
     v
 }
@@ -124,7 +148,10 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T
         if let Some(v) = f() {
             return v;
         }
-        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs}s waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs}s waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -13,6 +13,7 @@
 #   testbed.sh down          clean poweroff; remove cgroups, mounts, loop devices, the run copy
 #
 # Environment: TESTBED_DIR (default /var/tmp/cocalc-testbed), TESTBED_NAME (default cocalc-tb),
+# TESTBED_CACHE (where the rootfs cache lives, default TESTBED_DIR),
 # TESTBED_BTRFS_SIZE (default 4G), MIRROR (Debian mirror for debootstrap).
 # Inside the machine: /xchg is $TESTBED_DIR/run/xchg on the host; /srv/cocalc-projects is a btrfs
 # loop image mounted on the host; image localhost/cocalc-project:latest (busybox) is in podman.
@@ -25,7 +26,8 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PKGS=catatonit,systemd,systemd-sysv,dbus,libpam-systemd,libnss-systemd,systemd-container,podman,runc,crun,conmon,netavark,aardvark-dns,slirp4netns,btrfs-progs,busybox-static,iproute2,iptables,curl,ca-certificates,procps,less,python3,python3-dbus,udev,jq,init-system-helpers
 ROOTFS_REV=1                   # bump when the rootfs recipe below changes
 KEY=$(printf '%s\n%s\n' "$PKGS" "$ROOTFS_REV" | sha256sum | cut -c1-12)
-CACHE=$DIR/rootfs-$KEY
+CACHE_DIR=${TESTBED_CACHE:-$DIR}  # several testbeds (TESTBED_NAME/TESTBED_DIR) can share one cache
+CACHE=$CACHE_DIR/rootfs-$KEY
 
 log() { printf '[testbed %(%T)T] %s\n' -1 "$*" >&2; }
 die() { printf 'testbed: %s\n' "$*" >&2; exit 1; }
@@ -46,10 +48,10 @@ build_rootfs() {
   [ -x "$CACHE/lib/systemd/systemd" ] && [ -f "$CACHE/.complete" ] && return 0
   host_packages
   local tmp=$CACHE.tmp
-  rm -rf "$tmp"; mkdir -p "$DIR"
+  rm -rf "$tmp"; mkdir -p "$DIR" "$CACHE_DIR"
   log "debootstrap bookworm into $tmp (about a minute)"
-  debootstrap --variant=minbase --include="$PKGS" bookworm "$tmp" "$MIRROR" >"$DIR/debootstrap.log" 2>&1 \
-    || { tail -20 "$DIR/debootstrap.log" >&2; die "debootstrap failed (log: $DIR/debootstrap.log)"; }
+  debootstrap --variant=minbase --include="$PKGS" bookworm "$tmp" "$MIRROR" >"$CACHE_DIR/debootstrap.log" 2>&1 \
+    || { tail -20 "$CACHE_DIR/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE_DIR/debootstrap.log)"; }
   echo "$NAME" > "$tmp/etc/hostname"
   chroot "$tmp" passwd -dq root
   # User namespaces for containers fail ("cannot unmount /sys/kernel: busy") while the machine has
@@ -89,7 +91,7 @@ EOI
   touch "$tmp/.complete"
   rm -rf "$CACHE"; mv "$tmp" "$CACHE"
   # drop older caches (other keys)
-  for d in "$DIR"/rootfs-*; do [ "$d" = "$CACHE" ] || rm -rf "$d"; done
+  for d in "$CACHE_DIR"/rootfs-*; do [ "$d" = "$CACHE" ] || rm -rf "$d"; done
   log "rootfs ready: $CACHE ($(du -sh "$CACHE" | cut -f1))"
 }
 
@@ -191,10 +193,13 @@ down() {
   if [ -d "$RUN" ]; then
     awk -v r="$RUN" '$2 ~ "^"r {print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
   fi
-  # loop devices backed by files of this testbed (the daemon may make its own image inside)
-  losetup -l -n -O NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
-    case "$file" in "$RUN"/*|/var/lib/cocalc-project-host/*) losetup -d "$dev" 2>/dev/null || true ;; esac
-  done
+  # loop devices still backed by image files of this testbed (losetup -j matches the inode, so
+  # another testbed's image at the same path inside its machine is never touched)
+  if [ -d "$RUN" ]; then
+    find "$RUN" -xdev -name '*.img' -type f 2>/dev/null | while read -r f; do
+      losetup -j "$f" -O NAME -n 2>/dev/null | while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done
+    done
+  fi
   rm -rf "$RUN"
   echo "testbed $NAME is down"
 }
