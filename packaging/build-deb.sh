@@ -27,6 +27,7 @@ done
 install -D -m644 dbus/com.cocalc.ProjectHost1.conf "$STAGE/usr/share/dbus-1/system.d/com.cocalc.ProjectHost1.conf"
 install -D -m644 dbus/com.cocalc.ProjectHost1.service "$STAGE/usr/share/dbus-1/system-services/com.cocalc.ProjectHost1.service"
 [ -e dbus/com.cocalc.ProjectHost1.xml ] && install -D -m644 dbus/com.cocalc.ProjectHost1.xml "$STAGE/usr/share/dbus-1/interfaces/com.cocalc.ProjectHost1.xml"
+install -D -m644 packaging/sysusers.d/cocalc-project-host.conf "$STAGE/usr/lib/sysusers.d/cocalc-project-host.conf"
 install -D -m644 packaging/config.toml "$STAGE/etc/cocalc-project-host/config.toml"
 install -d "$STAGE/etc/cocalc-project-host/config.d" "$STAGE/usr/lib/cocalc-project-host/config.d"
 install -D -m644 README.md "$STAGE/usr/share/doc/cocalc-project-host/README.md"

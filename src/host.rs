@@ -69,13 +69,13 @@ impl Error {
     }
 }
 
-/// A state change of a project, for adapters that publish them (D-Bus signals).
+/// Something adapters publish (D-Bus signals): the core emits these whatever caused them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateChange {
-    /// the project
-    pub id: ProjectId,
-    /// its new state
-    pub state: ProjectState,
+pub enum HostEvent {
+    /// A project became known to this host (first successful start, or adopted from systemd).
+    New(ProjectId),
+    /// A project's state changed.
+    State(ProjectId, ProjectState),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -105,7 +105,7 @@ pub struct Host {
     storage: Storage,
     projects: RwLock<HashMap<ProjectId, Entry>>,
     locks: Mutex<HashMap<ProjectId, Arc<tokio::sync::Mutex<()>>>>,
-    changes: broadcast::Sender<StateChange>,
+    changes: broadcast::Sender<HostEvent>,
 }
 
 /// Milliseconds since the epoch.
@@ -177,8 +177,8 @@ impl Host {
         &self.settings
     }
 
-    /// Subscribes to project state changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<StateChange> {
+    /// Subscribes to the core's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<HostEvent> {
         self.changes.subscribe()
     }
 
@@ -205,7 +205,7 @@ impl Host {
         };
         if let Some(state) = changed {
             tracing::info!(project_id = %id, state = %state, "project state changed");
-            let _ = self.changes.send(StateChange { id, state });
+            let _ = self.changes.send(HostEvent::State(id, state));
         }
     }
 
@@ -259,14 +259,7 @@ impl Host {
             if !rows.iter().any(|r| r.id == id && r.state == state) {
                 self.store.upsert(id, state, None, now).await?;
             }
-            {
-                let mut map = self.entries();
-                let e = map.entry(id).or_default();
-                e.known = true;
-                if e.last_touched == 0 {
-                    e.last_touched = now;
-                }
-            }
+            self.mark_known(id, now);
             self.set_unit(id, Some(info));
             adopted += 1;
         }
@@ -303,6 +296,46 @@ impl Host {
                 e.memory_current = m;
             }
         }
+    }
+
+    /// Records that a project is known (in the store) and touched at `now`; publishes
+    /// [`HostEvent::New`] the first time.
+    fn mark_known(&self, id: ProjectId, now: u64) {
+        let new = {
+            let mut map = self.entries();
+            let e = map.entry(id).or_default();
+            e.last_touched = e.last_touched.max(now);
+            !std::mem::replace(&mut e.known, true)
+        };
+        if new {
+            let _ = self.changes.send(HostEvent::New(id));
+        }
+    }
+
+    /// Whether this host knows the project (started it at least once, or adopted it).
+    pub fn is_known(&self, id: ProjectId) -> bool {
+        self.read_entries().get(&id).is_some_and(|e| e.known)
+    }
+
+    /// When a known project was last touched (ms since the epoch).
+    pub fn last_touched(&self, id: ProjectId) -> Option<u64> {
+        self.read_entries()
+            .get(&id)
+            .filter(|e| e.known)
+            .map(|e| e.last_touched)
+    }
+
+    /// How many projects have a unit up (starting, running or stopping).
+    pub fn running_count(&self) -> usize {
+        self.read_entries()
+            .values()
+            .filter(|e| e.state() != ProjectState::Opened)
+            .count()
+    }
+
+    /// A project's status from memory, without touching it (for property reads).
+    pub fn peek_status(&self, id: ProjectId) -> Status {
+        self.status_of(id)
     }
 
     fn lock(&self, id: ProjectId) -> Arc<tokio::sync::Mutex<()>> {
@@ -426,12 +459,7 @@ impl Host {
         self.store
             .upsert(id, status.state, Some(config), now)
             .await?;
-        {
-            let mut map = self.entries();
-            let e = map.entry(id).or_default();
-            e.known = true;
-            e.last_touched = e.last_touched.max(now);
-        }
+        self.mark_known(id, now);
         tracing::info!(project_id = %id, state = %status.state, main_pid = status.main_pid, "project started");
         Ok(status)
     }

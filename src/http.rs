@@ -329,6 +329,47 @@ mod tests {
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
     }
 
+    /// docs/openapi.yaml and the router describe the same endpoints.
+    #[test]
+    fn openapi_documents_every_route() {
+        let spec = include_str!("../docs/openapi.yaml");
+        let mut documented = Vec::new();
+        let mut path = None;
+        for line in spec.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(format!("/{p}"));
+            } else if let (Some(p), Some(m)) = (
+                &path,
+                line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')),
+            ) {
+                if let Ok(m) = m.to_uppercase().parse::<Method>() {
+                    documented.push((m, p.replace("{id}", ID)));
+                }
+            } else if !line.starts_with("    ") {
+                path = None;
+            }
+        }
+        assert!(documented.len() >= 5, "{documented:?}");
+        for (m, p) in &documented {
+            assert!(route(m, p).is_ok(), "documented but not routed: {m} {p}");
+        }
+        let id: ProjectId = ID.parse().unwrap();
+        for r in [
+            Route::Health,
+            Route::List,
+            Route::Status(id),
+            Route::Start(id),
+            Route::Stop(id),
+        ] {
+            assert!(
+                documented
+                    .iter()
+                    .any(|(m, p)| route(m, p).as_ref() == Ok(&r)),
+                "routed but not documented: {r:?}"
+            );
+        }
+    }
+
     #[test]
     fn bodies_reject_unknown_fields() {
         assert!(serde_json::from_str::<StopBody>(r#"{"forc":true}"#).is_err());

@@ -4,6 +4,7 @@
 //! and `store` each speak to one external system; `cmd` runs every external program.
 pub mod activation;
 pub mod btrfs;
+pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod dbus;

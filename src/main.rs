@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use cocalc_project_host::client::{self, Action};
+use cocalc_project_host::project::RunConfig;
 use cocalc_project_host::{activation, btrfs, config, dbus, host::Host, http, logging};
 
 #[derive(Debug, Parser)]
@@ -19,6 +21,54 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// List known projects (most recently touched first).
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a project's status (exit 4 if this host does not know it).
+    Status {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a project (no-op if running). Options replace its stored config.
+    Start {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// Container image.
+        #[arg(long)]
+        image: Option<String>,
+        /// Memory limit (bytes, or with K/M/G/T suffix).
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// CPU limit in cores (e.g. 0.5).
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Maximum number of tasks.
+        #[arg(long)]
+        pids: Option<u64>,
+        /// Environment variable for the project (repeatable).
+        #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a project (no-op if stopped).
+    Stop {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// Kill at once instead of a graceful stop.
+        #[arg(long)]
+        force: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the daemon (socket-activated under systemd, or binding --listen).
     Serve {
         /// Address to bind when not socket-activated (default: `listen` from the config).
@@ -31,8 +81,59 @@ enum Command {
     CheckConfig,
 }
 
+fn parse_size(s: &str) -> Result<u64, String> {
+    config::parse_size(s)
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not K=V"))
+}
+
+/// The client subcommands talk to the daemon over D-Bus and need no config.
+fn client(cmd: Command) -> Result<ExitCode, Command> {
+    let parsed = |id: &str| client::parse_id(id);
+    let (action, json) = match cmd {
+        Command::List { json } => (Ok(Action::List), json),
+        Command::Status { id, json } => (parsed(&id).map(Action::Status), json),
+        Command::Start {
+            id,
+            image,
+            memory,
+            cpu,
+            pids,
+            env,
+            json,
+        } => {
+            let cfg = RunConfig {
+                image,
+                memory,
+                cpu,
+                pids,
+                env: env.into_iter().collect(),
+                ..Default::default()
+            };
+            (parsed(&id).map(|id| Action::Start(id, cfg)), json)
+        }
+        Command::Stop { id, force, json } => (parsed(&id).map(|id| Action::Stop(id, force)), json),
+        other => return Err(other),
+    };
+    Ok(match action {
+        Ok(a) => client::main(a, json),
+        Err(e) => {
+            eprintln!("cocalc-project-host: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli = match client(cli.command) {
+        Ok(code) => return code,
+        Err(command) => Cli { command },
+    };
     logging::init("info");
     let roots = config::roots_from_env();
     let settings = match config::load(&roots) {
@@ -50,6 +151,12 @@ fn main() -> ExitCode {
             println!("project storage ready at {}", mount.display());
             Ok(())
         }),
+        Command::List { .. }
+        | Command::Status { .. }
+        | Command::Start { .. }
+        | Command::Stop { .. } => {
+            unreachable!("handled by client()")
+        }
         Command::CheckConfig => {
             for f in config::fragment_files(&roots) {
                 println!("# read {}", f.display());

@@ -112,10 +112,11 @@ pub struct Systemd {
     manager: ManagerProxy<'static>,
 }
 
-/// Escapes a unit name into its object path, as systemd does (`-` → `_2d`, `.` → `_2e`).
-pub fn unit_path(unit: &str) -> String {
-    let mut p = String::from(UNIT_PATH_PREFIX);
-    for (i, b) in unit.bytes().enumerate() {
+/// Escapes a string into one object-path label as systemd does (sd_bus_path_encode): every byte
+/// but `[A-Za-z0-9]` (and a leading digit) becomes `_xx`.
+pub fn bus_label_escape(s: &str) -> String {
+    let mut p = String::with_capacity(s.len() * 2);
+    for (i, b) in s.bytes().enumerate() {
         if b.is_ascii_alphabetic() || (b.is_ascii_digit() && i > 0) {
             p.push(b as char);
         } else {
@@ -123,6 +124,11 @@ pub fn unit_path(unit: &str) -> String {
         }
     }
     p
+}
+
+/// A unit's object path (`-` → `_2d`, `.` → `_2e`).
+pub fn unit_path(unit: &str) -> String {
+    format!("{UNIT_PATH_PREFIX}{}", bus_label_escape(unit))
 }
 
 /// The inverse of [`unit_path`]; `None` for anything that is not an escaped unit path.
