@@ -21,6 +21,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Client(ClientCommand),
+    #[command(flatten)]
+    Daemon(DaemonCommand),
+}
+
+/// Subcommands that talk to the daemon over D-Bus (they need no config).
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
     /// List known projects (most recently touched first).
     List {
         /// Machine-readable output.
@@ -69,6 +78,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Subcommands that are, or prepare, the daemon.
+#[derive(Debug, Subcommand)]
+enum DaemonCommand {
     /// Run the daemon (socket-activated under systemd, or binding --listen).
     Serve {
         /// Address to bind when not socket-activated (default: `listen` from the config).
@@ -91,13 +105,12 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not K=V"))
 }
 
-/// The client subcommands talk to the daemon over D-Bus and need no config.
-fn client(cmd: Command) -> Result<ExitCode, Command> {
+fn client(cmd: ClientCommand) -> ExitCode {
     let parsed = |id: &str| client::parse_id(id);
     let (action, json) = match cmd {
-        Command::List { json } => (Ok(Action::List), json),
-        Command::Status { id, json } => (parsed(&id).map(Action::Status), json),
-        Command::Start {
+        ClientCommand::List { json } => (Ok(Action::List), json),
+        ClientCommand::Status { id, json } => (parsed(&id).map(Action::Status), json),
+        ClientCommand::Start {
             id,
             image,
             memory,
@@ -116,23 +129,23 @@ fn client(cmd: Command) -> Result<ExitCode, Command> {
             };
             (parsed(&id).map(|id| Action::Start(id, cfg)), json)
         }
-        Command::Stop { id, force, json } => (parsed(&id).map(|id| Action::Stop(id, force)), json),
-        other => return Err(other),
+        ClientCommand::Stop { id, force, json } => {
+            (parsed(&id).map(|id| Action::Stop(id, force)), json)
+        }
     };
-    Ok(match action {
+    match action {
         Ok(a) => client::main(a, json),
         Err(e) => {
             eprintln!("cocalc-project-host: {}", e.message);
             ExitCode::from(e.code)
         }
-    })
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let cli = match client(cli.command) {
-        Ok(code) => return code,
-        Err(command) => Cli { command },
+    let command = match Cli::parse().command {
+        Command::Client(c) => return client(c),
+        Command::Daemon(d) => d,
     };
     logging::init("info");
     let roots = config::roots_from_env();
@@ -144,20 +157,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = match cli.command {
-        Command::Serve { listen } => serve(settings, listen),
-        Command::StorageSetup => runtime().and_then(|rt| {
+    let result = match command {
+        DaemonCommand::Serve { listen } => serve(settings, listen),
+        DaemonCommand::StorageSetup => runtime().and_then(|rt| {
             let mount = rt.block_on(btrfs::setup(&settings))?;
             println!("project storage ready at {}", mount.display());
             Ok(())
         }),
-        Command::List { .. }
-        | Command::Status { .. }
-        | Command::Start { .. }
-        | Command::Stop { .. } => {
-            unreachable!("handled by client()")
-        }
-        Command::CheckConfig => {
+        DaemonCommand::CheckConfig => {
             for f in config::fragment_files(&roots) {
                 println!("# read {}", f.display());
             }

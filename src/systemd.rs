@@ -202,6 +202,18 @@ pub fn unit_properties(
     ]
 }
 
+/// A match rule for a signal sent by systemd.
+fn signal_rule(
+    interface: &'static str,
+    member: &'static str,
+) -> zbus::match_rule::Builder<'static> {
+    MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.freedesktop.systemd1")
+        .interface(interface)
+        .member(member)
+}
+
 fn prop<T: TryFrom<OwnedVariant>>(props: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
     props
         .get(name)
@@ -224,12 +236,7 @@ impl Systemd {
     }
 
     async fn job_stream(&self) -> Result<MessageStream, SystemdError> {
-        let rule = MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .sender("org.freedesktop.systemd1")
-            .interface("org.freedesktop.systemd1.Manager")
-            .member("JobRemoved")
-            .build()?;
+        let rule = signal_rule("org.freedesktop.systemd1.Manager", "JobRemoved").build()?;
         Ok(MessageStream::for_match_rule(rule, &self.conn, None).await?)
     }
 
@@ -315,15 +322,19 @@ impl Systemd {
         let _ = self.manager.reset_failed_unit(unit).await;
     }
 
-    /// Reads the state of a unit; `None` when it is not loaded.
-    pub async fn unit_info(&self, unit: &str) -> Result<Option<UnitInfo>, SystemdError> {
-        let path = unit_path(unit);
-        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+    /// An uncached Properties proxy on a unit's object.
+    async fn props_proxy(&self, unit: &str) -> zbus::Result<zbus::fdo::PropertiesProxy<'static>> {
+        zbus::fdo::PropertiesProxy::builder(&self.conn)
             .destination("org.freedesktop.systemd1")
-            .path(path)
+            .path(unit_path(unit))
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
-            .await?;
+            .await
+    }
+
+    /// Reads the state of a unit; `None` when it is not loaded.
+    pub async fn unit_info(&self, unit: &str) -> Result<Option<UnitInfo>, SystemdError> {
+        let props = self.props_proxy(unit).await?;
         let iface = |s: &'static str| zbus::names::InterfaceName::from_static_str_unchecked(s);
         let u = match props.get_all(iface("org.freedesktop.systemd1.Unit")).await {
             Ok(u) => u,
@@ -349,13 +360,7 @@ impl Systemd {
 
     /// Reads `MemoryCurrent` of a unit (not signalled by systemd, so read on demand).
     pub async fn memory_current(&self, unit: &str) -> Option<u64> {
-        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
-            .destination("org.freedesktop.systemd1")
-            .path(unit_path(unit))
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .ok()?;
+        let props = self.props_proxy(unit).await.ok()?;
         let iface = zbus::names::InterfaceName::from_static_str_unchecked(
             "org.freedesktop.systemd1.Service",
         );
@@ -387,19 +392,10 @@ impl Systemd {
     /// Streams changes of project units (PropertiesChanged on their objects, UnitRemoved) into
     /// `tx`. Call before reading the initial state, so nothing falls between the two.
     pub async fn watch(&self, tx: mpsc::UnboundedSender<UnitEvent>) -> Result<(), SystemdError> {
-        let changes = MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .sender("org.freedesktop.systemd1")
-            .interface("org.freedesktop.DBus.Properties")
-            .member("PropertiesChanged")
+        let changes = signal_rule("org.freedesktop.DBus.Properties", "PropertiesChanged")
             .path_namespace(UNIT_PATH_PREFIX.trim_end_matches('/'))
             .build()?;
-        let removed = MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .sender("org.freedesktop.systemd1")
-            .interface("org.freedesktop.systemd1.Manager")
-            .member("UnitRemoved")
-            .build()?;
+        let removed = signal_rule("org.freedesktop.systemd1.Manager", "UnitRemoved").build()?;
         let changes = MessageStream::for_match_rule(changes, &self.conn, None).await?;
         let removed = MessageStream::for_match_rule(removed, &self.conn, None).await?;
         let mut all = futures_util::stream::select(changes, removed);
