@@ -194,6 +194,10 @@ impl Host {
     fn set_unit(&self, id: ProjectId, unit: Option<UnitInfo>) {
         let changed = {
             let mut map = self.entries();
+            // never grow the map for ids that have no unit and are not known (random ids on stop)
+            if unit.is_none() && !map.contains_key(&id) {
+                return;
+            }
             let e = map.entry(id).or_default();
             let before = e.state();
             if unit.is_none() {
@@ -339,12 +343,12 @@ impl Host {
     }
 
     fn lock(&self, id: ProjectId) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id)
-            .or_default()
-            .clone()
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // drop locks nobody holds or waits for, so random ids cannot grow the map for ever
+        if locks.len() > 4096 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(id).or_default().clone()
     }
 
     fn status_of(&self, id: ProjectId) -> Status {
@@ -400,7 +404,26 @@ impl Host {
 
     /// Starts a project (idempotent: a running project is left as it is). `config` replaces the
     /// stored config of the project when given.
-    pub async fn start(&self, id: ProjectId, config: Option<RunConfig>) -> Result<Status, Error> {
+    ///
+    /// Runs to completion on its own task: a client that goes away mid-start (an HTTP timeout)
+    /// cannot leave the project half-recorded.
+    pub async fn start(
+        self: &Arc<Self>,
+        id: ProjectId,
+        config: Option<RunConfig>,
+    ) -> Result<Status, Error> {
+        let host = self.clone();
+        match tokio::spawn(async move { host.start_now(id, config).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::StartFailed {
+                id,
+                reason: format!("start task failed: {e}"),
+                journal: String::new(),
+            }),
+        }
+    }
+
+    async fn start_now(&self, id: ProjectId, config: Option<RunConfig>) -> Result<Status, Error> {
         if let Some(c) = &config {
             c.validate()?;
         }
@@ -411,6 +434,12 @@ impl Host {
             match ProjectState::from_active_state(&info.active_state) {
                 ProjectState::Running | ProjectState::Starting => {
                     self.set_unit(id, Some(info));
+                    if !self.is_known(id) {
+                        // running but unrecorded (its starter went away before recording it)
+                        let state = self.status_of(id).state;
+                        self.store.upsert(id, state, config, now_ms()).await?;
+                        self.mark_known(id, now_ms());
+                    }
                     self.touch(id);
                     return Ok(self.status_of(id));
                 }
@@ -537,10 +566,8 @@ impl Host {
     async fn stored_config(&self, id: ProjectId) -> Result<RunConfig, Error> {
         Ok(self
             .store
-            .projects()
+            .project(id)
             .await?
-            .into_iter()
-            .find(|r| r.id == id)
             .map(|r| r.config)
             .unwrap_or_default())
     }
@@ -550,7 +577,19 @@ impl Host {
     }
 
     /// Stops a project (idempotent). `force` kills it at once instead of a graceful stop.
-    pub async fn stop(&self, id: ProjectId, force: bool) -> Result<Status, Error> {
+    /// Runs to completion on its own task, like [`Host::start`].
+    pub async fn stop(self: &Arc<Self>, id: ProjectId, force: bool) -> Result<Status, Error> {
+        let host = self.clone();
+        match tokio::spawn(async move { host.stop_now(id, force).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::StopFailed {
+                id,
+                reason: format!("stop task failed: {e}"),
+            }),
+        }
+    }
+
+    async fn stop_now(&self, id: ProjectId, force: bool) -> Result<Status, Error> {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
         let unit = id.unit_name();

@@ -180,7 +180,10 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
     })
 }
 
-async fn dispatch(host: &Host, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn dispatch(
+    host: &Arc<Host>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let r = route(req.method(), req.uri().path())?;
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v));
     match r {

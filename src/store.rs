@@ -56,6 +56,44 @@ CREATE TABLE IF NOT EXISTS projects (
 );
 ";
 
+fn select_projects(
+    c: &mut Connection,
+    only: Option<ProjectId>,
+) -> Result<Vec<ProjectRow>, StoreError> {
+    let mut st = c.prepare_cached(
+        "SELECT id, state, config, created, last_touched FROM projects
+         WHERE ?1 IS NULL OR id = ?1 ORDER BY last_touched DESC, id",
+    )?;
+    let rows = st.query_map([only.map(|i| i.to_string())], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, state, config, created, touched) = row?;
+        // rows are written only by us from valid ids; skip anything else rather than fail
+        let Ok(pid) = id.parse::<ProjectId>() else {
+            continue;
+        };
+        let config = serde_json::from_str(&config).map_err(|e| StoreError::BadConfig(id, e))?;
+        let state = serde_json::from_value(serde_json::Value::String(state))
+            .unwrap_or(ProjectState::Opened);
+        out.push(ProjectRow {
+            id: pid,
+            state,
+            config,
+            created: created as u64,
+            last_touched: touched as u64,
+        });
+    }
+    Ok(out)
+}
+
 impl Store {
     /// Opens (creating) the database at `path` and starts its thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -114,37 +152,15 @@ impl Store {
 
     /// All projects, most recently touched first.
     pub async fn projects(&self) -> Result<Vec<ProjectRow>, StoreError> {
-        self.call(|c| {
-            let mut st = c.prepare(
-                "SELECT id, state, config, created, last_touched FROM projects ORDER BY last_touched DESC, id",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, state, config, created, touched) = row?;
-                // rows are written only by us from valid ids; skip anything else rather than fail
-                let Ok(pid) = id.parse::<ProjectId>() else { continue };
-                let config = serde_json::from_str(&config).map_err(|e| StoreError::BadConfig(id, e))?;
-                let state = serde_json::from_value(serde_json::Value::String(state)).unwrap_or(ProjectState::Opened);
-                out.push(ProjectRow {
-                    id: pid,
-                    state,
-                    config,
-                    created: created as u64,
-                    last_touched: touched as u64,
-                });
-            }
-            Ok(out)
-        })
-        .await
+        self.call(|c| select_projects(c, None)).await
+    }
+
+    /// One project's row.
+    pub async fn project(&self, id: ProjectId) -> Result<Option<ProjectRow>, StoreError> {
+        Ok(self
+            .call(move |c| select_projects(c, Some(id)))
+            .await?
+            .pop())
     }
 
     /// Inserts or updates a project's state, config and touch time.
@@ -235,6 +251,11 @@ mod tests {
         assert_eq!(rows[0].created, 1000);
         assert_eq!(rows[0].state, ProjectState::Opened);
         assert_eq!(rows[0].config, cfg);
+        assert_eq!(
+            s.project(id(2)).await.unwrap().map(|r| r.created),
+            Some(2000)
+        );
+        assert_eq!(s.project(id(3)).await.unwrap(), None);
         drop(s);
 
         // reopened: same host id, same rows

@@ -416,3 +416,22 @@ fn unknown_projects_are_opened_and_listed_by_last_touch() {
     assert!(p[0]["last"].as_u64().unwrap() >= p[1]["last"].as_u64().unwrap());
     assert!(!list.to_string().contains(&unknown));
 }
+
+#[test]
+fn a_client_that_gives_up_mid_start_leaves_a_consistent_project() {
+    let id = new_id();
+    // the client hangs up after 30 ms, long before the unit is up
+    let o = sh(&format!(
+        "curl -s -m 0.03 -X POST {}/projects/{id}/start",
+        tb::API
+    ));
+    assert_ne!(o.code, 0, "the client should have timed out: {}", o.stdout);
+    // the start finishes anyway and is recorded
+    wait_for("the project to be running", 20, || {
+        (status(&id)["state"] == "running").then_some(())
+    });
+    let (_, list) = http("GET", "/projects", None);
+    assert!(list.to_string().contains(&id), "{list}");
+    assert_eq!(containers_named(&id), 1);
+    stop(&id, false);
+}
