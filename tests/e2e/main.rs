@@ -3,5 +3,6 @@
 //! `--test-threads=1`; each leaves the machine as it found it.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod lifecycle;
+mod limits;
 mod spine;
 mod tb;
