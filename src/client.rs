@@ -26,6 +26,11 @@ trait Manager {
         config_json: &str,
     ) -> zbus::Result<HashMap<String, OwnedVariant>>;
     fn stop_project(&self, id: &str, force: bool) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn set_project_limits(
+        &self,
+        id: &str,
+        limits_json: &str,
+    ) -> zbus::Result<HashMap<String, OwnedVariant>>;
 }
 
 /// Exit code: success.
@@ -106,6 +111,12 @@ fn variant_json(v: &OwnedVariant) -> Value {
     }
     if let Ok(n) = u64::try_from(v) {
         return Value::from(n);
+    }
+    if let Ok(b) = bool::try_from(v) {
+        return Value::from(b);
+    }
+    if let Ok(f) = f64::try_from(v) {
+        return Value::from(f);
     }
     if let Ok(n) = u32::try_from(v) {
         return Value::from(n);
@@ -206,6 +217,8 @@ pub enum Action {
     Start(ProjectId, RunConfig),
     /// `stop ID [--force]`
     Stop(ProjectId, bool),
+    /// `set-limits ID …`: the JSON body of a limits change
+    SetLimits(ProjectId, Value),
 }
 
 /// Runs one action against the daemon; prints the result.
@@ -243,6 +256,25 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
             };
             let v = status_json(&m.start_project(&id.to_string(), &cfg_json).await?);
             print_status(&id, &v, json_out);
+        }
+        Action::SetLimits(id, patch) => {
+            let d = m
+                .set_project_limits(&id.to_string(), &patch.to_string())
+                .await?;
+            let v = status_json(&d);
+            if json_out {
+                println!("{v}");
+            } else {
+                let when = if v["live"] == true {
+                    "now"
+                } else {
+                    "at its next start"
+                };
+                println!("{id}: limits in force {when}");
+                for k in ["memory", "swap", "cpu", "pids", "cpu_weight", "io_weight"] {
+                    println!("  {k:>10}: {}", v[k]);
+                }
+            }
         }
         Action::Stop(id, force) => {
             let v = status_json(&m.stop_project(&id.to_string(), force).await?);

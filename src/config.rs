@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::limits::{Amount, LimitSettings, SliceSettings};
 use crate::project::NetworkMode;
 
 /// Where fragments are read from, lowest priority first.
@@ -29,6 +30,10 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// Defaults for projects.
     pub projects: ProjectSettings,
+    /// Per-project resource limits: defaults and maxima.
+    pub limits: LimitSettings,
+    /// Host-wide limits on all projects together (`cocalc-projects.slice`).
+    pub slice: SliceSettings,
 }
 
 /// Project storage settings.
@@ -57,6 +62,8 @@ pub struct ProjectSettings {
     pub uid_count: u32,
     /// The uid/gid of `user` inside the container.
     pub user_uid: u32,
+    /// Capabilities the container keeps (all others are dropped); names without `CAP_`.
+    pub capabilities: Vec<String>,
 }
 
 impl Settings {
@@ -94,7 +101,10 @@ impl Default for Settings {
                 uid_base: 100_000,
                 uid_count: 65_536,
                 user_uid: 1000,
+                capabilities: Vec::new(),
             },
+            limits: LimitSettings::default(),
+            slice: SliceSettings::default(),
         }
     }
 }
@@ -139,6 +149,10 @@ struct Fragment {
     storage: StorageFragment,
     #[serde(default)]
     projects: ProjectsFragment,
+    #[serde(default)]
+    limits: LimitsFragment,
+    #[serde(default)]
+    slice: SliceFragment,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +172,99 @@ struct ProjectsFragment {
     uid_base: Option<u32>,
     uid_count: Option<u32>,
     user_uid: Option<u32>,
+    capabilities: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFragment {
+    memory: Option<Size>,
+    swap: Option<bool>,
+    cpu: Option<Cores>,
+    pids: Option<u64>,
+    cpu_weight: Option<u64>,
+    io_weight: Option<u64>,
+    #[serde(default)]
+    max: MaxFragment,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaxFragment {
+    memory: Option<Size>,
+    cpu: Option<Cores>,
+    pids: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SliceFragment {
+    memory_max: Option<AmountSpec>,
+    tasks_max: Option<AmountSpec>,
+    cpu_weight: Option<u64>,
+}
+
+/// Capabilities a project container may be configured to keep: podman's default set (all
+/// harmless inside a user namespace) plus NET_RAW (ping). Anything else is refused.
+pub const ALLOWED_CAPABILITIES: [&str; 13] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+
+/// A number of cores: an integer or a float.
+#[derive(Debug, Clone, Copy)]
+struct Cores(f64);
+
+impl<'de> Deserialize<'de> for Cores {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            I(u32),
+            F(f64),
+        }
+        Ok(Cores(match Raw::deserialize(d)? {
+            Raw::I(n) => f64::from(n),
+            Raw::F(f) => f,
+        }))
+    }
+}
+
+/// An [`Amount`]: an integer, a size (`8G`), or a percentage (`90%`).
+#[derive(Debug, Clone, Copy)]
+struct AmountSpec(Amount);
+
+impl<'de> Deserialize<'de> for AmountSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let a =
+            match Raw::deserialize(d)? {
+                Raw::N(n) => Amount::Absolute(n),
+                Raw::S(s) => match s.trim().strip_suffix('%') {
+                    Some(p) => Amount::Percent(p.trim().parse().map_err(|_| {
+                        serde::de::Error::custom(format!("{s:?} is not a percentage"))
+                    })?),
+                    None => Amount::Absolute(parse_size(&s).map_err(serde::de::Error::custom)?),
+                },
+            };
+        Ok(AmountSpec(a))
+    }
 }
 
 /// A byte size: an integer, or a string with a K/M/G/T suffix (powers of 1024).
@@ -303,6 +410,59 @@ pub fn merge<'a>(
             s.projects.user_uid = v;
             set("projects.user_uid");
         }
+        if let Some(v) = pr.capabilities {
+            s.projects.capabilities = v;
+            set("projects.capabilities");
+        }
+        let (l, d) = (f.limits, &mut s.limits.default);
+        if let Some(v) = l.memory {
+            d.memory = v.0;
+            set("limits.memory");
+        }
+        if let Some(v) = l.swap {
+            d.swap = v;
+        }
+        if let Some(v) = l.cpu {
+            d.cpu = v.0;
+            set("limits.cpu");
+        }
+        if let Some(v) = l.pids {
+            d.pids = v;
+            set("limits.pids");
+        }
+        if let Some(v) = l.cpu_weight {
+            d.cpu_weight = v;
+            set("limits.cpu_weight");
+        }
+        if let Some(v) = l.io_weight {
+            d.io_weight = v;
+            set("limits.io_weight");
+        }
+        let (m, max) = (l.max, &mut s.limits.max);
+        if let Some(v) = m.memory {
+            max.memory = v.0;
+            set("limits.max.memory");
+        }
+        if let Some(v) = m.cpu {
+            max.cpu = v.0;
+            set("limits.max.cpu");
+        }
+        if let Some(v) = m.pids {
+            max.pids = v;
+            set("limits.max.pids");
+        }
+        if let Some(v) = f.slice.memory_max {
+            s.slice.memory_max = v.0;
+            set("slice.memory_max");
+        }
+        if let Some(v) = f.slice.tasks_max {
+            s.slice.tasks_max = v.0;
+            set("slice.tasks_max");
+        }
+        if let Some(v) = f.slice.cpu_weight {
+            s.slice.cpu_weight = v;
+            set("slice.cpu_weight");
+        }
     }
     let invalid = |key: &'static str, message: String| ConfigError::Invalid {
         path: origin
@@ -375,7 +535,88 @@ pub fn merge<'a>(
             "must be inside the mapped range and not 0".into(),
         ));
     }
+    if let Some(c) = s
+        .projects
+        .capabilities
+        .iter()
+        .find(|c| !ALLOWED_CAPABILITIES.contains(&c.as_str()))
+    {
+        return Err(invalid(
+            "projects.capabilities",
+            format!(
+                "{c:?} may not be granted (allowed: {})",
+                ALLOWED_CAPABILITIES.join(", ")
+            ),
+        ));
+    }
+    validate_limits(&s).map_err(|(key, message)| invalid(key, message))?;
     Ok(s)
+}
+
+/// Limit settings: each in the range a run config may ask for, defaults at most the maxima.
+fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
+    use crate::project::RunConfig;
+    let (d, max) = (&s.limits.default, &s.limits.max);
+    let as_config = |memory, cpu, pids, cpu_weight, io_weight| RunConfig {
+        memory: Some(memory),
+        cpu: Some(cpu),
+        pids: Some(pids),
+        cpu_weight,
+        io_weight,
+        ..Default::default()
+    };
+    let key = |max: bool, field: &str| -> &'static str {
+        match (max, field) {
+            (false, "memory") => "limits.memory",
+            (false, "cpu") => "limits.cpu",
+            (false, "pids") => "limits.pids",
+            (false, "cpu_weight") => "limits.cpu_weight",
+            (false, "io_weight") => "limits.io_weight",
+            (true, "memory") => "limits.max.memory",
+            (true, "cpu") => "limits.max.cpu",
+            _ => "limits.max.pids",
+        }
+    };
+    as_config(
+        d.memory,
+        d.cpu,
+        d.pids,
+        Some(d.cpu_weight),
+        Some(d.io_weight),
+    )
+    .validate()
+    .map_err(|e| (key(false, e.field), e.reason))?;
+    as_config(max.memory, max.cpu, max.pids, None, None)
+        .validate()
+        .map_err(|e| (key(true, e.field), e.reason))?;
+    crate::limits::check(d, max).map_err(|e| {
+        (
+            key(false, e.field),
+            format!("{} (limits.max.{})", e.reason, e.field),
+        )
+    })?;
+    let sl = &s.slice;
+    for (k, a, min) in [
+        ("slice.memory_max", sl.memory_max, 64u64 << 20),
+        ("slice.tasks_max", sl.tasks_max, 16),
+    ] {
+        match a {
+            Amount::Percent(p) if !(1..=100).contains(&p) => {
+                return Err((k, format!("{p}% is not in 1..=100%")));
+            }
+            Amount::Absolute(n) if n < min => {
+                return Err((k, format!("{n} is below the minimum of {min}")));
+            }
+            _ => {}
+        }
+    }
+    if !(1..=10_000).contains(&sl.cpu_weight) {
+        return Err((
+            "slice.cpu_weight",
+            format!("{} is not in 1..=10000", sl.cpu_weight),
+        ));
+    }
+    Ok(())
 }
 
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -442,6 +683,99 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("suffix"), "{e}");
+    }
+
+    #[test]
+    fn limits_and_slice_merge_and_validate() {
+        let s = m(&[
+            (
+                "/usr/lib/x/config.d/50.toml",
+                "[limits]\nmemory = \"512M\"\npids = 300\ncpu = 2\n[limits.max]\ncpu = 4.5\n",
+            ),
+            (
+                "/etc/x/config.d/50.toml",
+                "[limits]\npids = 400\nswap = true\n[slice]\nmemory_max = \"8G\"\ntasks_max = \"50%\"\ncpu_weight = 20\n",
+            ),
+        ])
+        .unwrap();
+        let d = &s.limits.default;
+        assert_eq!(
+            (d.memory, d.pids, d.cpu, d.swap),
+            (512 << 20, 400, 2.0, true)
+        );
+        assert_eq!(s.limits.max.cpu, 4.5);
+        assert_eq!(s.slice.memory_max, Amount::Absolute(8 << 30));
+        assert_eq!(s.slice.tasks_max, Amount::Percent(50));
+        assert_eq!(s.slice.cpu_weight, 20);
+
+        let err = |t: &str| {
+            m(&[("/etc/x/config.d/60.toml", t)])
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("[limits]\ncpu = 0\n"),
+            "/etc/x/config.d/60.toml: limits.cpu: 0 is not a number of cores in [0.01, 1024]"
+        );
+        assert!(
+            err("[limits]\nmemory = \"64G\"\n")
+                .starts_with("/etc/x/config.d/60.toml: limits.memory: 68719476736 is above"),
+            "{}",
+            err("[limits]\nmemory = \"64G\"\n")
+        );
+        assert!(err("[limits.max]\npids = 0\n").contains(": limits.max.pids: "));
+        assert!(err("[limits]\nio_weight = 0\n").contains(": limits.io_weight: "));
+        assert!(err("[slice]\nmemory_max = \"150%\"\n").contains(": slice.memory_max: "));
+        assert!(err("[slice]\ncpu_weight = 0\n").contains(": slice.cpu_weight: "));
+        assert!(err("[slice]\ntasks_max = \"x%\"\n").contains("percentage"));
+        let e = err("[limits]\nmemroy = \"1G\"\n");
+        assert!(
+            e.starts_with("/etc/x/config.d/60.toml: ")
+                && e.contains("memroy")
+                && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn only_harmless_capabilities_may_be_kept() {
+        let s = m(&[(
+            "/etc/x/a.toml",
+            "[projects]\ncapabilities = [\"NET_RAW\", \"CHOWN\"]\n",
+        )])
+        .unwrap();
+        assert_eq!(s.projects.capabilities, ["NET_RAW", "CHOWN"]);
+        let e = m(&[(
+            "/etc/x/a.toml",
+            "[projects]\ncapabilities = [\"SYS_ADMIN\"]\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("/etc/x/a.toml: projects.capabilities: \"SYS_ADMIN\" may not"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_shipped_config_is_the_defaults() {
+        let text = include_str!("../packaging/config.toml");
+        assert_eq!(m(&[("config.toml", text)]).unwrap(), Settings::default());
+        // uncommented, every documented key parses and still gives the defaults
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| !r.starts_with(' ') && !r.is_empty())
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut s = m(&[("config.toml", &uncommented)]).unwrap();
+        // the example values that are not defaults
+        s.storage.mount = None;
+        s.projects.cmd = None;
+        assert_eq!(s, Settings::default());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::host::{self, Host, HostEvent};
+use crate::limits::{LimitsPatch, LimitsUpdate};
 use crate::project::{ProjectId, RunConfig, Status};
 use crate::systemd::bus_label_escape;
 
@@ -44,6 +45,8 @@ pub enum Error {
     StartFailed(String),
     /// The project could not be stopped.
     StopFailed(String),
+    /// New limits could not be applied; the project keeps its old ones.
+    UpdateFailed(String),
     /// systemd or the storage are not available.
     Unavailable(String),
     /// Anything else.
@@ -59,6 +62,7 @@ impl From<host::Error> for Error {
             E::InvalidConfig(_) => Error::InvalidConfig(m),
             E::StartFailed { .. } => Error::StartFailed(m),
             E::StopFailed { .. } => Error::StopFailed(m),
+            E::UpdateFailed { .. } => Error::UpdateFailed(m),
             E::Storage(_) | E::Systemd(_) => Error::Unavailable(m),
             E::Store(_) => Error::Failed(m),
         }
@@ -102,6 +106,31 @@ pub fn status_dict(s: &Status) -> HashMap<String, OwnedVariant> {
     if let Some(v) = s.started_at {
         put("started_at", Variant::from(v));
     }
+    d
+}
+
+fn parse_limits(json: &str) -> Result<LimitsPatch, Error> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::InvalidConfig(format!("invalid limits JSON: {e}")))
+}
+
+/// The result of a limits change as `a{sv}`: state, server, live, and the limits in force.
+pub fn limits_dict(u: &LimitsUpdate) -> HashMap<String, OwnedVariant> {
+    let mut d = HashMap::new();
+    let mut put = |k: &str, v: Variant<'_>| {
+        if let Ok(v) = OwnedVariant::try_from(v) {
+            d.insert(k.to_string(), v);
+        }
+    };
+    put("state", Variant::from(u.state.as_str()));
+    put("server", Variant::from(u.server.as_str()));
+    put("live", Variant::from(u.live));
+    put("memory", Variant::from(u.limits.memory));
+    put("swap", Variant::from(u.limits.swap));
+    put("cpu", Variant::from(u.limits.cpu));
+    put("pids", Variant::from(u.limits.pids));
+    put("cpu_weight", Variant::from(u.limits.cpu_weight));
+    put("io_weight", Variant::from(u.limits.io_weight));
     d
 }
 
@@ -164,6 +193,19 @@ impl Manager {
         force: bool,
     ) -> Result<HashMap<String, OwnedVariant>, Error> {
         Ok(status_dict(&self.host.stop(parse_id(id)?, force).await?))
+    }
+
+    /// Changes a project's limits (`limits_json` as the body of `PATCH /projects/:id/config`):
+    /// at once when it runs, and for its next start.
+    async fn set_project_limits(
+        &self,
+        id: &str,
+        limits_json: &str,
+    ) -> Result<HashMap<String, OwnedVariant>, Error> {
+        let id = parse_id(id)?;
+        Ok(limits_dict(
+            &self.host.set_limits(id, parse_limits(limits_json)?).await?,
+        ))
     }
 
     /// Version of the daemon.
@@ -233,6 +275,16 @@ impl Project {
     /// Stops the project; `force` kills it at once.
     async fn stop(&self, force: bool) -> Result<HashMap<String, OwnedVariant>, Error> {
         Ok(status_dict(&self.host.stop(self.id, force).await?))
+    }
+
+    /// Changes the project's limits, as `Manager.SetProjectLimits`.
+    async fn set_limits(&self, limits_json: &str) -> Result<HashMap<String, OwnedVariant>, Error> {
+        Ok(limits_dict(
+            &self
+                .host
+                .set_limits(self.id, parse_limits(limits_json)?)
+                .await?,
+        ))
     }
 
     /// The project id.

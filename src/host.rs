@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::btrfs::{Storage, StorageError};
 use crate::cmd;
 use crate::config::Settings;
+use crate::limits::{self, ConfigView, Limits, LimitsPatch, LimitsUpdate};
 use crate::podman;
 use crate::project::{
     InvalidConfig, InvalidProjectId, ProjectId, ProjectState, RunConfig, Status, UnitInfo,
@@ -52,6 +53,14 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// New limits could not be applied to the running project; it keeps its old ones.
+    #[error("limits of project {id} could not be changed: {reason}")]
+    UpdateFailed {
+        /// the project
+        id: ProjectId,
+        /// what failed
+        reason: String,
+    },
 }
 
 impl Error {
@@ -65,6 +74,7 @@ impl Error {
             Error::Storage(_) => "storage_unavailable",
             Error::Systemd(_) => "systemd_unavailable",
             Error::Store(_) => "store_failed",
+            Error::UpdateFailed { .. } => "update_failed",
         }
     }
 }
@@ -155,6 +165,9 @@ impl Host {
             }
         });
         host.reconcile().await?;
+        host.apply_slice_limits()
+            .await
+            .context("cannot set the host-wide limits on the projects' slice")?;
         let weak = Arc::downgrade(&host);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -426,6 +439,7 @@ impl Host {
     async fn start_now(&self, id: ProjectId, config: Option<RunConfig>) -> Result<Status, Error> {
         if let Some(c) = &config {
             c.validate()?;
+            self.limits_of(c)?;
         }
         let lock = self.lock(id);
         let _guard = lock.lock().await;
@@ -453,8 +467,11 @@ impl Host {
             None => self.stored_config(id).await?,
         };
         let home = self.storage.ensure_home(&id).await?;
+        let limits = self.limits_of(&config)?;
         let argv = podman::run_argv(&id, &self.settings, &config, &home);
-        let props = systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
+        let mut props =
+            systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
+        props.extend(systemd::limit_properties(&limits));
         let since = SystemTime::now();
         tracing::info!(project_id = %id, unit = %unit, "starting project");
         if let Err(e) = self.start_unit(&unit, &props).await {
@@ -629,5 +646,142 @@ impl Host {
             self.touch(id);
         }
         Ok(self.status_of(id))
+    }
+
+    /// The limits `cfg` gives on this host: its fields over the host's defaults, at most the
+    /// host's maxima.
+    fn limits_of(&self, cfg: &crate::project::RunConfig) -> Result<Limits, Error> {
+        let l = limits::resolve(cfg, &self.settings.limits.default);
+        limits::check(&l, &self.settings.limits.max)?;
+        Ok(l)
+    }
+
+    /// Puts the configured host-wide limits on the projects' slice (and its CPU weight on the
+    /// parent `cocalc.slice` too: CPU weights only compete between siblings, and the sibling of
+    /// `cocalc.slice` is `system.slice`, where this daemon runs). Runtime properties: the config
+    /// is their only source, applied anew at every start.
+    async fn apply_slice_limits(&self) -> Result<(), SystemdError> {
+        let props = systemd::slice_properties(&self.settings.slice);
+        self.systemd
+            .set_properties(systemd::PROJECTS_SLICE, true, &props)
+            .await?;
+        let weight = [(
+            "CPUWeight",
+            zbus::Variant::from(self.settings.slice.cpu_weight),
+        )];
+        self.systemd
+            .set_properties("cocalc.slice", true, &weight)
+            .await?;
+        tracing::info!(slice = systemd::PROJECTS_SLICE, settings = ?self.settings.slice, "host-wide project limits set");
+        Ok(())
+    }
+
+    /// A project's stored config (what its next start uses) and the limits it gives.
+    pub async fn config(&self, id: ProjectId) -> Result<ConfigView, Error> {
+        let config = self.stored_config(id).await?;
+        let limits = limits::resolve(&config, &self.settings.limits.default);
+        Ok(ConfigView { config, limits })
+    }
+
+    /// Changes a project's limits. Always stored for its next start; when it runs, applied at
+    /// once without a restart: `podman update` for what the container's own cgroup holds (memory,
+    /// swap), then `SetUnitProperties` (runtime) on its unit. If either step fails the project
+    /// keeps its old limits and nothing is stored.
+    /// Runs to completion on its own task, like [`Host::start`].
+    pub async fn set_limits(
+        self: &Arc<Self>,
+        id: ProjectId,
+        patch: LimitsPatch,
+    ) -> Result<LimitsUpdate, Error> {
+        let host = self.clone();
+        match tokio::spawn(async move { host.set_limits_now(id, patch).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::UpdateFailed {
+                id,
+                reason: format!("update task failed: {e}"),
+            }),
+        }
+    }
+
+    async fn set_limits_now(
+        &self,
+        id: ProjectId,
+        patch: LimitsPatch,
+    ) -> Result<LimitsUpdate, Error> {
+        let mut probe = crate::project::RunConfig::default();
+        patch.apply(&mut probe);
+        probe.validate()?;
+        let lock = self.lock(id);
+        let _guard = lock.lock().await;
+        let old = self.stored_config(id).await?;
+        let mut config = old.clone();
+        patch.apply(&mut config);
+        config.validate()?;
+        let new = self.limits_of(&config)?;
+        let before = limits::resolve(&old, &self.settings.limits.default);
+        let unit = id.unit_name();
+        let info = self.systemd.unit_info(&unit).await?;
+        let state = info.as_ref().map_or(ProjectState::Opened, |i| {
+            ProjectState::from_active_state(&i.active_state)
+        });
+        let live = matches!(state, ProjectState::Running | ProjectState::Starting);
+        if live {
+            self.apply_live(id, &before, &new).await?;
+        }
+        let now = now_ms();
+        self.store.upsert(id, state, Some(config), now).await?;
+        self.mark_known(id, now);
+        tracing::info!(
+            project_id = %id,
+            live,
+            memory = new.memory,
+            swap = new.swap,
+            cpu = new.cpu,
+            pids = new.pids,
+            cpu_weight = new.cpu_weight,
+            io_weight = new.io_weight,
+            "project limits changed"
+        );
+        Ok(LimitsUpdate {
+            state,
+            server: self.host_id.clone(),
+            live,
+            limits: new,
+        })
+    }
+
+    async fn apply_live(&self, id: ProjectId, before: &Limits, new: &Limits) -> Result<(), Error> {
+        let unit = id.unit_name();
+        let failed = |reason: String| Error::UpdateFailed { id, reason };
+        // The container's own memory limit first: lowering it below what is in use fails here
+        // (cgroup v1), before the unit has changed; raising it above the unit's is allowed.
+        let container = limits::podman_update_flags(before) != limits::podman_update_flags(new);
+        if container {
+            cmd::run(
+                podman::PODMAN,
+                podman::update_argv(&id, new),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        }
+        let set = self
+            .systemd
+            .set_properties(&unit, true, &systemd::limit_properties(new))
+            .await;
+        if let Err(e) = set {
+            if container
+                && let Err(undo) = cmd::run(
+                    podman::PODMAN,
+                    podman::update_argv(&id, before),
+                    Duration::from_secs(30),
+                )
+                .await
+            {
+                tracing::warn!(project_id = %id, error = %undo, "cannot restore the container's limits");
+            }
+            return Err(failed(e.to_string()));
+        }
+        Ok(())
     }
 }

@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::host::{self, Host};
+use crate::limits::LimitsPatch;
 use crate::project::{ProjectId, RunConfig};
 
 /// Largest request body accepted (a start config is a few hundred bytes).
@@ -52,6 +53,7 @@ impl From<host::Error> for ApiError {
             E::StartFailed { .. } | E::StopFailed { .. } | E::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            E::UpdateFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.code(), e.to_string())
     }
@@ -70,6 +72,10 @@ pub enum Route {
     Start(ProjectId),
     /// `POST /projects/:id/stop`
     Stop(ProjectId),
+    /// `GET /projects/:id/config`
+    Config(ProjectId),
+    /// `PATCH /projects/:id/config`
+    SetConfig(ProjectId),
 }
 
 /// Maps method + path to a route. Paths are not percent-decoded: `%2e%2e` is just an invalid id.
@@ -78,6 +84,20 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     let (want, r) = match segs.as_slice() {
         ["healthz"] => (Method::GET, Route::Health),
         ["projects"] => (Method::GET, Route::List),
+        ["projects", id, "config"] => {
+            let id: ProjectId = id.parse().map_err(|e: crate::project::InvalidProjectId| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_project_id", e.to_string())
+            })?;
+            return match *method {
+                Method::GET => Ok(Route::Config(id)),
+                Method::PATCH => Ok(Route::SetConfig(id)),
+                _ => Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{path} accepts GET and PATCH only"),
+                )),
+            };
+        }
         ["projects", id, action @ ("status" | "start" | "stop")] => {
             let id: ProjectId = id.parse().map_err(|e: crate::project::InvalidProjectId| {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_project_id", e.to_string())
@@ -172,12 +192,36 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
         return Ok(T::default());
     }
     serde_json::from_slice(&bytes).map_err(|e| {
+        let at = failing_field::<T>(&bytes)
+            .map(|f| format!("{f}: "))
+            .unwrap_or_default();
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
-            format!("invalid JSON body: {e}"),
+            format!("invalid JSON body: {at}{e}"),
         )
     })
+}
+
+/// Names the field a well-formed JSON body fails on (a negative memory, a string for a number):
+/// the first top-level key that fails on its own, and within `config` the run config's key.
+fn failing_field<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<String> {
+    fn first_bad<U: for<'de> Deserialize<'de>>(v: &serde_json::Value) -> Option<String> {
+        v.as_object()?.iter().find_map(|(k, val)| {
+            let alone = serde_json::Value::Object([(k.clone(), val.clone())].into_iter().collect());
+            serde_json::from_value::<U>(alone)
+                .is_err()
+                .then(|| k.clone())
+        })
+    }
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let top = first_bad::<T>(&v)?;
+    if top == "config"
+        && let Some(inner) = first_bad::<RunConfig>(&v["config"])
+    {
+        return Some(format!("config.{inner}"));
+    }
+    Some(top)
 }
 
 async fn dispatch(
@@ -206,6 +250,12 @@ async fn dispatch(
             let body: StopBody = read_json(req).await?;
             let st = host.stop(id, body.force).await?;
             ok(serde_json::to_value(st).unwrap_or_default())
+        }
+        Route::Config(id) => ok(serde_json::to_value(host.config(id).await?).unwrap_or_default()),
+        Route::SetConfig(id) => {
+            let patch: LimitsPatch = read_json(req).await?;
+            let r = host.set_limits(id, patch).await?;
+            ok(serde_json::to_value(r).unwrap_or_default())
         }
     }
 }
@@ -298,6 +348,37 @@ mod tests {
             route(&Method::POST, &format!("/projects/{ID}/stop")),
             Ok(Route::Stop(id))
         );
+        assert_eq!(
+            route(&Method::GET, &format!("/projects/{ID}/config")),
+            Ok(Route::Config(id))
+        );
+        assert_eq!(
+            route(&Method::PATCH, &format!("/projects/{ID}/config")),
+            Ok(Route::SetConfig(id))
+        );
+        let e = route(&Method::POST, &format!("/projects/{ID}/config")).unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = route(&Method::PATCH, "/projects/x/config").unwrap_err();
+        assert_eq!(e.code, "invalid_project_id");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let f = |b: &str| failing_field::<StartBody>(b.as_bytes());
+        assert_eq!(
+            f(r#"{"config":{"memory":-1}}"#).as_deref(),
+            Some("config.memory")
+        );
+        assert_eq!(
+            f(r#"{"config":{"image":"x","pids":1e99}}"#).as_deref(),
+            Some("config.pids")
+        );
+        assert_eq!(f(r#"{"config":7}"#).as_deref(), Some("config"));
+        assert_eq!(f("not json"), None);
+        let p = |b: &str| failing_field::<LimitsPatch>(b.as_bytes());
+        assert_eq!(p(r#"{"cpu":1,"memory":"2G"}"#).as_deref(), Some("memory"));
+        assert_eq!(p(r#"{"swap":1}"#).as_deref(), Some("swap"));
+        assert_eq!(p(r#"{"imgae":"x"}"#).as_deref(), Some("imgae"));
     }
 
     #[test]
@@ -363,6 +444,8 @@ mod tests {
             Route::Status(id),
             Route::Start(id),
             Route::Stop(id),
+            Route::Config(id),
+            Route::SetConfig(id),
         ] {
             assert!(
                 documented

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dbus;
 pub mod host;
 pub mod http;
+pub mod limits;
 pub mod logging;
 pub mod podman;
 pub mod project;

@@ -78,6 +78,32 @@ enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change a project's limits: at once when it runs, and for its next start.
+    SetLimits {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// Memory limit (bytes, or with K/M/G/T suffix).
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// CPU limit in cores (e.g. 0.5).
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Maximum number of tasks.
+        #[arg(long)]
+        pids: Option<u64>,
+        /// Whether the project may swap (true/false).
+        #[arg(long)]
+        swap: Option<bool>,
+        /// Relative CPU weight, 1..=10000.
+        #[arg(long)]
+        cpu_weight: Option<u64>,
+        /// Relative IO weight, 1..=10000.
+        #[arg(long)]
+        io_weight: Option<u64>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Subcommands that are, or prepare, the daemon.
@@ -131,6 +157,33 @@ fn client(cmd: ClientCommand) -> ExitCode {
         }
         ClientCommand::Stop { id, force, json } => {
             (parsed(&id).map(|id| Action::Stop(id, force)), json)
+        }
+        ClientCommand::SetLimits {
+            id,
+            memory,
+            cpu,
+            pids,
+            swap,
+            cpu_weight,
+            io_weight,
+            json,
+        } => {
+            let fields = [
+                ("memory", memory.map(serde_json::Value::from)),
+                ("cpu", cpu.map(serde_json::Value::from)),
+                ("pids", pids.map(serde_json::Value::from)),
+                ("swap", swap.map(serde_json::Value::from)),
+                ("cpu_weight", cpu_weight.map(serde_json::Value::from)),
+                ("io_weight", io_weight.map(serde_json::Value::from)),
+            ];
+            let patch: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v?)))
+                .collect();
+            (
+                parsed(&id).map(|id| Action::SetLimits(id, serde_json::Value::Object(patch))),
+                json,
+            )
         }
     };
     match action {

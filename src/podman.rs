@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::config::Settings;
+use crate::limits;
 use crate::project::{ProjectId, RunConfig};
 
 /// Path of the podman binary (what the unit's Exec* lines run).
@@ -17,8 +18,12 @@ pub fn cidfile(id: &ProjectId) -> String {
 /// The home directory inside the container.
 pub const HOME: &str = "/home/user";
 
-/// `ExecStart`: run the container detached; conmon reports READY (`--sdnotify=conmon`) and stays
-/// in the unit's cgroup (`--cgroups=no-conmon`), so the unit's main process is conmon.
+/// `ExecStart`: run the container detached; conmon reports READY (`--sdnotify=conmon`) and is the
+/// unit's main process. `--cgroups=split` keeps conmon (`<unit>/runtime`) and the container
+/// (`<unit>/libpod-payload-…`) inside the unit's cgroup, so the unit's limits bind the container
+/// (see `limits`). The security flags: a user namespace onto the reserved range, every
+/// capability dropped but the configured ones (none by default), no-new-privileges; the only
+/// host path inside is the project's own home; podman mounts /sys, /proc/sys and cgroups read-only.
 pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Path) -> Vec<String> {
     let p = &settings.projects;
     let map = format!("0:{}:{}", p.uid_base, p.uid_count);
@@ -26,7 +31,7 @@ pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Pat
         PODMAN.into(),
         "run".into(),
         format!("--cidfile={}", cidfile(id)),
-        "--cgroups=no-conmon".into(),
+        "--cgroups=split".into(),
         "--rm".into(),
         "--sdnotify=conmon".into(),
         "-d".into(),
@@ -48,24 +53,35 @@ pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Pat
     for (k, v) in &cfg.env {
         a.push(format!("--env={k}={v}"));
     }
-    if let Some(m) = cfg.memory {
-        a.push(format!("--memory={m}"));
-        if !cfg.swap.unwrap_or(false) {
-            a.push(format!("--memory-swap={m}"));
-        }
-    }
-    if let Some(c) = cfg.cpu {
-        a.push(format!("--cpus={c}"));
-    }
-    if let Some(n) = cfg.pids {
-        a.push(format!("--pids-limit={n}"));
-    }
+    a.extend(security_flags(settings));
+    let lim = limits::resolve(cfg, &settings.limits.default);
+    a.extend(limits::podman_flags(&lim, &settings.limits.max));
     // `--` ends podman's options: neither the image nor the command can be read as a flag
     a.push("--".into());
     a.push(cfg.image.clone().unwrap_or_else(|| p.image.clone()));
     if let Some(cmd) = cfg.cmd.as_ref().or(p.cmd.as_ref()) {
         a.extend(cmd.iter().cloned());
     }
+    a
+}
+
+/// Never privileged, no new privileges, every capability dropped but the configured ones.
+pub fn security_flags(settings: &Settings) -> Vec<String> {
+    let mut f = vec![
+        "--security-opt=no-new-privileges".to_string(),
+        "--cap-drop=all".to_string(),
+    ];
+    for c in &settings.projects.capabilities {
+        f.push(format!("--cap-add={c}"));
+    }
+    f
+}
+
+/// `podman update` of a running project's container to `lim` (what the unit cannot change).
+pub fn update_argv(id: &ProjectId, lim: &limits::Limits) -> Vec<String> {
+    let mut a = vec!["update".to_string()];
+    a.extend(limits::podman_update_flags(lim));
+    a.push(id.container_name());
     a
 }
 
@@ -125,7 +141,12 @@ mod tests {
         assert_eq!(a[0], PODMAN);
         assert_eq!(a[1], "run");
         for f in [
-            "--cgroups=no-conmon",
+            "--cgroups=split",
+            "--security-opt=no-new-privileges",
+            "--cap-drop=all",
+            "--memory=1073741824",
+            "--memory-swap=1073741824",
+            "--pids-limit=16384",
             "--sdnotify=conmon",
             "--rm",
             "-d",
@@ -144,6 +165,35 @@ mod tests {
         }
         // image last, after `--`, and no command: the image's CMD runs
         assert_eq!(&a[a.len() - 2..], ["--", "localhost/cocalc-project:latest"]);
+        for never in ["--privileged", "--cap-add", "--cpus", "--cgroups=no-conmon"] {
+            assert!(!a.iter().any(|x| x.starts_with(never)), "{never} in {a:?}");
+        }
+    }
+
+    #[test]
+    fn configured_capabilities_are_the_only_ones_kept() {
+        let mut s = Settings::default();
+        s.projects.capabilities = vec!["NET_RAW".into()];
+        let a = run_argv(&id(), &s, &RunConfig::default(), Path::new("/h"));
+        let caps: Vec<&String> = a.iter().filter(|x| x.starts_with("--cap-")).collect();
+        assert_eq!(caps, ["--cap-drop=all", "--cap-add=NET_RAW"]);
+    }
+
+    #[test]
+    fn update_moves_memory_and_swap_of_the_container() {
+        let lim = limits::Limits {
+            memory: 256 << 20,
+            ..Default::default()
+        };
+        assert_eq!(
+            update_argv(&id(), &lim),
+            [
+                "update",
+                "--memory=268435456",
+                "--memory-swap=268435456",
+                "project-6f1c2d3e-0000-4000-8000-000000000001"
+            ]
+        );
     }
 
     #[test]
@@ -166,8 +216,8 @@ mod tests {
             "--network=slirp4netns",
             "--memory=67108864",
             "--memory-swap=67108864",
-            "--cpus=0.5",
-            "--pids-limit=50",
+            // the unit's TasksMax binds; the container's own limit is the host's ceiling
+            "--pids-limit=16384",
         ] {
             assert!(has(f), "missing {f} in {a:?}");
         }

@@ -178,6 +178,12 @@ pub struct RunConfig {
     /// Size of /tmp in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp: Option<u64>,
+    /// Relative CPU weight, 1..=10000 (100 = normal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u64>,
+    /// Relative IO weight, 1..=10000 (100 = normal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u64>,
 }
 
 /// Why a run config is refused. Names the field.
@@ -227,12 +233,13 @@ impl RunConfig {
                 return bad("cmd", "arguments must not contain NUL".into());
             }
         }
+        // below 0.01 the kernel's minimum CFS quota (1 ms per 100 ms period) refuses it
         if let Some(cpu) = self.cpu
-            && !(cpu.is_finite() && cpu > 0.0 && cpu <= 1024.0)
+            && !(cpu.is_finite() && (0.01..=1024.0).contains(&cpu))
         {
             return bad(
                 "cpu",
-                format!("{cpu} is not a number of cores in (0, 1024]"),
+                format!("{cpu} is not a number of cores in [0.01, 1024]"),
             );
         }
         if let Some(m) = self.memory
@@ -244,6 +251,16 @@ impl RunConfig {
             && !(1..=4_194_304).contains(&p)
         {
             return bad("pids", format!("{p} is not in 1..=4194304"));
+        }
+        for (field, w) in [
+            ("cpu_weight", self.cpu_weight),
+            ("io_weight", self.io_weight),
+        ] {
+            if let Some(w) = w
+                && !(1..=10_000).contains(&w)
+            {
+                return bad(field, format!("{w} is not in 1..=10000"));
+            }
         }
         Ok(())
     }
@@ -366,5 +383,9 @@ mod tests {
         check(r#"{"cpu":-1.5}"#, "cpu");
         check(r#"{"memory":1}"#, "memory");
         check(r#"{"pids":0}"#, "pids");
+        check(r#"{"cpu":0.001}"#, "cpu");
+        check(r#"{"cpu":1e9}"#, "cpu");
+        check(r#"{"cpu_weight":0}"#, "cpu_weight");
+        check(r#"{"io_weight":10001}"#, "io_weight");
     }
 }

@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
+use crate::limits::{self, Limits, SliceSettings};
 use crate::podman;
 use crate::project::{ProjectId, UnitInfo};
 
@@ -32,6 +33,12 @@ trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, Variant<'_>)],
+    ) -> zbus::Result<()>;
     #[allow(clippy::type_complexity)]
     fn list_units_by_patterns(
         &self,
@@ -186,6 +193,10 @@ pub fn unit_properties(
                 format!("PODMAN_SYSTEMD_UNIT={}", id.unit_name()),
             ]),
         ),
+        // the container's cgroup is created below the unit's (podman --cgroups=split)
+        ("Delegate", Variant::from(true)),
+        // an OOM kill inside the project kills its offender, not the whole project
+        ("OOMPolicy", Variant::from("continue".to_string())),
         ("TimeoutStartUSec", Variant::from(120_000_000u64)),
         // podman stop's own timeout plus room for podman itself and ExecStopPost
         (
@@ -212,6 +223,28 @@ fn signal_rule(
         .sender("org.freedesktop.systemd1")
         .interface(interface)
         .member(member)
+}
+
+/// The limit properties of a project unit (`limits::unit_values`), for start and live updates.
+pub fn limit_properties(l: &Limits) -> Vec<(&'static str, Variant<'static>)> {
+    limits::unit_values(l)
+        .into_iter()
+        .map(|(k, v)| (k, Variant::from(v)))
+        .collect()
+}
+
+/// The host-wide limit properties of the projects' slice (`limits::slice_values`).
+pub fn slice_properties(s: &SliceSettings) -> Vec<(&'static str, Variant<'static>)> {
+    limits::slice_values(s)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                limits::Prop::U64(n) => Variant::from(n),
+                limits::Prop::U32(n) => Variant::from(n),
+            };
+            (k, v)
+        })
+        .collect()
 }
 
 fn prop<T: TryFrom<OwnedVariant>>(props: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
@@ -320,6 +353,20 @@ impl Systemd {
     /// Forgets a failed unit so its name can be used again (ignores "no such unit").
     pub async fn reset_failed(&self, unit: &str) {
         let _ = self.manager.reset_failed_unit(unit).await;
+    }
+
+    /// Changes properties of a unit (`runtime`: until reboot, as `systemctl set-property --runtime`).
+    /// On a running unit cgroup limits take effect at once.
+    pub async fn set_properties(
+        &self,
+        unit: &str,
+        runtime: bool,
+        props: &[(&str, Variant<'_>)],
+    ) -> Result<(), SystemdError> {
+        Ok(self
+            .manager
+            .set_unit_properties(unit, runtime, props)
+            .await?)
     }
 
     /// An uncached Properties proxy on a unit's object.
@@ -490,11 +537,29 @@ mod tests {
             Some("\"inactive-or-failed\"")
         );
         assert_eq!(get("TimeoutStopUSec").as_deref(), Some("uint64 25000000"));
+        assert_eq!(get("Delegate").as_deref(), Some("true"));
+        assert_eq!(get("OOMPolicy").as_deref(), Some("\"continue\""));
         // ExecStart is a(sasb) with argv[0] repeated in the argv
         let exec = props.iter().find(|(k, _)| *k == "ExecStart").unwrap();
         assert_eq!(exec.1.value_signature().to_string(), "a(sasb)");
         for (k, v) in &props {
             assert!(!v.value_signature().to_string().is_empty(), "{k}");
         }
+    }
+
+    #[test]
+    fn limit_properties_are_uint64() {
+        for (k, v) in limit_properties(&Limits::default()) {
+            assert_eq!(v.value_signature().to_string(), "t", "{k}");
+        }
+        let sl = slice_properties(&SliceSettings::default());
+        let sig = |n: &str| {
+            sl.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.value_signature().to_string())
+        };
+        assert_eq!(sig("MemoryMaxScale").as_deref(), Some("u"));
+        assert_eq!(sig("TasksMaxScale").as_deref(), Some("u"));
+        assert_eq!(sig("CPUWeight").as_deref(), Some("t"));
     }
 }

@@ -329,3 +329,56 @@ fn the_checked_in_introspection_matches_the_daemon() {
         "dbus/com.cocalc.ProjectHost1.xml drifted from the daemon: regenerate it with UPDATE_DBUS_XML=1"
     );
 }
+
+#[test]
+fn limits_change_live_over_dbus_and_the_cli() {
+    let id = new_id();
+    start(&id, Some(r#"{"memory":67108864}"#));
+    let unit = format!("cocalc-project-{id}");
+    let pid = ok(&format!("systemctl show -p MainPID --value {unit}"));
+    assert_eq!(
+        ok(&format!("systemctl show -p MemoryMax --value {unit}")),
+        "67108864"
+    );
+    let out = ok(&format!(
+        "cocalc-project-host set-limits {id} --memory 256M --pids 300"
+    ));
+    assert!(
+        out.starts_with(&format!("{id}: limits in force now")),
+        "{out}"
+    );
+    assert_eq!(
+        ok(&format!("systemctl show -p MemoryMax --value {unit}")),
+        "268435456"
+    );
+    assert_eq!(
+        ok(&format!("systemctl show -p TasksMax --value {unit}")),
+        "300"
+    );
+    assert_eq!(
+        ok(&format!("systemctl show -p MainPID --value {unit}")),
+        pid,
+        "no restart"
+    );
+    // over the bus, on the project object
+    let d = ok(&format!(
+        "busctl --json=short call {DEST} {} com.cocalc.ProjectHost1.Project SetLimits s '{{\"cpu\":0.5}}'",
+        path(&id)
+    ));
+    assert!(d.contains("\"live\":{\"type\":\"b\",\"data\":true}"), "{d}");
+    assert_eq!(
+        ok(&format!(
+            "systemctl show -p CPUQuotaPerSecUSec --value {unit}"
+        )),
+        "500ms"
+    );
+    // not for everyone, and bad values are named
+    let o = sh(&format!(
+        "{NOBODY} cocalc-project-host set-limits {id} --memory 1G"
+    ));
+    assert_eq!(o.code, 1, "{o:?}");
+    let o = sh(&format!("cocalc-project-host set-limits {id} --cpu=-1"));
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("cpu"), "{o:?}");
+    stop(&id, false);
+}
