@@ -12,5 +12,7 @@ pub mod http;
 pub mod logging;
 pub mod podman;
 pub mod project;
+pub mod seccomp;
+pub mod snapshots;
 pub mod store;
 pub mod systemd;

@@ -29,6 +29,13 @@ enum Command {
     StorageSetup,
     /// Print the merged configuration, or the first error in it.
     CheckConfig,
+    /// Ask the daemon to take and prune rolling snapshots (cocalc-project-host-snapshots.timer
+    /// runs this every 15 minutes).
+    SnapshotSweep {
+        /// The daemon's HTTP API (default: `listen` from the config).
+        #[arg(long)]
+        api: Option<SocketAddr>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +57,7 @@ fn main() -> ExitCode {
             println!("project storage ready at {}", mount.display());
             Ok(())
         }),
+        Command::SnapshotSweep { api } => snapshot_sweep(api.unwrap_or(settings.listen)),
         Command::CheckConfig => {
             for f in config::fragment_files(&roots) {
                 println!("# read {}", f.display());
@@ -122,4 +130,27 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// `POST /snapshots/sweep` on the local API with a plain HTTP/1.1 request; prints the answer.
+fn snapshot_sweep(api: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect_timeout(&api, std::time::Duration::from_secs(10))
+        .with_context(|| format!("cannot reach the daemon at {api}"))?;
+    // a sweep of many projects takes a while; it is bounded by the service's TimeoutStartSec
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(3600)))?;
+    write!(
+        conn,
+        "POST /snapshots/sweep HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    println!("{}", body.trim());
+    if status.starts_with('2') {
+        Ok(())
+    } else {
+        anyhow::bail!("the daemon answered {status}: {}", body.trim())
+    }
 }

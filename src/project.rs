@@ -180,6 +180,11 @@ pub struct RunConfig {
     pub tmp: Option<u64>,
 }
 
+/// Smallest disk quota or scratch size (bytes): btrfs needs room for metadata.
+pub const MIN_DISK: u64 = 16 << 20;
+/// Smallest /tmp (bytes).
+pub const MIN_TMP: u64 = 1 << 20;
+
 /// Why a run config is refused. Names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid config.{field}: {reason}")]
@@ -245,6 +250,17 @@ impl RunConfig {
         {
             return bad("pids", format!("{p} is not in 1..=4194304"));
         }
+        for (field, v, min) in [
+            ("disk", self.disk, MIN_DISK),
+            ("scratch", self.scratch, MIN_DISK),
+            ("tmp", self.tmp, MIN_TMP),
+        ] {
+            if let Some(v) = v
+                && v < min
+            {
+                return bad(field, format!("{v} bytes is below the minimum of {min}"));
+            }
+        }
         Ok(())
     }
 }
@@ -283,6 +299,18 @@ pub struct Status {
     /// When the unit became active, in ms since the epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
+    /// Disk quota and usage of the home, when the project has one (refreshed every few seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStatus>,
+}
+
+/// Disk quota and usage of a project's home (its btrfs qgroup), in bytes.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+pub struct DiskStatus {
+    /// The limit in force (`null`: none).
+    pub quota: Option<u64>,
+    /// Referenced bytes (`null`: quotas are off, so unknown).
+    pub used: Option<u64>,
 }
 
 #[cfg(test)]
@@ -366,5 +394,8 @@ mod tests {
         check(r#"{"cpu":-1.5}"#, "cpu");
         check(r#"{"memory":1}"#, "memory");
         check(r#"{"pids":0}"#, "pids");
+        check(r#"{"disk":1000}"#, "disk");
+        check(r#"{"scratch":1}"#, "scratch");
+        check(r#"{"tmp":0}"#, "tmp");
     }
 }
