@@ -314,12 +314,25 @@ impl Storage {
     /// Sets (or with `None` removes) the limit on the referenced bytes of the subvolume at `path`.
     /// Takes effect at once, also for a running project.
     pub async fn set_limit(&self, path: &Path, bytes: Option<u64>) -> Result<(), StorageError> {
+        // By qgroup id through the storage root, not through `path`: the ioctl starts a
+        // transaction on the root of the fd it is given, and on a subvolume already over its
+        // limit that reservation fails with EDQUOT, so the limit of a full project could never
+        // be raised again (measured). A limit below current usage is accepted: the project is
+        // then over quota, its writes fail and it can still delete.
+        let rootid = btrfs([
+            "inspect-internal".as_ref(),
+            "rootid".as_ref(),
+            path.as_os_str(),
+        ])
+        .await?;
+        let qgroup = format!("0/{}", rootid.trim());
         let v = bytes.map_or_else(|| "none".to_string(), |b| b.to_string());
         btrfs([
             "qgroup".as_ref(),
             "limit".as_ref(),
             v.as_ref(),
-            path.as_os_str(),
+            qgroup.as_ref(),
+            self.root.as_os_str(),
         ])
         .await?;
         Ok(())

@@ -4,4 +4,5 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod lifecycle;
 mod spine;
+mod storage;
 mod tb;
