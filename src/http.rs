@@ -109,12 +109,14 @@ fn parse_snapshot_name(name: &str) -> Result<SnapshotName, ApiError> {
 fn storage_route(method: &Method, segs: &[&str]) -> Option<Result<(Method, Route), ApiError>> {
     let r = match segs {
         ["snapshots", "sweep"] => Ok((Method::POST, Route::SweepSnapshots)),
-        ["projects", id, "snapshots"] => parse_id(id).map(|id| {
-            if *method == Method::POST {
-                (Method::POST, Route::CreateSnapshot(id))
-            } else {
-                (Method::GET, Route::Snapshots(id))
-            }
+        ["projects", id, "snapshots"] => parse_id(id).and_then(|id| match *method {
+            Method::POST => Ok((Method::POST, Route::CreateSnapshot(id))),
+            Method::GET => Ok((Method::GET, Route::Snapshots(id))),
+            _ => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("/projects/{id}/snapshots accepts GET or POST only"),
+            )),
         }),
         ["projects", id, "snapshots", name] => parse_id(id).and_then(|id| {
             let name = parse_snapshot_name(name)?;
@@ -501,6 +503,9 @@ mod tests {
         }
         let e = r(Method::GET, &format!("/projects/{ID}/snapshots/x")).unwrap_err();
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = r(Method::PUT, &format!("/projects/{ID}/snapshots")).unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(e.message.contains("GET or POST"), "{}", e.message);
         let e = r(Method::GET, "/snapshots/sweep").unwrap_err();
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
         let e = r(Method::GET, "/projects/x/snapshots").unwrap_err();
