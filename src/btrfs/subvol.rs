@@ -219,6 +219,27 @@ impl Storage {
         Ok(d)
     }
 
+    /// Makes sure `~/.snapshots` in the home can take the snapshots' mount: anything there that
+    /// is not a plain directory (a file, a symlink the user made) is renamed aside, so that it
+    /// cannot keep the project from starting. Call only while the project is stopped.
+    pub fn clear_snapshots_mountpoint(
+        &self,
+        id: &ProjectId,
+        now_ms: u64,
+    ) -> Result<(), StorageError> {
+        let home = self.home(id);
+        let p = home.join(".snapshots");
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if !m.is_dir() => {
+                let aside = home.join(format!(".snapshots.moved-{now_ms}"));
+                std::fs::rename(&p, &aside).map_err(io(&p))?;
+                tracing::warn!(project_id = %id, moved_to = %aside.display(), "moved aside what was at ~/.snapshots");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The quota mode in force, or `None` when quotas are off (asks btrfs once it knows they are
     /// on, then remembers).
     pub async fn quota_mode(&self) -> Option<QuotaMode> {

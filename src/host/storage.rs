@@ -113,6 +113,7 @@ impl Host {
             self.set_disk_quota_in_memory(id, disk);
         }
         let snapshots = self.storage.ensure_snapshots_dir(&id)?;
+        self.storage.clear_snapshots_mountpoint(&id, now_ms())?;
         let scratch = self.storage.recreate_scratch(&id, scratch).await?;
         let seccomp = self
             .seccomp_profile()

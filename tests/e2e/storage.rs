@@ -482,6 +482,14 @@ fn snapshots_are_read_only_and_restore_brings_files_back() {
         assert_eq!((s, v["deleted"].as_str()), (200, Some(n)), "{v}");
     }
     assert!(manual_names(&id).is_empty());
+    // whatever the user leaves at ~/.snapshots cannot keep the project from starting
+    stop(&id, false);
+    ok(&format!(
+        "rmdir {h}/.snapshots && ln -s /etc {h}/.snapshots",
+        h = home(&id)
+    ));
+    start(&id, None);
+    assert_eq!(exec(&id, "ls -d /home/user/.snapshots.moved-*").code, 0);
     assert_eq!(
         exec(&id, "ls /home/user/.snapshots | grep -vc ^auto-")
             .stdout
