@@ -86,7 +86,9 @@ impl Host {
         let text = serde_json::to_string(&profile).map_err(|e| e.to_string())?;
         let path = self.settings.state_dir.join("seccomp-projects.json");
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-            let tmp = path.with_extension("json.tmp");
+            // a name of its own: concurrent starts may write at the same time, and each rename
+            // must put a complete file in place
+            let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
             std::fs::write(&tmp, &text)
                 .and_then(|()| std::fs::rename(&tmp, &path))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -352,10 +354,9 @@ impl Host {
                 out.push(o);
                 continue;
             };
-            let (running, touched) = self
-                .read_entries()
-                .get(&id)
-                .map_or((false, 0), |e| (e.unit.is_some(), e.last_touched));
+            let (running, touched) = self.read_entries().get(&id).map_or((false, 0), |e| {
+                (e.state() != ProjectState::Opened, e.last_touched)
+            });
             if !running && now.saturating_sub(touched) > cfg.skip_untouched_secs * 1000 {
                 o.skipped = Some("untouched");
                 out.push(o);
