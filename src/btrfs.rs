@@ -9,6 +9,12 @@ use crate::cmd::{self, CmdError};
 use crate::config::Settings;
 use crate::project::ProjectId;
 
+mod subvol;
+pub use subvol::{
+    Qgroup, QuotaMode, Role, SCRATCH_DIR, SNAPSHOTS_DIR, Subvol, parse_qgroups, parse_subvolumes,
+    role,
+};
+
 const BTRFS: &str = "/usr/bin/btrfs";
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The root directory of a btrfs subvolume always has this inode number.
@@ -77,6 +83,8 @@ fn has_btrfs_superblock(image: &Path) -> bool {
 pub struct Storage {
     root: PathBuf,
     owner_uid: u32,
+    /// The quota mode once known to be on (see `ensure_quotas`).
+    quota: std::sync::Arc<tokio::sync::Mutex<Option<QuotaMode>>>,
 }
 
 impl Storage {
@@ -85,6 +93,7 @@ impl Storage {
         Storage {
             root: settings.storage_mount(),
             owner_uid: settings.host_user_uid(),
+            quota: Default::default(),
         }
     }
 
@@ -143,6 +152,7 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
         };
     }
     if is_mountpoint(&mount) && is_btrfs(&mount) {
+        Storage::new(settings).ensure_quotas().await?;
         return Ok(mount);
     }
     let image = settings.storage_image();
@@ -178,6 +188,8 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
     )
     .await?;
     tracing::info!(path = %mount.display(), "mounted project storage");
+    // the image is ours: quotas on from the start (cheapest while it is empty)
+    Storage::new(settings).ensure_quotas().await?;
     Ok(mount)
 }
 

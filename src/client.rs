@@ -31,6 +31,19 @@ trait Manager {
         id: &str,
         limits_json: &str,
     ) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn sweep_snapshots(&self) -> zbus::Result<String>;
+}
+
+#[zbus::proxy(
+    interface = "com.cocalc.ProjectHost1.Project",
+    default_service = "com.cocalc.ProjectHost1"
+)]
+trait Project {
+    fn list_snapshots(&self) -> zbus::Result<Vec<(String, String, u64, u64, u64)>>;
+    fn create_snapshot(&self, name: &str) -> zbus::Result<(String, String, u64, u64, u64)>;
+    fn delete_snapshot(&self, name: &str) -> zbus::Result<()>;
+    fn restore_snapshot(&self, name: &str) -> zbus::Result<()>;
+    fn set_disk_quota(&self, bytes: u64) -> zbus::Result<()>;
 }
 
 /// Exit code: success.
@@ -66,8 +79,8 @@ impl From<zbus::Error> for CliError {
             zbus::Error::MethodError(name, msg, _) => {
                 let short = name.as_str().rsplit('.').next().unwrap_or_default();
                 let code = match short {
-                    "NotFound" => EXIT_NO_SUCH_PROJECT,
-                    "InvalidProjectId" | "InvalidConfig" => EXIT_USAGE,
+                    "NotFound" | "NoSuchSnapshot" => EXIT_NO_SUCH_PROJECT,
+                    "InvalidProjectId" | "InvalidConfig" | "InvalidSnapshotName" => EXIT_USAGE,
                     _ => EXIT_FAILURE,
                 };
                 let message = match (name.as_str(), msg) {
@@ -219,6 +232,46 @@ pub enum Action {
     Stop(ProjectId, bool),
     /// `set-limits ID …`: the JSON body of a limits change
     SetLimits(ProjectId, Value),
+    /// `set-quota ID SIZE|none`
+    SetQuota(ProjectId, Option<u64>),
+    /// `snapshot list ID`
+    SnapshotList(ProjectId),
+    /// `snapshot create ID [NAME]`
+    SnapshotCreate(ProjectId, Option<String>),
+    /// `snapshot delete ID NAME`
+    SnapshotDelete(ProjectId, String),
+    /// `snapshot restore ID NAME`
+    SnapshotRestore(ProjectId, String),
+    /// `snapshot-sweep`
+    SnapshotSweep,
+}
+
+/// The project object of a project this host knows (exit 4 otherwise).
+async fn project(
+    m: &ManagerProxy<'static>,
+    id: &ProjectId,
+) -> Result<ProjectProxy<'static>, CliError> {
+    let path = m.get_project(&id.to_string()).await?;
+    Ok(ProjectProxy::builder(m.inner().connection())
+        .destination(BUS_NAME)
+        .path(path)
+        .build()
+        .await?)
+}
+
+fn snapshot_json(t: &(String, String, u64, u64, u64)) -> Value {
+    let opt = |n: u64| if n == 0 { Value::Null } else { Value::from(n) };
+    json!({"name": t.0, "kind": t.1, "created": opt(t.2), "exclusive": opt(t.3), "referenced": opt(t.4)})
+}
+
+fn fmt_bytes(n: u64) -> String {
+    match n {
+        0 => "-".into(),
+        n if n >= 1 << 30 => format!("{:.1}G", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1}M", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1}K", n as f64 / 1024.0),
+        n => format!("{n}B"),
+    }
 }
 
 /// Runs one action against the daemon; prints the result.
@@ -275,6 +328,75 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
                     println!("  {k:>10}: {}", v[k]);
                 }
             }
+        }
+        Action::SetQuota(id, bytes) => {
+            project(&m, &id)
+                .await?
+                .set_disk_quota(bytes.unwrap_or(0))
+                .await?;
+            let v = status_json(&m.get_project_status(&id.to_string()).await?);
+            print_status(&id, &v, json_out);
+        }
+        Action::SnapshotList(id) => {
+            let snaps = project(&m, &id).await?.list_snapshots().await?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({ "snapshots": snaps.iter().map(snapshot_json).collect::<Vec<_>>() })
+                );
+            } else {
+                println!(
+                    "{:<40}  {:<6}  {:<23}  {:>9}  {:>10}",
+                    "NAME", "KIND", "CREATED", "EXCLUSIVE", "REFERENCED"
+                );
+                for t in &snaps {
+                    let created = if t.2 == 0 {
+                        "-".to_string()
+                    } else {
+                        fmt_ms(t.2)
+                    };
+                    println!(
+                        "{:<40}  {:<6}  {:<23}  {:>9}  {:>10}",
+                        t.0,
+                        t.1,
+                        created,
+                        fmt_bytes(t.3),
+                        fmt_bytes(t.4)
+                    );
+                }
+                println!("\n{} snapshot(s)", snaps.len());
+            }
+        }
+        Action::SnapshotCreate(id, name) => {
+            let t = project(&m, &id)
+                .await?
+                .create_snapshot(name.as_deref().unwrap_or(""))
+                .await?;
+            if json_out {
+                println!("{}", snapshot_json(&t));
+            } else {
+                println!("{id}: snapshot {} taken", t.0);
+            }
+        }
+        Action::SnapshotDelete(id, name) => {
+            project(&m, &id).await?.delete_snapshot(&name).await?;
+            if json_out {
+                println!("{}", json!({ "deleted": name }));
+            } else {
+                println!("{id}: snapshot {name} deleted");
+            }
+        }
+        Action::SnapshotRestore(id, name) => {
+            project(&m, &id).await?.restore_snapshot(&name).await?;
+            if json_out {
+                println!("{}", json!({ "restored": name }));
+            } else {
+                println!("{id}: home restored from snapshot {name}");
+            }
+        }
+        Action::SnapshotSweep => {
+            // always JSON: the timer's journal keeps it
+            println!("{}", m.sweep_snapshots().await?);
         }
         Action::Stop(id, force) => {
             let v = status_json(&m.stop_project(&id.to_string(), force).await?);

@@ -43,10 +43,25 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    run_env(program, args, &[], timeout).await
+}
+
+/// [`run`] with extra environment variables (e.g. `TZ=UTC0` for a tool that prints local times).
+pub async fn run_env<I, S>(
+    program: &str,
+    args: I,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<String, CmdError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
     tracing::debug!(program, args = ?args, "run");
     let child = Command::new(program)
         .args(&args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

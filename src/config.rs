@@ -34,6 +34,19 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Host-wide limits on all projects together (`cocalc-projects.slice`).
     pub slice: SliceSettings,
+    /// Rolling snapshots.
+    pub snapshots: SnapshotSettings,
+}
+
+/// Rolling snapshots: taken by the sweep that `cocalc-project-host-snapshots.timer` triggers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotSettings {
+    /// Whether the sweep takes and prunes rolling snapshots at all.
+    pub enabled: bool,
+    /// How many to keep per window.
+    pub retention: crate::snapshots::Retention,
+    /// Projects neither running nor touched for this long are skipped by the sweep (seconds).
+    pub skip_untouched_secs: u64,
 }
 
 /// Project storage settings.
@@ -43,6 +56,12 @@ pub struct StorageSettings {
     pub mount: Option<PathBuf>,
     /// Size of the loop image (bytes, sparse).
     pub image_size: u64,
+    /// Default disk quota of a project (bytes; `None`: no limit). A start config's `disk` wins.
+    pub disk_quota: Option<u64>,
+    /// Default size of a project's /scratch (bytes; `None`: no /scratch).
+    pub scratch: Option<u64>,
+    /// Default size of a project's /tmp tmpfs (bytes; `None`: /tmp of the image).
+    pub tmp: Option<u64>,
 }
 
 /// Defaults for projects.
@@ -92,6 +111,9 @@ impl Default for Settings {
             storage: StorageSettings {
                 mount: None,
                 image_size: 20 << 30,
+                disk_quota: None,
+                scratch: None,
+                tmp: None,
             },
             projects: ProjectSettings {
                 image: "localhost/cocalc-project:latest".into(),
@@ -105,6 +127,11 @@ impl Default for Settings {
             },
             limits: LimitSettings::default(),
             slice: SliceSettings::default(),
+            snapshots: SnapshotSettings {
+                enabled: true,
+                retention: crate::snapshots::Retention::default(),
+                skip_untouched_secs: 14 * 86_400,
+            },
         }
     }
 }
@@ -153,6 +180,69 @@ struct Fragment {
     limits: LimitsFragment,
     #[serde(default)]
     slice: SliceFragment,
+    #[serde(default)]
+    snapshots: SnapshotsFragment,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotsFragment {
+    enabled: Option<bool>,
+    frequent: Option<usize>,
+    daily: Option<usize>,
+    weekly: Option<usize>,
+    monthly: Option<usize>,
+    skip_untouched: Option<Secs>,
+}
+
+/// A duration: seconds as an integer, or a string with an s/m/h/d/w suffix.
+#[derive(Debug, Clone, Copy)]
+struct Secs(u64);
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Secs(n)),
+            Raw::S(s) => parse_duration(&s)
+                .map(Secs)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `90`, `15m`, `12h`, `14d`, `2w` into seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                'w' => 7 * 86_400,
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown duration suffix (use s, m, h, d or w)"
+                    ));
+                }
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +250,9 @@ struct Fragment {
 struct StorageFragment {
     mount: Option<PathBuf>,
     image_size: Option<Size>,
+    disk_quota: Option<Size>,
+    scratch: Option<Size>,
+    tmp: Option<Size>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,6 +475,37 @@ pub fn merge<'a>(
             s.storage.image_size = v.0;
             set("storage.image_size");
         }
+        if let Some(v) = f.storage.disk_quota {
+            s.storage.disk_quota = Some(v.0);
+            set("storage.disk_quota");
+        }
+        if let Some(v) = f.storage.scratch {
+            s.storage.scratch = Some(v.0);
+            set("storage.scratch");
+        }
+        if let Some(v) = f.storage.tmp {
+            s.storage.tmp = Some(v.0);
+            set("storage.tmp");
+        }
+        let sn = f.snapshots;
+        if let Some(v) = sn.enabled {
+            s.snapshots.enabled = v;
+        }
+        let r = &mut s.snapshots.retention;
+        for (v, slot) in [
+            (sn.frequent, &mut r.frequent),
+            (sn.daily, &mut r.daily),
+            (sn.weekly, &mut r.weekly),
+            (sn.monthly, &mut r.monthly),
+        ] {
+            if let Some(v) = v {
+                *slot = v;
+                set("snapshots.counts");
+            }
+        }
+        if let Some(v) = sn.skip_untouched {
+            s.snapshots.skip_untouched_secs = v.0;
+        }
         let pr = f.projects;
         if let Some(v) = pr.image {
             s.projects.image = v;
@@ -484,6 +608,35 @@ pub fn merge<'a>(
         return Err(invalid(
             "storage.image_size",
             "must be at least 256M (btrfs needs room)".into(),
+        ));
+    }
+    for (key, v, min) in [
+        (
+            "storage.disk_quota",
+            s.storage.disk_quota,
+            crate::project::MIN_DISK,
+        ),
+        (
+            "storage.scratch",
+            s.storage.scratch,
+            crate::project::MIN_DISK,
+        ),
+        ("storage.tmp", s.storage.tmp, crate::project::MIN_TMP),
+    ] {
+        if let Some(v) = v
+            && v < min
+        {
+            return Err(invalid(key, format!("must be at least {min} bytes")));
+        }
+    }
+    let r = &s.snapshots.retention;
+    if [r.frequent, r.daily, r.weekly, r.monthly]
+        .iter()
+        .any(|n| *n > 1000)
+    {
+        return Err(invalid(
+            "snapshots.counts",
+            "frequent, daily, weekly and monthly must each be at most 1000".into(),
         ));
     }
     let image_ok = crate::project::RunConfig {
@@ -775,7 +928,38 @@ mod tests {
         // the example values that are not defaults
         s.storage.mount = None;
         s.projects.cmd = None;
+        (s.storage.disk_quota, s.storage.scratch, s.storage.tmp) = (None, None, None);
         assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn storage_and_snapshot_settings_merge_and_validate() {
+        let s = m(&[(
+            "/etc/x/config.toml",
+            "[storage]\ndisk_quota = \"3G\"\ntmp = \"64M\"\n[snapshots]\ndaily = 3\nskip_untouched = \"2w\"\n",
+        )])
+        .unwrap();
+        assert_eq!(s.storage.disk_quota, Some(3 << 30));
+        assert_eq!(s.storage.tmp, Some(64 << 20));
+        assert_eq!(s.storage.scratch, None);
+        assert_eq!(s.snapshots.retention.daily, 3);
+        assert_eq!(s.snapshots.retention.frequent, 4);
+        assert_eq!(s.snapshots.skip_untouched_secs, 14 * 86_400);
+        assert!(s.snapshots.enabled);
+        let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = 5\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/x/a.toml: storage.disk_quota: must be at least"),
+            "{e}"
+        );
+        let e = m(&[("/etc/x/a.toml", "[snapshots]\nhourly = 5\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hourly"), "{e}");
+        assert_eq!(parse_duration("15m"), Ok(900));
+        assert_eq!(parse_duration("3"), Ok(3));
+        assert!(parse_duration("3y").is_err());
     }
 
     #[test]

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
+use crate::host::SnapshotInfo;
 use crate::host::{self, Host, HostEvent};
 use crate::limits::{LimitsPatch, LimitsUpdate};
 use crate::project::{ProjectId, RunConfig, Status};
+use crate::snapshots::SnapshotName;
 use crate::systemd::bus_label_escape;
 
 /// Well-known bus name.
@@ -47,6 +49,14 @@ pub enum Error {
     StopFailed(String),
     /// New limits could not be applied; the project keeps its old ones.
     UpdateFailed(String),
+    /// The snapshot name is not valid (or reserved for rolling snapshots).
+    InvalidSnapshotName(String),
+    /// No such snapshot.
+    NoSuchSnapshot(String),
+    /// A snapshot of that name exists.
+    SnapshotExists(String),
+    /// The operation needs the project stopped.
+    ProjectRunning(String),
     /// systemd or the storage are not available.
     Unavailable(String),
     /// Anything else.
@@ -63,6 +73,11 @@ impl From<host::Error> for Error {
             E::StartFailed { .. } => Error::StartFailed(m),
             E::StopFailed { .. } => Error::StopFailed(m),
             E::UpdateFailed { .. } => Error::UpdateFailed(m),
+            E::NoSuchProject(_) => Error::NotFound(m),
+            E::InvalidSnapshotName(_) | E::ReservedSnapshotName(_) => Error::InvalidSnapshotName(m),
+            E::NoSuchSnapshot { .. } => Error::NoSuchSnapshot(m),
+            E::SnapshotExists { .. } => Error::SnapshotExists(m),
+            E::ProjectRunning(_) => Error::ProjectRunning(m),
             E::Storage(_) | E::Systemd(_) => Error::Unavailable(m),
             E::Store(_) => Error::Failed(m),
         }
@@ -107,6 +122,26 @@ pub fn status_dict(s: &Status) -> HashMap<String, OwnedVariant> {
         put("started_at", Variant::from(v));
     }
     d
+}
+
+fn parse_snapshot_name(name: &str) -> Result<SnapshotName, Error> {
+    name.parse()
+        .map_err(|e: crate::snapshots::InvalidSnapshotName| {
+            Error::InvalidSnapshotName(e.to_string())
+        })
+}
+
+/// A snapshot as `(name, kind, created ms, exclusive bytes, referenced bytes)`; 0 = unknown.
+type SnapshotTuple = (String, String, u64, u64, u64);
+
+fn snapshot_tuple(i: &SnapshotInfo) -> SnapshotTuple {
+    (
+        i.name.to_string(),
+        i.kind.to_string(),
+        i.created.unwrap_or(0),
+        i.exclusive.unwrap_or(0),
+        i.referenced.unwrap_or(0),
+    )
 }
 
 fn parse_limits(json: &str) -> Result<LimitsPatch, Error> {
@@ -208,6 +243,14 @@ impl Manager {
         ))
     }
 
+    /// Takes and prunes the rolling snapshots of every project now (what
+    /// cocalc-project-host-snapshots.timer asks for); returns what it did as JSON.
+    async fn sweep_snapshots(&self) -> Result<String, Error> {
+        let now = host::now_ms();
+        let outcomes = self.host.sweep_snapshots(Some(now), None).await?;
+        Ok(serde_json::json!({ "now": now, "projects": outcomes }).to_string())
+    }
+
     /// Version of the daemon.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
@@ -285,6 +328,54 @@ impl Project {
                 .set_limits(self.id, parse_limits(limits_json)?)
                 .await?,
         ))
+    }
+
+    /// The project's snapshots, oldest first: (name, kind `auto|manual`, created ms,
+    /// exclusive bytes, referenced bytes); 0 where unknown.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotTuple>, Error> {
+        Ok(self
+            .host
+            .snapshots(self.id)
+            .await?
+            .iter()
+            .map(snapshot_tuple)
+            .collect())
+    }
+
+    /// Takes a read-only snapshot (`name` empty: `manual-<UTC time>`).
+    async fn create_snapshot(&self, name: &str) -> Result<SnapshotTuple, Error> {
+        let name = if name.is_empty() {
+            None
+        } else {
+            Some(parse_snapshot_name(name)?)
+        };
+        Ok(snapshot_tuple(
+            &self.host.create_snapshot(self.id, name).await?,
+        ))
+    }
+
+    /// Deletes a snapshot.
+    async fn delete_snapshot(&self, name: &str) -> Result<(), Error> {
+        Ok(self
+            .host
+            .delete_snapshot(self.id, &parse_snapshot_name(name)?)
+            .await?)
+    }
+
+    /// Replaces the home with a snapshot, atomically; the project must be stopped.
+    async fn restore_snapshot(&self, name: &str) -> Result<(), Error> {
+        Ok(self
+            .host
+            .restore_snapshot(self.id, &parse_snapshot_name(name)?)
+            .await?)
+    }
+
+    /// Sets the disk quota in bytes (0: no limit), at once and for later starts.
+    async fn set_disk_quota(&self, bytes: u64) -> Result<(), Error> {
+        Ok(self
+            .host
+            .set_disk_quota(self.id, (bytes != 0).then_some(bytes))
+            .await?)
     }
 
     /// The project id.

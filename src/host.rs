@@ -17,6 +17,11 @@ use crate::project::{
 use crate::store::{Store, StoreError};
 use crate::systemd::{self, Systemd, SystemdError, UnitEvent};
 
+mod storage;
+use crate::project::DiskStatus;
+use crate::snapshots::{InvalidSnapshotName, SnapshotName};
+pub use storage::{SnapshotInfo, SweepOutcome};
+
 /// A failure of a core call. Adapters map it to an HTTP status, a D-Bus error name or an exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,6 +66,36 @@ pub enum Error {
         /// what failed
         reason: String,
     },
+    /// The project has no home on this host (it was never started here).
+    #[error("project {0} has no storage on this host")]
+    NoSuchProject(ProjectId),
+    /// The snapshot name is not valid.
+    #[error(transparent)]
+    InvalidSnapshotName(#[from] InvalidSnapshotName),
+    /// `auto-…` names belong to the rolling snapshots.
+    #[error(
+        "snapshot name {0} is reserved: names starting with \"auto-\" are the rolling snapshots'"
+    )]
+    ReservedSnapshotName(SnapshotName),
+    /// No such snapshot.
+    #[error("project {id} has no snapshot {name}")]
+    NoSuchSnapshot {
+        /// the project
+        id: ProjectId,
+        /// the name asked for
+        name: SnapshotName,
+    },
+    /// A snapshot of that name exists.
+    #[error("project {id} already has a snapshot {name}")]
+    SnapshotExists {
+        /// the project
+        id: ProjectId,
+        /// the name
+        name: SnapshotName,
+    },
+    /// The operation needs the project stopped.
+    #[error("project {0} is running: stop it before restoring a snapshot")]
+    ProjectRunning(ProjectId),
 }
 
 impl Error {
@@ -75,6 +110,13 @@ impl Error {
             Error::Systemd(_) => "systemd_unavailable",
             Error::Store(_) => "store_failed",
             Error::UpdateFailed { .. } => "update_failed",
+            Error::NoSuchProject(_) => "no_such_project",
+            Error::InvalidSnapshotName(_) | Error::ReservedSnapshotName(_) => {
+                "invalid_snapshot_name"
+            }
+            Error::NoSuchSnapshot { .. } => "no_such_snapshot",
+            Error::SnapshotExists { .. } => "snapshot_exists",
+            Error::ProjectRunning(_) => "project_running",
         }
     }
 }
@@ -95,6 +137,8 @@ struct Entry {
     last_touched: u64,
     unit: Option<UnitInfo>,
     memory_current: Option<u64>,
+    /// quota and usage of the home, refreshed from btrfs
+    disk: Option<DiskStatus>,
 }
 
 impl Entry {
@@ -175,6 +219,15 @@ impl Host {
                 tick.tick().await;
                 let Some(h) = weak.upgrade() else { break };
                 h.refresh_memory().await;
+            }
+        });
+        let weak = Arc::downgrade(&host);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let Some(h) = weak.upgrade() else { break };
+                h.refresh_disk().await;
             }
         });
         Ok(host)
@@ -376,6 +429,7 @@ impl Host {
             main_pid: u.map(|u| u.main_pid).filter(|p| *p != 0),
             memory_current: e.memory_current,
             started_at: u.map(|u| u.active_enter_usec / 1000).filter(|t| *t != 0),
+            disk: e.disk,
         }
     }
 
@@ -468,7 +522,9 @@ impl Host {
         };
         let home = self.storage.ensure_home(&id).await?;
         let limits = self.limits_of(&config)?;
-        let argv = podman::run_argv(&id, &self.settings, &config, &home);
+        let mut argv = podman::run_argv(&id, &self.settings, &config, &home);
+        let storage_options = self.prepare_storage(id, &config, &home).await?;
+        podman::insert_options(&mut argv, storage_options);
         let mut props =
             systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
         props.extend(systemd::limit_properties(&limits));

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::host::{self, Host};
 use crate::limits::LimitsPatch;
 use crate::project::{ProjectId, RunConfig};
+use crate::snapshots::SnapshotName;
 
 /// Largest request body accepted (a start config is a few hundred bytes).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -54,6 +55,9 @@ impl From<host::Error> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             E::UpdateFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            E::InvalidSnapshotName(_) | E::ReservedSnapshotName(_) => StatusCode::BAD_REQUEST,
+            E::NoSuchProject(_) | E::NoSuchSnapshot { .. } => StatusCode::NOT_FOUND,
+            E::SnapshotExists { .. } | E::ProjectRunning(_) => StatusCode::CONFLICT,
         };
         ApiError::new(status, e.code(), e.to_string())
     }
@@ -76,6 +80,62 @@ pub enum Route {
     Config(ProjectId),
     /// `PATCH /projects/:id/config`
     SetConfig(ProjectId),
+    /// `GET /projects/:id/snapshots`
+    Snapshots(ProjectId),
+    /// `POST /projects/:id/snapshots`
+    CreateSnapshot(ProjectId),
+    /// `DELETE /projects/:id/snapshots/:name`
+    DeleteSnapshot(ProjectId, SnapshotName),
+    /// `POST /projects/:id/snapshots/:name/restore`
+    RestoreSnapshot(ProjectId, SnapshotName),
+    /// `POST /projects/:id/quota`
+    SetQuota(ProjectId),
+    /// `POST /snapshots/sweep` (admin: the snapshot timer's oneshot calls it)
+    SweepSnapshots,
+}
+
+fn parse_id(id: &str) -> Result<ProjectId, ApiError> {
+    id.parse().map_err(|e: crate::project::InvalidProjectId| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_project_id", e.to_string())
+    })
+}
+
+fn parse_snapshot_name(name: &str) -> Result<SnapshotName, ApiError> {
+    name.parse()
+        .map_err(|e: crate::snapshots::InvalidSnapshotName| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_snapshot_name",
+                e.to_string(),
+            )
+        })
+}
+
+/// Routes of the storage endpoints (snapshots, quota, sweep); `None` when the path is not one.
+fn storage_route(method: &Method, segs: &[&str]) -> Option<Result<(Method, Route), ApiError>> {
+    let r = match segs {
+        ["snapshots", "sweep"] => Ok((Method::POST, Route::SweepSnapshots)),
+        ["projects", id, "snapshots"] => parse_id(id).and_then(|id| match *method {
+            Method::POST => Ok((Method::POST, Route::CreateSnapshot(id))),
+            Method::GET => Ok((Method::GET, Route::Snapshots(id))),
+            _ => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("/projects/{id}/snapshots accepts GET or POST only"),
+            )),
+        }),
+        ["projects", id, "snapshots", name] => parse_id(id).and_then(|id| {
+            let name = parse_snapshot_name(name)?;
+            Ok((Method::DELETE, Route::DeleteSnapshot(id, name)))
+        }),
+        ["projects", id, "snapshots", name, "restore"] => parse_id(id).and_then(|id| {
+            let name = parse_snapshot_name(name)?;
+            Ok((Method::POST, Route::RestoreSnapshot(id, name)))
+        }),
+        ["projects", id, "quota"] => parse_id(id).map(|id| (Method::POST, Route::SetQuota(id))),
+        _ => return None,
+    };
+    Some(r)
 }
 
 /// Maps method + path to a route. Paths are not percent-decoded: `%2e%2e` is just an invalid id.
@@ -108,13 +168,16 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
                 _ => (Method::POST, Route::Stop(id)),
             }
         }
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no such endpoint: {path}"),
-            ));
-        }
+        other => match storage_route(method, other) {
+            Some(r) => r?,
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no such endpoint: {path}"),
+                ));
+            }
+        },
     };
     if *method != want {
         return Err(ApiError::new(
@@ -138,6 +201,32 @@ struct StartBody {
 struct StopBody {
     #[serde(default)]
     force: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSnapshotBody {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaBody {
+    /// required: bytes, or null for no limit
+    #[serde(deserialize_with = "Option::deserialize")]
+    disk: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SweepBody {
+    /// the sweep's clock in ms (a test hook; default: now)
+    #[serde(default)]
+    now: Option<u64>,
+    /// only these projects (default: every known project)
+    #[serde(default)]
+    projects: Option<Vec<String>>,
 }
 
 fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -256,6 +345,46 @@ async fn dispatch(
             let patch: LimitsPatch = read_json(req).await?;
             let r = host.set_limits(id, patch).await?;
             ok(serde_json::to_value(r).unwrap_or_default())
+        }
+        Route::Snapshots(id) => ok(json!({ "snapshots": host.snapshots(id).await? })),
+        Route::CreateSnapshot(id) => {
+            let body: CreateSnapshotBody = read_json(req).await?;
+            let name = body.name.as_deref().map(parse_snapshot_name).transpose()?;
+            let info = host.create_snapshot(id, name).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &serde_json::to_value(info).unwrap_or_default(),
+            ))
+        }
+        Route::DeleteSnapshot(id, name) => {
+            host.delete_snapshot(id, &name).await?;
+            ok(json!({ "deleted": name }))
+        }
+        Route::RestoreSnapshot(id, name) => {
+            host.restore_snapshot(id, &name).await?;
+            ok(json!({ "restored": name }))
+        }
+        Route::SetQuota(id) => {
+            let body: Option<QuotaBody> = read_json(req).await?;
+            let body = body.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "body required: {\"disk\": <bytes> | null}",
+                )
+            })?;
+            host.set_disk_quota(id, body.disk).await?;
+            ok(serde_json::to_value(host.status(id)).unwrap_or_default())
+        }
+        Route::SweepSnapshots => {
+            let body: SweepBody = read_json(req).await?;
+            let only = body
+                .projects
+                .map(|v| v.iter().map(|s| parse_id(s)).collect::<Result<Vec<_>, _>>())
+                .transpose()?;
+            let now = body.now.unwrap_or_else(host::now_ms);
+            let outcomes = host.sweep_snapshots(Some(now), only).await?;
+            ok(json!({ "now": now, "projects": outcomes }))
         }
     }
 }
@@ -427,7 +556,7 @@ mod tests {
                 line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')),
             ) {
                 if let Ok(m) = m.to_uppercase().parse::<Method>() {
-                    documented.push((m, p.replace("{id}", ID)));
+                    documented.push((m, p.replace("{id}", ID).replace("{name}", "snap-1")));
                 }
             } else if !line.starts_with("    ") {
                 path = None;
@@ -446,6 +575,12 @@ mod tests {
             Route::Stop(id),
             Route::Config(id),
             Route::SetConfig(id),
+            Route::Snapshots(id),
+            Route::CreateSnapshot(id),
+            Route::DeleteSnapshot(id, "snap-1".parse().unwrap()),
+            Route::RestoreSnapshot(id, "snap-1".parse().unwrap()),
+            Route::SetQuota(id),
+            Route::SweepSnapshots,
         ] {
             assert!(
                 documented
@@ -454,6 +589,82 @@ mod tests {
                 "routed but not documented: {r:?}"
             );
         }
+    }
+
+    #[test]
+    fn storage_routes() {
+        let id: ProjectId = ID.parse().unwrap();
+        let n: SnapshotName = "before-x".parse().unwrap();
+        let r = |m: Method, p: &str| route(&m, p);
+        assert_eq!(
+            r(Method::GET, &format!("/projects/{ID}/snapshots")),
+            Ok(Route::Snapshots(id))
+        );
+        assert_eq!(
+            r(Method::POST, &format!("/projects/{ID}/snapshots")),
+            Ok(Route::CreateSnapshot(id))
+        );
+        assert_eq!(
+            r(
+                Method::DELETE,
+                &format!("/projects/{ID}/snapshots/before-x")
+            ),
+            Ok(Route::DeleteSnapshot(id, n.clone()))
+        );
+        assert_eq!(
+            r(
+                Method::POST,
+                &format!("/projects/{ID}/snapshots/before-x/restore")
+            ),
+            Ok(Route::RestoreSnapshot(id, n))
+        );
+        assert_eq!(
+            r(Method::POST, &format!("/projects/{ID}/quota")),
+            Ok(Route::SetQuota(id))
+        );
+        assert_eq!(
+            r(Method::POST, "/snapshots/sweep"),
+            Ok(Route::SweepSnapshots)
+        );
+        for bad in ["..", "%2e%2e", ".x", "a%2fb", "-rf", &"x".repeat(65)] {
+            let e = r(Method::DELETE, &format!("/projects/{ID}/snapshots/{bad}")).unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::BAD_REQUEST, "invalid_snapshot_name"),
+                "{bad}"
+            );
+        }
+        let e = r(Method::GET, &format!("/projects/{ID}/snapshots/x")).unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = r(Method::PUT, &format!("/projects/{ID}/snapshots")).unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(e.message.contains("GET or POST"), "{}", e.message);
+        let e = r(Method::GET, "/snapshots/sweep").unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = r(Method::GET, "/projects/x/snapshots").unwrap_err();
+        assert_eq!(e.code, "invalid_project_id");
+        let e = r(Method::GET, "/snapshots").unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn storage_bodies() {
+        assert!(serde_json::from_str::<QuotaBody>(r#"{}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<QuotaBody>(r#"{"disk":null}"#)
+                .unwrap()
+                .disk,
+            None
+        );
+        assert_eq!(
+            serde_json::from_str::<QuotaBody>(r#"{"disk":5}"#)
+                .unwrap()
+                .disk,
+            Some(5)
+        );
+        assert!(serde_json::from_str::<QuotaBody>(r#"{"disk":-5}"#).is_err());
+        assert!(serde_json::from_str::<CreateSnapshotBody>(r#"{"nam":"x"}"#).is_err());
+        assert!(serde_json::from_str::<SweepBody>(r#"{"now":"x"}"#).is_err());
     }
 
     #[test]

@@ -14,5 +14,7 @@ pub mod limits;
 pub mod logging;
 pub mod podman;
 pub mod project;
+pub mod seccomp;
+pub mod snapshots;
 pub mod store;
 pub mod systemd;

@@ -78,6 +78,23 @@ enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set a project's disk quota (SIZE with K/M/G/T suffix, or `none`), at once and for later starts.
+    SetQuota {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// The quota, or `none` for no limit.
+        #[arg(value_parser = parse_quota)]
+        size: Quota,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read-only snapshots of a project's home.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Take and prune the rolling snapshots of all projects now
+    /// (cocalc-project-host-snapshots.timer runs this every 15 minutes).
+    SnapshotSweep,
     /// Change a project's limits: at once when it runs, and for its next start.
     SetLimits {
         /// Project id (lowercase UUID).
@@ -104,6 +121,61 @@ enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `snapshot …`
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// List a project's snapshots, oldest first.
+    List {
+        /// Project id.
+        id: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a snapshot (default name manual-<UTC time>).
+    Create {
+        /// Project id.
+        id: String,
+        /// Snapshot name: letters, digits, `.`, `_`, `-`; not starting with `auto-`.
+        name: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// Project id.
+        id: String,
+        /// Snapshot name.
+        name: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the project's home with a snapshot (the project must be stopped).
+    Restore {
+        /// Project id.
+        id: String,
+        /// Snapshot name.
+        name: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A disk quota on the command line: bytes, or none.
+#[derive(Debug, Clone, Copy)]
+struct Quota(Option<u64>);
+
+fn parse_quota(s: &str) -> Result<Quota, String> {
+    if s == "none" {
+        Ok(Quota(None))
+    } else {
+        config::parse_size(s).map(|b| Quota(Some(b)))
+    }
 }
 
 /// Subcommands that are, or prepare, the daemon.
@@ -158,6 +230,23 @@ fn client(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Stop { id, force, json } => {
             (parsed(&id).map(|id| Action::Stop(id, force)), json)
         }
+        ClientCommand::SetQuota { id, size, json } => {
+            (parsed(&id).map(|id| Action::SetQuota(id, size.0)), json)
+        }
+        ClientCommand::SnapshotSweep => (Ok(Action::SnapshotSweep), true),
+        ClientCommand::Snapshot(c) => match c {
+            SnapshotCommand::List { id, json } => (parsed(&id).map(Action::SnapshotList), json),
+            SnapshotCommand::Create { id, name, json } => {
+                (parsed(&id).map(|id| Action::SnapshotCreate(id, name)), json)
+            }
+            SnapshotCommand::Delete { id, name, json } => {
+                (parsed(&id).map(|id| Action::SnapshotDelete(id, name)), json)
+            }
+            SnapshotCommand::Restore { id, name, json } => (
+                parsed(&id).map(|id| Action::SnapshotRestore(id, name)),
+                json,
+            ),
+        },
         ClientCommand::SetLimits {
             id,
             memory,

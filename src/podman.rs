@@ -119,6 +119,38 @@ pub fn rm_by_name_argv(id: &ProjectId) -> Vec<String> {
     ]
 }
 
+/// Where a project's snapshots appear inside its container (read-only).
+pub const SNAPSHOTS_MOUNT: &str = "/home/user/.snapshots";
+/// Where a project's scratch subvolume is mounted.
+pub const SCRATCH_MOUNT: &str = "/scratch";
+
+/// The storage options of a project's container: the seccomp profile that keeps it from making
+/// btrfs subvolumes (quota escape), its snapshots read-only, its scratch, its /tmp tmpfs.
+pub fn storage_options(
+    seccomp: &Path,
+    snapshots: &Path,
+    scratch: Option<&Path>,
+    tmp: Option<u64>,
+) -> Vec<String> {
+    let mut a = vec![
+        format!("--security-opt=seccomp={}", seccomp.display()),
+        format!("--volume={}:{SNAPSHOTS_MOUNT}:ro", snapshots.display()),
+    ];
+    if let Some(s) = scratch {
+        a.push(format!("--volume={}:{SCRATCH_MOUNT}", s.display()));
+    }
+    if let Some(b) = tmp {
+        a.push(format!("--tmpfs=/tmp:rw,nosuid,nodev,size={b},mode=1777"));
+    }
+    a
+}
+
+/// Inserts options into a `podman run` argv just before the `--` that ends its options.
+pub fn insert_options(argv: &mut Vec<String>, options: Vec<String>) {
+    let at = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+    argv.splice(at..at, options);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +264,44 @@ mod tests {
                 .last()
                 .unwrap()
                 .starts_with("--cidfile=/run/cocalc-project-")
+        );
+    }
+
+    #[test]
+    fn storage_options_go_before_the_image() {
+        let mut a = run_argv(
+            &id(),
+            &Settings::default(),
+            &RunConfig::default(),
+            Path::new("/h"),
+        );
+        let n = a.len();
+        let o = storage_options(
+            Path::new("/var/lib/x/seccomp.json"),
+            Path::new("/s/.snapshots/p"),
+            Some(Path::new("/s/.scratch/p")),
+            Some(64 << 20),
+        );
+        assert_eq!(
+            o,
+            [
+                "--security-opt=seccomp=/var/lib/x/seccomp.json",
+                "--volume=/s/.snapshots/p:/home/user/.snapshots:ro",
+                "--volume=/s/.scratch/p:/scratch",
+                "--tmpfs=/tmp:rw,nosuid,nodev,size=67108864,mode=1777",
+            ]
+        );
+        insert_options(&mut a, o);
+        assert_eq!(a.len(), n + 4);
+        let dash = a.iter().position(|x| x == "--").unwrap();
+        assert_eq!(
+            a[dash - 1],
+            "--tmpfs=/tmp:rw,nosuid,nodev,size=67108864,mode=1777"
+        );
+        assert_eq!(a[dash + 1], "localhost/cocalc-project:latest");
+        assert_eq!(
+            storage_options(Path::new("/p.json"), Path::new("/s"), None, None).len(),
+            2
         );
     }
 }

@@ -186,6 +186,11 @@ pub struct RunConfig {
     pub io_weight: Option<u64>,
 }
 
+/// Smallest disk quota or scratch size (bytes): btrfs needs room for metadata.
+pub const MIN_DISK: u64 = 16 << 20;
+/// Smallest /tmp (bytes).
+pub const MIN_TMP: u64 = 1 << 20;
+
 /// Why a run config is refused. Names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid config.{field}: {reason}")]
@@ -262,6 +267,17 @@ impl RunConfig {
                 return bad(field, format!("{w} is not in 1..=10000"));
             }
         }
+        for (field, v, min) in [
+            ("disk", self.disk, MIN_DISK),
+            ("scratch", self.scratch, MIN_DISK),
+            ("tmp", self.tmp, MIN_TMP),
+        ] {
+            if let Some(v) = v
+                && v < min
+            {
+                return bad(field, format!("{v} bytes is below the minimum of {min}"));
+            }
+        }
         Ok(())
     }
 }
@@ -300,6 +316,18 @@ pub struct Status {
     /// When the unit became active, in ms since the epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
+    /// Disk quota and usage of the home, when the project has one (refreshed every few seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStatus>,
+}
+
+/// Disk quota and usage of a project's home (its btrfs qgroup), in bytes.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+pub struct DiskStatus {
+    /// The limit in force (`null`: none).
+    pub quota: Option<u64>,
+    /// Referenced bytes (`null`: quotas are off, so unknown).
+    pub used: Option<u64>,
 }
 
 #[cfg(test)]
@@ -387,5 +415,8 @@ mod tests {
         check(r#"{"cpu":1e9}"#, "cpu");
         check(r#"{"cpu_weight":0}"#, "cpu_weight");
         check(r#"{"io_weight":10001}"#, "io_weight");
+        check(r#"{"disk":1000}"#, "disk");
+        check(r#"{"scratch":1}"#, "scratch");
+        check(r#"{"tmp":0}"#, "tmp");
     }
 }

@@ -382,3 +382,85 @@ fn limits_change_live_over_dbus_and_the_cli() {
     assert!(o.stderr.contains("cpu"), "{o:?}");
     stop(&id, false);
 }
+
+#[test]
+fn snapshots_and_quota_over_the_cli() {
+    let id = new_id();
+    start(&id, None);
+    ok(&format!(
+        "podman exec project-{id} sh -c 'echo one > /home/user/f.txt'"
+    ));
+    let out = ok(&format!(
+        "cocalc-project-host snapshot create {id} before-change"
+    ));
+    assert_eq!(out, format!("{id}: snapshot before-change taken"));
+    ok(&format!(
+        "podman exec project-{id} sh -c 'echo two > /home/user/f.txt'"
+    ));
+    let list: serde_json::Value = serde_json::from_str(&ok(&format!(
+        "cocalc-project-host snapshot list {id} --json"
+    )))
+    .unwrap();
+    let snaps = list["snapshots"].as_array().unwrap();
+    assert!(
+        snaps
+            .iter()
+            .any(|s| s["name"] == "before-change" && s["kind"] == "manual"),
+        "{list}"
+    );
+    let table = ok(&format!("cocalc-project-host snapshot list {id}"));
+    assert!(
+        table.starts_with("NAME ") && table.contains("before-change"),
+        "{table}"
+    );
+    // restore needs the project stopped: exit 1 with the reason
+    let o = sh(&format!(
+        "cocalc-project-host snapshot restore {id} before-change"
+    ));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("stop it before restoring"), "{o:?}");
+    stop(&id, false);
+    ok(&format!(
+        "cocalc-project-host snapshot restore {id} before-change"
+    ));
+    start(&id, None);
+    assert_eq!(
+        ok(&format!("podman exec project-{id} cat /home/user/f.txt")),
+        "one"
+    );
+    // bad and unknown names, unknown projects
+    assert_eq!(
+        sh(&format!("cocalc-project-host snapshot create {id} ../x")).code,
+        2
+    );
+    assert_eq!(
+        sh(&format!("cocalc-project-host snapshot delete {id} no-such")).code,
+        4
+    );
+    assert_eq!(
+        sh(&format!("cocalc-project-host snapshot list {}", new_id())).code,
+        4
+    );
+    ok(&format!(
+        "cocalc-project-host snapshot delete {id} before-change"
+    ));
+    // quota through the CLI shows in the status
+    ok(&format!("cocalc-project-host set-quota {id} 64M"));
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&format!("cocalc-project-host status {id} --json"))).unwrap();
+    assert_eq!(st["state"], "running", "{st}");
+    // the sweep the timer runs, over the bus
+    let sweep: serde_json::Value =
+        serde_json::from_str(&ok("cocalc-project-host snapshot-sweep")).unwrap();
+    assert!(
+        sweep["projects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["project_id"] == id.as_str()),
+        "{sweep}"
+    );
+    let o = sh(&format!("{NOBODY} cocalc-project-host snapshot-sweep"));
+    assert_eq!(o.code, 1, "{o:?}");
+    stop(&id, false);
+}

@@ -6,4 +6,5 @@ mod dbus;
 mod lifecycle;
 mod limits;
 mod spine;
+mod storage;
 mod tb;

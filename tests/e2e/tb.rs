@@ -158,3 +158,21 @@ pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T
 
 /// Where project homes live in the machine (the package's default storage).
 pub const STORAGE: &str = "/var/lib/cocalc-project-host/projects";
+
+/// Copies a host file into the machine.
+#[track_caller]
+pub fn push(host_file: &std::path::Path, machine_path: &str) {
+    check_up();
+    let o = Command::new(script())
+        .arg("push")
+        .arg(host_file)
+        .arg(machine_path)
+        .output()
+        .expect("spawn testbed push");
+    assert!(
+        o.status.success(),
+        "push {} → {machine_path}: {}",
+        host_file.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
