@@ -29,6 +29,21 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// Defaults for projects.
     pub projects: ProjectSettings,
+    /// Who may call the HTTP API.
+    pub auth: AuthSettings,
+}
+
+/// HTTP API authentication (see `crate::auth`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthSettings {
+    /// A root-only file of admin tokens (one per line), besides the systemd credential
+    /// `admin-token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// Ed25519 public keys of the master (PEM or base64 of the 32 raw bytes): master tokens signed
+    /// by any of them are accepted. Empty: master tokens are refused.
+    pub master_public_keys: Vec<String>,
+    /// Longest lifetime of a master token accepted (`exp` - now, and `exp` - `iat`), in seconds.
+    pub max_token_lifetime_secs: u64,
 }
 
 /// Project storage settings.
@@ -95,6 +110,11 @@ impl Default for Settings {
                 uid_count: 65_536,
                 user_uid: 1000,
             },
+            auth: AuthSettings {
+                admin_token_file: None,
+                master_public_keys: Vec::new(),
+                max_token_lifetime_secs: 24 * 3600,
+            },
         }
     }
 }
@@ -139,6 +159,16 @@ struct Fragment {
     storage: StorageFragment,
     #[serde(default)]
     projects: ProjectsFragment,
+    #[serde(default)]
+    auth: AuthFragment,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFragment {
+    admin_token_file: Option<PathBuf>,
+    master_public_keys: Option<Vec<String>>,
+    max_token_lifetime: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -303,6 +333,19 @@ pub fn merge<'a>(
             s.projects.user_uid = v;
             set("projects.user_uid");
         }
+        let au = f.auth;
+        if let Some(v) = au.admin_token_file {
+            s.auth.admin_token_file = Some(v);
+            set("auth.admin_token_file");
+        }
+        if let Some(v) = au.master_public_keys {
+            s.auth.master_public_keys = v;
+            set("auth.master_public_keys");
+        }
+        if let Some(v) = au.max_token_lifetime {
+            s.auth.max_token_lifetime_secs = v;
+            set("auth.max_token_lifetime");
+        }
     }
     let invalid = |key: &'static str, message: String| ConfigError::Invalid {
         path: origin
@@ -375,6 +418,28 @@ pub fn merge<'a>(
             "must be inside the mapped range and not 0".into(),
         ));
     }
+    if let Some(p) = &s.auth.admin_token_file
+        && !p.is_absolute()
+    {
+        return Err(invalid(
+            "auth.admin_token_file",
+            "must be an absolute path".into(),
+        ));
+    }
+    for (i, k) in s.auth.master_public_keys.iter().enumerate() {
+        if let Err(e) = crate::auth::parse_public_key(k) {
+            return Err(invalid(
+                "auth.master_public_keys",
+                format!("key {}: {e}", i + 1),
+            ));
+        }
+    }
+    if !(60..=30 * 86400).contains(&s.auth.max_token_lifetime_secs) {
+        return Err(invalid(
+            "auth.max_token_lifetime",
+            "must be 60 to 2592000 seconds (30 days)".into(),
+        ));
+    }
     Ok(s)
 }
 
@@ -442,6 +507,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("suffix"), "{e}");
+    }
+
+    #[test]
+    fn auth_keys_are_checked_at_load() {
+        let s = m(&[(
+            "/etc/x/a.toml",
+            "[auth]\nmaster_public_keys = [\"Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\"]\nmax_token_lifetime = 600\n",
+        )])
+        .unwrap();
+        assert_eq!(s.auth.master_public_keys.len(), 1);
+        assert_eq!(s.auth.max_token_lifetime_secs, 600);
+        let e = m(&[("/etc/x/a.toml", "[auth]\nmaster_public_keys = [\"abc\"]\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/x/a.toml: auth.master_public_keys: key 1"),
+            "{e}"
+        );
+        let e = m(&[("/etc/x/a.toml", "[auth]\nadmin_token_file = \"t\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.admin_token_file"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::auth::{Action, Auth, Principal};
 use crate::host::{self, Host};
 use crate::project::{ProjectId, RunConfig};
 
@@ -21,6 +22,12 @@ use crate::project::{ProjectId, RunConfig};
 pub const MAX_BODY: usize = 64 * 1024;
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// A client gets this long to send its request head (and, idle, its next one): slowloris.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client gets this long to send its body once the head is in.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most request header fields.
+const MAX_HEADERS: usize = 64;
 
 /// An API error: status, machine code, message. Serialized as `{"error","code"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +78,22 @@ pub enum Route {
     /// `POST /projects/:id/stop`
     Stop(ProjectId),
 }
+
+impl Route {
+    /// What the route needs a token to allow: `None` for the open `/healthz`.
+    pub fn permission(&self) -> Option<(Action, Option<ProjectId>)> {
+        match self {
+            Route::Health => None,
+            Route::List => Some((Action::List, None)),
+            Route::Status(id) => Some((Action::Status, Some(*id))),
+            Route::Start(id) => Some((Action::Start, Some(*id))),
+            Route::Stop(id) => Some((Action::Stop, Some(*id))),
+        }
+    }
+}
+
+/// The one endpoint that needs no token.
+pub const OPEN_PATH: &str = "/healthz";
 
 /// Maps method + path to a route. Paths are not percent-decoded: `%2e%2e` is just an invalid id.
 pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
@@ -131,7 +154,14 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Full<Byt
 }
 
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
-    json_response(e.status, &json!({"error": e.message, "code": e.code}))
+    let mut r = json_response(e.status, &json!({"error": e.message, "code": e.code}));
+    if e.status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer realm=\"cocalc-project-host\""),
+        );
+    }
+    r
 }
 
 /// Reads a JSON body (empty = default), enforcing [`MAX_BODY`].
@@ -153,20 +183,29 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
     {
         return Err(too_big());
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_big()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("cannot read body: {e}"),
-                )
-            }
-        })?;
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("body not received within {}s", BODY_TIMEOUT.as_secs()),
+        )
+    })?
+    .map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_big()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("cannot read body: {e}"),
+            )
+        }
+    })?;
     let bytes = body.to_bytes();
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -180,8 +219,47 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
     })
 }
 
-async fn dispatch(host: &Host, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let r = route(req.method(), req.uri().path())?;
+/// Authenticates (every path but [`OPEN_PATH`], before routing: without a token nothing about
+/// the API is revealed), routes, then authorizes the route for the caller.
+fn admit(auth: &Auth, req: &Request<Incoming>) -> Result<(Route, Option<Principal>), ApiError> {
+    let path = req.uri().path();
+    let principal = if path == OPEN_PATH {
+        None
+    } else {
+        let h = req.headers().get(hyper::header::AUTHORIZATION);
+        Some(
+            auth.authenticate(h.map(|v| v.as_bytes()))
+                .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?,
+        )
+    };
+    let r = route(req.method(), path)?;
+    if let (Some(p), Some((action, project))) = (&principal, r.permission())
+        && !p.allows(action, project.as_ref())
+    {
+        tracing::info!(
+            principal = p.name(),
+            action = action.as_str(),
+            project_id = project.map(|i| i.to_string()),
+            "request forbidden"
+        );
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            match project {
+                Some(id) => format!("token does not allow {} on project {id}", action.as_str()),
+                None => format!("token does not allow {}", action.as_str()),
+            },
+        ));
+    }
+    Ok((r, principal))
+}
+
+async fn dispatch(
+    host: &Host,
+    auth: &Auth,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (r, principal) = admit(auth, &req)?;
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v));
     match r {
         Route::Health => ok(json!({"ok": true})),
@@ -189,6 +267,7 @@ async fn dispatch(host: &Host, req: Request<Incoming>) -> Result<Response<Full<B
             let projects: Vec<_> = host
                 .list()
                 .into_iter()
+                .filter(|(id, _)| principal.as_ref().is_none_or(|p| p.sees(id)))
                 .map(|(id, last)| json!({"project_id": id, "last": last}))
                 .collect();
             ok(json!({ "projects": projects }))
@@ -209,10 +288,11 @@ async fn dispatch(host: &Host, req: Request<Incoming>) -> Result<Response<Full<B
 
 async fn handle(
     host: Arc<Host>,
+    auth: Arc<Auth>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let resp = match dispatch(&host, req).await {
+    let resp = match dispatch(&host, &auth, req).await {
         Ok(r) => r,
         Err(e) => {
             if e.status.is_server_error() {
@@ -225,8 +305,13 @@ async fn handle(
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets in-flight requests finish
-/// (up to 30 s) before returning.
-pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: impl Future<Output = ()>) {
+/// (up to 30 s) before returning. `auth` decides who may call what.
+pub async fn serve(
+    listener: TcpListener,
+    host: Arc<Host>,
+    auth: Arc<Auth>,
+    shutdown: impl Future<Output = ()>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
@@ -247,11 +332,12 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: impl Future
             },
             () = &mut shutdown => break,
         };
-        let host = host.clone();
-        let svc = hyper::service::service_fn(move |req| handle(host.clone(), req));
+        let (host, auth) = (host.clone(), auth.clone());
+        let svc = hyper::service::service_fn(move |req| handle(host.clone(), auth.clone(), req));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_headers(MAX_HEADERS)
             .max_buf_size(64 * 1024)
             .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
@@ -327,6 +413,23 @@ mod tests {
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
         let e = code(Method::POST, "/healthz");
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn every_route_but_health_needs_a_permission() {
+        let id: ProjectId = ID.parse().unwrap();
+        assert_eq!(Route::Health.permission(), None);
+        assert_eq!(Route::List.permission(), Some((Action::List, None)));
+        assert_eq!(
+            Route::Status(id).permission(),
+            Some((Action::Status, Some(id)))
+        );
+        assert_eq!(
+            Route::Start(id).permission(),
+            Some((Action::Start, Some(id)))
+        );
+        assert_eq!(Route::Stop(id).permission(), Some((Action::Stop, Some(id))));
+        assert_eq!(route(&Method::GET, OPEN_PATH), Ok(Route::Health));
     }
 
     #[test]
