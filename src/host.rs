@@ -463,12 +463,19 @@ impl Host {
             tracing::warn!(project_id = %id, error = %e, "cleanup: stopping the failed unit");
         }
         self.systemd.reset_failed(&unit).await;
-        if let Err(e) = cmd::run(
-            podman::PODMAN,
-            podman::rm_by_name_argv(&id),
-            Duration::from_secs(30),
-        )
-        .await
+        // podman runs as a unit of its own, outside the daemon's sandbox
+        let argv = std::iter::once(podman::PODMAN.to_string())
+            .chain(podman::rm_by_name_argv(&id))
+            .collect();
+        if let Err(e) = self
+            .systemd
+            .run_oneshot(
+                &format!("cocalc-project-cleanup-{id}.service"),
+                &format!("Remove the container of CoCalc project {id}"),
+                argv,
+                Duration::from_secs(30),
+            )
+            .await
         {
             tracing::warn!(project_id = %id, error = %e, "cleanup: removing the container");
         }

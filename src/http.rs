@@ -132,8 +132,22 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_or_null")]
     config: Option<RunConfig>,
+}
+
+/// serde's derived structs also take a JSON array (fields by position): the API takes objects.
+fn object_or_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error as _;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        v @ serde_json::Value::Object(_) => T::deserialize(v).map(Some).map_err(D::Error::custom),
+        _ => Err(D::Error::custom("config must be an object")),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,13 +224,18 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    let bad = |e: String| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             format!("invalid JSON body: {e}"),
         )
-    })
+    };
+    // an object, not an array that serde would map onto the fields by position
+    match serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| bad(e.to_string()))? {
+        v @ serde_json::Value::Object(_) => T::deserialize(v).map_err(|e| bad(e.to_string())),
+        _ => Err(bad("the body must be a JSON object".into())),
+    }
 }
 
 /// Authenticates (every path but [`OPEN_PATH`], before routing: without a token nothing about
@@ -298,7 +317,17 @@ async fn handle(
             if e.status.is_server_error() {
                 tracing::warn!(%method, %path, status = e.status.as_u16(), code = e.code, error = %e.message, "request failed");
             }
-            error_response(&e)
+            let mut r = error_response(&e);
+            // RFC 9110: a 405 names the method the resource does accept
+            if e.status == StatusCode::METHOD_NOT_ALLOWED
+                && let Some(m) = [Method::GET, Method::POST]
+                    .into_iter()
+                    .find(|m| route(m, &path).is_ok())
+                && let Ok(v) = hyper::header::HeaderValue::from_str(m.as_str())
+            {
+                r.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+            r
         }
     };
     Ok(resp)
@@ -436,6 +465,8 @@ mod tests {
     fn bodies_reject_unknown_fields() {
         assert!(serde_json::from_str::<StopBody>(r#"{"forc":true}"#).is_err());
         assert!(serde_json::from_str::<StopBody>(r#"{"force":"yes"}"#).is_err());
+        assert!(serde_json::from_str::<StartBody>(r#"{"config":[]}"#).is_err());
+        assert!(serde_json::from_str::<StartBody>(r#"{"config":["x"]}"#).is_err());
         assert!(serde_json::from_str::<StartBody>(r#"{"config":{"bad":1}}"#).is_err());
         assert!(
             serde_json::from_str::<StartBody>(r#"{"config":null}"#)

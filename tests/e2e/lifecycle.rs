@@ -199,13 +199,15 @@ fn concurrent_starts_and_stops_stay_consistent() {
     for i in 0..20 {
         let action = if i % 2 == 0 { "start" } else { "stop" };
         script += &format!(
-            "curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{one}/{action} >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            "curl -s {} -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{one}/{action} >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            tb::AUTH,
             tb::API
         );
     }
     for id in &many {
         script += &format!(
-            "curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{id}/start >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            "curl -s {} -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{id}/start >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            tb::AUTH,
             tb::API
         );
     }
