@@ -228,11 +228,12 @@ impl RunConfig {
             }
         }
         if let Some(cpu) = self.cpu
-            && !(cpu.is_finite() && cpu > 0.0 && cpu <= 1024.0)
+            // podman's CFS quota (cpu x 100 ms period) must be at least 1 ms
+            && !(cpu.is_finite() && (0.01..=1024.0).contains(&cpu))
         {
             return bad(
                 "cpu",
-                format!("{cpu} is not a number of cores in (0, 1024]"),
+                format!("{cpu} is not a number of cores in [0.01, 1024]"),
             );
         }
         if let Some(m) = self.memory
@@ -364,6 +365,8 @@ mod tests {
         check(r#"{"cmd":[]}"#, "cmd");
         check(r#"{"cpu":0}"#, "cpu");
         check(r#"{"cpu":-1.5}"#, "cpu");
+        check(r#"{"cpu":0.009}"#, "cpu");
+        check(r#"{"cpu":5e-324}"#, "cpu");
         check(r#"{"memory":1}"#, "memory");
         check(r#"{"pids":0}"#, "pids");
     }

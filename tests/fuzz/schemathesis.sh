@@ -5,14 +5,15 @@
 #
 #   tests/fuzz/schemathesis.sh install        make the venv target/schemathesis (pinned version)
 #   tests/fuzz/schemathesis.sh run [ARGS...]  fuzz (testbed up, package installed); ARGS go to
-#                                             `schemathesis run`. FUZZ_EXAMPLES (default 25) and
+#                                             `schemathesis run`. FUZZ_EXAMPLES (default 50) and
 #                                             FUZZ_SEED (default 7) bound and fix the run.
 # The request log (HAR) is written to target/schemathesis-report/requests.har.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+ROOT=$PWD
 VERSION=4.32.5
-VENV=$PWD/target/schemathesis
-TB=tests/testbed/testbed.sh
+VENV=$ROOT/target/schemathesis
+TB=$ROOT/tests/testbed/testbed.sh
 
 install() {
   if [ -x "$VENV/bin/schemathesis" ] && [ "$("$VENV/bin/schemathesis" --version 2>/dev/null)" = "schemathesis, version $VERSION" ]; then
@@ -28,18 +29,18 @@ run() {
   install
   local token out
   token=$($TB exec cat /etc/cocalc-project-host/admin-token)
-  out=$PWD/target/schemathesis-report
+  out=$ROOT/target/schemathesis-report
   rm -rf "$out"; mkdir -p "$out"
   # only the machine's network namespace: the host's tool reaches 127.0.0.1 inside the testbed;
   # run from target/ so its cache (.schemathesis/) stays out of the tree
-  cd target
-  PYTHONPATH=$PWD/tests/fuzz SCHEMATHESIS_HOOKS=hooks NO_COLOR=1 \
-    nsenter -t "$($TB leader)" -n -- "$VENV/bin/schemathesis" run "$PWD/docs/openapi.yaml" \
+  cd "$ROOT/target"
+  PYTHONPATH=$ROOT/tests/fuzz SCHEMATHESIS_HOOKS=hooks NO_COLOR=1 \
+    nsenter -t "$($TB leader)" -n -- "$VENV/bin/schemathesis" run "$ROOT/docs/openapi.yaml" \
       --url http://127.0.0.1:9002 \
       --header "Authorization: Bearer $token" \
       --checks all \
       --exclude-checks positive_data_acceptance \
-      --max-examples "${FUZZ_EXAMPLES:-25}" \
+      --max-examples "${FUZZ_EXAMPLES:-50}" \
       --seed "${FUZZ_SEED:-7}" \
       --workers 1 \
       --request-timeout 150 \
