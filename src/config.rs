@@ -36,6 +36,8 @@ pub struct Settings {
     pub slice: SliceSettings,
     /// Rolling snapshots.
     pub snapshots: SnapshotSettings,
+    /// Who may call the HTTP API.
+    pub auth: AuthSettings,
 }
 
 /// Rolling snapshots: taken by the sweep that `cocalc-project-host-snapshots.timer` triggers.
@@ -47,6 +49,19 @@ pub struct SnapshotSettings {
     pub retention: crate::snapshots::Retention,
     /// Projects neither running nor touched for this long are skipped by the sweep (seconds).
     pub skip_untouched_secs: u64,
+}
+
+/// HTTP API authentication (see `crate::auth`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthSettings {
+    /// A root-only file of admin tokens (one per line), besides the systemd credential
+    /// `admin-token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// Ed25519 public keys of the master (PEM or base64 of the 32 raw bytes): master tokens signed
+    /// by any of them are accepted. Empty: master tokens are refused.
+    pub master_public_keys: Vec<String>,
+    /// Longest lifetime of a master token accepted (`exp` - now, and `exp` - `iat`), in seconds.
+    pub max_token_lifetime_secs: u64,
 }
 
 /// Project storage settings.
@@ -132,6 +147,11 @@ impl Default for Settings {
                 retention: crate::snapshots::Retention::default(),
                 skip_untouched_secs: 14 * 86_400,
             },
+            auth: AuthSettings {
+                admin_token_file: None,
+                master_public_keys: Vec::new(),
+                max_token_lifetime_secs: 24 * 3600,
+            },
         }
     }
 }
@@ -182,6 +202,8 @@ struct Fragment {
     slice: SliceFragment,
     #[serde(default)]
     snapshots: SnapshotsFragment,
+    #[serde(default)]
+    auth: AuthFragment,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,6 +265,14 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a duration"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFragment {
+    admin_token_file: Option<PathBuf>,
+    master_public_keys: Option<Vec<String>>,
+    max_token_lifetime: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -587,6 +617,19 @@ pub fn merge<'a>(
             s.slice.cpu_weight = v;
             set("slice.cpu_weight");
         }
+        let au = f.auth;
+        if let Some(v) = au.admin_token_file {
+            s.auth.admin_token_file = Some(v);
+            set("auth.admin_token_file");
+        }
+        if let Some(v) = au.master_public_keys {
+            s.auth.master_public_keys = v;
+            set("auth.master_public_keys");
+        }
+        if let Some(v) = au.max_token_lifetime {
+            s.auth.max_token_lifetime_secs = v;
+            set("auth.max_token_lifetime");
+        }
     }
     let invalid = |key: &'static str, message: String| ConfigError::Invalid {
         path: origin
@@ -703,6 +746,28 @@ pub fn merge<'a>(
         ));
     }
     validate_limits(&s).map_err(|(key, message)| invalid(key, message))?;
+    if let Some(p) = &s.auth.admin_token_file
+        && !p.is_absolute()
+    {
+        return Err(invalid(
+            "auth.admin_token_file",
+            "must be an absolute path".into(),
+        ));
+    }
+    for (i, k) in s.auth.master_public_keys.iter().enumerate() {
+        if let Err(e) = crate::auth::parse_public_key(k) {
+            return Err(invalid(
+                "auth.master_public_keys",
+                format!("key {}: {e}", i + 1),
+            ));
+        }
+    }
+    if !(60..=30 * 86400).contains(&s.auth.max_token_lifetime_secs) {
+        return Err(invalid(
+            "auth.max_token_lifetime",
+            "must be 60 to 2592000 seconds (30 days)".into(),
+        ));
+    }
     Ok(s)
 }
 
@@ -929,6 +994,8 @@ mod tests {
         s.storage.mount = None;
         s.projects.cmd = None;
         (s.storage.disk_quota, s.storage.scratch, s.storage.tmp) = (None, None, None);
+        s.auth.master_public_keys.clear();
+        s.auth.admin_token_file = None;
         assert_eq!(s, Settings::default());
     }
 
@@ -960,6 +1027,28 @@ mod tests {
         assert_eq!(parse_duration("15m"), Ok(900));
         assert_eq!(parse_duration("3"), Ok(3));
         assert!(parse_duration("3y").is_err());
+    }
+
+    #[test]
+    fn auth_keys_are_checked_at_load() {
+        let s = m(&[(
+            "/etc/x/a.toml",
+            "[auth]\nmaster_public_keys = [\"Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\"]\nmax_token_lifetime = 600\n",
+        )])
+        .unwrap();
+        assert_eq!(s.auth.master_public_keys.len(), 1);
+        assert_eq!(s.auth.max_token_lifetime_secs, 600);
+        let e = m(&[("/etc/x/a.toml", "[auth]\nmaster_public_keys = [\"abc\"]\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/x/a.toml: auth.master_public_keys: key 1"),
+            "{e}"
+        );
+        let e = m(&[("/etc/x/a.toml", "[auth]\nadmin_token_file = \"t\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.admin_token_file"), "{e}");
     }
 
     #[test]

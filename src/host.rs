@@ -22,6 +22,9 @@ use crate::project::DiskStatus;
 use crate::snapshots::{InvalidSnapshotName, SnapshotName};
 pub use storage::{SnapshotInfo, SweepOutcome};
 
+/// The unit property of a project's CPU limit.
+const CPU_QUOTA: &str = "CPUQuotaPerSecUSec";
+
 /// A failure of a core call. Adapters map it to an HTTP status, a D-Bus error name or an exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -527,7 +530,14 @@ impl Host {
         podman::insert_options(&mut argv, storage_options);
         let mut props =
             systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
-        props.extend(systemd::limit_properties(&limits));
+        // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
+        // quota is put on once it runs, and lifted before a stop, so a project limited to a sliver
+        // of a core still starts and stops at full speed
+        props.extend(
+            systemd::limit_properties(&limits)
+                .into_iter()
+                .filter(|(k, _)| *k != CPU_QUOTA),
+        );
         let since = SystemTime::now();
         tracing::info!(project_id = %id, unit = %unit, "starting project");
         if let Err(e) = self.start_unit(&unit, &props).await {
@@ -552,6 +562,19 @@ impl Host {
                 id,
                 reason,
                 journal: cmd::tail(&journal, 6),
+            });
+        }
+        let quota = [(
+            CPU_QUOTA,
+            zbus::Variant::from(limits::cpu_quota_usec(limits.cpu)),
+        )];
+        if let Err(e) = self.systemd.set_properties(&unit, true, &quota).await {
+            // never leave a project running without its CPU limit
+            self.clean_up_failed_start(id).await;
+            return Err(Error::StartFailed {
+                id,
+                reason: format!("cannot set its CPU quota: {e}"),
+                journal: String::new(),
             });
         }
         let info = self.systemd.unit_info(&unit).await?;
@@ -593,12 +616,19 @@ impl Host {
             tracing::warn!(project_id = %id, error = %e, "cleanup: stopping the failed unit");
         }
         self.systemd.reset_failed(&unit).await;
-        if let Err(e) = cmd::run(
-            podman::PODMAN,
-            podman::rm_by_name_argv(&id),
-            Duration::from_secs(30),
-        )
-        .await
+        // podman runs as a unit of its own, outside the daemon's sandbox
+        let argv = std::iter::once(podman::PODMAN.to_string())
+            .chain(podman::rm_by_name_argv(&id))
+            .collect();
+        if let Err(e) = self
+            .systemd
+            .run_oneshot(
+                &format!("cocalc-project-cleanup-{id}.service"),
+                &format!("Remove the container of CoCalc project {id}"),
+                argv,
+                Duration::from_secs(30),
+            )
+            .await
         {
             tracing::warn!(project_id = %id, error = %e, "cleanup: removing the container");
         }
@@ -668,6 +698,11 @@ impl Host {
         let unit = id.unit_name();
         if self.systemd.unit_info(&unit).await?.is_some() {
             tracing::info!(project_id = %id, force, "stopping project");
+            // podman stop runs in the unit's cgroup: not at the project's CPU quota (see start)
+            let unlimited = [(CPU_QUOTA, zbus::Variant::from(u64::MAX))];
+            if let Err(e) = self.systemd.set_properties(&unit, true, &unlimited).await {
+                tracing::debug!(project_id = %id, error = %e, "cannot lift the CPU quota before stopping");
+            }
             if force {
                 self.systemd
                     .kill(&unit, nix::sys::signal::Signal::SIGKILL as i32)
@@ -806,6 +841,33 @@ impl Host {
         })
     }
 
+    /// `podman update` of the project's container, run as a oneshot unit (podman needs more than
+    /// the daemon's sandbox allows); the error carries podman's own message from its journal.
+    async fn podman_update(&self, id: ProjectId, l: &Limits) -> Result<(), String> {
+        let unit = format!("cocalc-project-update-{id}.service");
+        let argv: Vec<String> = std::iter::once(podman::PODMAN.to_string())
+            .chain(podman::update_argv(&id, l))
+            .collect();
+        let since = SystemTime::now();
+        let desc = format!("Update the limits of CoCalc project {id}'s container");
+        match self
+            .systemd
+            .run_oneshot(&unit, &desc, argv, Duration::from_secs(30))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let log = self.journal_tail(&unit, since).await;
+                Err(
+                    match log.lines().find_map(|l| l.trim().strip_prefix("Error: ")) {
+                        Some(podman) => format!("podman update: {podman}"),
+                        None => format!("podman update: {e}"),
+                    },
+                )
+            }
+        }
+    }
+
     async fn apply_live(&self, id: ProjectId, before: &Limits, new: &Limits) -> Result<(), Error> {
         let unit = id.unit_name();
         let failed = |reason: String| Error::UpdateFailed { id, reason };
@@ -813,27 +875,14 @@ impl Host {
         // (cgroup v1), before the unit has changed; raising it above the unit's is allowed.
         let container = limits::podman_update_flags(before) != limits::podman_update_flags(new);
         if container {
-            cmd::run(
-                podman::PODMAN,
-                podman::update_argv(&id, new),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+            self.podman_update(id, new).await.map_err(failed)?;
         }
         let set = self
             .systemd
             .set_properties(&unit, true, &systemd::limit_properties(new))
             .await;
         if let Err(e) = set {
-            if container
-                && let Err(undo) = cmd::run(
-                    podman::PODMAN,
-                    podman::update_argv(&id, before),
-                    Duration::from_secs(30),
-                )
-                .await
-            {
+            if container && let Err(undo) = self.podman_update(id, before).await {
                 tracing::warn!(project_id = %id, error = %undo, "cannot restore the container's limits");
             }
             return Err(failed(e.to_string()));

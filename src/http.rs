@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::auth::{Action, Auth, Principal};
 use crate::host::{self, Host};
 use crate::limits::LimitsPatch;
 use crate::project::{ProjectId, RunConfig};
@@ -23,6 +24,12 @@ use crate::snapshots::SnapshotName;
 pub const MAX_BODY: usize = 64 * 1024;
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// A client gets this long to send its request head (and, idle, its next one): slowloris.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client gets this long to send its body once the head is in.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most request header fields.
+const MAX_HEADERS: usize = 64;
 
 /// An API error: status, machine code, message. Serialized as `{"error","code"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +145,30 @@ fn storage_route(method: &Method, segs: &[&str]) -> Option<Result<(Method, Route
     Some(r)
 }
 
+impl Route {
+    /// What the route needs a token to allow: `None` for the open `/healthz`.
+    pub fn permission(&self) -> Option<(Action, Option<ProjectId>)> {
+        match self {
+            Route::Health => None,
+            Route::List => Some((Action::List, None)),
+            Route::Status(id) => Some((Action::Status, Some(*id))),
+            Route::Start(id) => Some((Action::Start, Some(*id))),
+            Route::Stop(id) => Some((Action::Stop, Some(*id))),
+            Route::Config(id) | Route::SetConfig(id) | Route::SetQuota(id) => {
+                Some((Action::Config, Some(*id)))
+            }
+            Route::Snapshots(id)
+            | Route::CreateSnapshot(id)
+            | Route::DeleteSnapshot(id, _)
+            | Route::RestoreSnapshot(id, _) => Some((Action::Snapshot, Some(*id))),
+            Route::SweepSnapshots => Some((Action::Admin, None)),
+        }
+    }
+}
+
+/// The one endpoint that needs no token.
+pub const OPEN_PATH: &str = "/healthz";
+
 /// Maps method + path to a route. Paths are not percent-decoded: `%2e%2e` is just an invalid id.
 pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
@@ -192,8 +223,22 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_or_null")]
     config: Option<RunConfig>,
+}
+
+/// serde's derived structs also take a JSON array (fields by position): the API takes objects.
+fn object_or_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error as _;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        v @ serde_json::Value::Object(_) => T::deserialize(v).map(Some).map_err(D::Error::custom),
+        _ => Err(D::Error::custom("config must be an object")),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,7 +285,14 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Full<Byt
 }
 
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
-    json_response(e.status, &json!({"error": e.message, "code": e.code}))
+    let mut r = json_response(e.status, &json!({"error": e.message, "code": e.code}));
+    if e.status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer realm=\"cocalc-project-host\""),
+        );
+    }
+    r
 }
 
 /// Reads a JSON body (empty = default), enforcing [`MAX_BODY`].
@@ -262,25 +314,34 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
     {
         return Err(too_big());
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_big()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("cannot read body: {e}"),
-                )
-            }
-        })?;
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("body not received within {}s", BODY_TIMEOUT.as_secs()),
+        )
+    })?
+    .map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_big()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("cannot read body: {e}"),
+            )
+        }
+    })?;
     let bytes = body.to_bytes();
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    if bytes.is_empty() {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    let bad = |e: String| {
         let at = failing_field::<T>(&bytes)
             .map(|f| format!("{f}: "))
             .unwrap_or_default();
@@ -289,7 +350,12 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(
             "invalid_body",
             format!("invalid JSON body: {at}{e}"),
         )
-    })
+    };
+    // an object, not an array that serde would map onto the fields by position
+    match serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| bad(e.to_string()))? {
+        v @ serde_json::Value::Object(_) => T::deserialize(v).map_err(|e| bad(e.to_string())),
+        _ => Err(bad("the body must be a JSON object".into())),
+    }
 }
 
 /// Names the field a well-formed JSON body fails on (a negative memory, a string for a number):
@@ -313,11 +379,47 @@ fn failing_field<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<String> {
     Some(top)
 }
 
+/// Authenticates (every path but [`OPEN_PATH`], before routing: without a token nothing about
+/// the API is revealed), routes, then authorizes the route for the caller.
+fn admit(auth: &Auth, req: &Request<Incoming>) -> Result<(Route, Option<Principal>), ApiError> {
+    let path = req.uri().path();
+    let principal = if path == OPEN_PATH {
+        None
+    } else {
+        let h = req.headers().get(hyper::header::AUTHORIZATION);
+        Some(
+            auth.authenticate(h.map(|v| v.as_bytes()))
+                .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?,
+        )
+    };
+    let r = route(req.method(), path)?;
+    if let (Some(p), Some((action, project))) = (&principal, r.permission())
+        && !p.allows(action, project.as_ref())
+    {
+        tracing::info!(
+            principal = p.name(),
+            action = action.as_str(),
+            project_id = project.map(|i| i.to_string()),
+            "request forbidden"
+        );
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            match project {
+                Some(id) => format!("token does not allow {} on project {id}", action.as_str()),
+                None => format!("token does not allow {}", action.as_str()),
+            },
+        ));
+    }
+    Ok((r, principal))
+}
+
 async fn dispatch(
     host: &Arc<Host>,
+    auth: &Auth,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let r = route(req.method(), req.uri().path())?;
+    let (r, principal) = admit(auth, &req)?;
     let ok = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v));
     match r {
         Route::Health => ok(json!({"ok": true})),
@@ -325,6 +427,7 @@ async fn dispatch(
             let projects: Vec<_> = host
                 .list()
                 .into_iter()
+                .filter(|(id, _)| principal.as_ref().is_none_or(|p| p.sees(id)))
                 .map(|(id, last)| json!({"project_id": id, "last": last}))
                 .collect();
             ok(json!({ "projects": projects }))
@@ -383,6 +486,13 @@ async fn dispatch(
                 .map(|v| v.iter().map(|s| parse_id(s)).collect::<Result<Vec<_>, _>>())
                 .transpose()?;
             let now = body.now.unwrap_or_else(host::now_ms);
+            if now > i64::MAX as u64 {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    format!("now: {now} is above the maximum of {}", i64::MAX),
+                ));
+            }
             let outcomes = host.sweep_snapshots(Some(now), only).await?;
             ok(json!({ "now": now, "projects": outcomes }))
         }
@@ -391,24 +501,42 @@ async fn dispatch(
 
 async fn handle(
     host: Arc<Host>,
+    auth: Arc<Auth>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let resp = match dispatch(&host, req).await {
+    let resp = match dispatch(&host, &auth, req).await {
         Ok(r) => r,
         Err(e) => {
             if e.status.is_server_error() {
                 tracing::warn!(%method, %path, status = e.status.as_u16(), code = e.code, error = %e.message, "request failed");
             }
-            error_response(&e)
+            let mut r = error_response(&e);
+            // RFC 9110: a 405 names the method the resource does accept
+            let allowed: Vec<&str> = [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
+                .iter()
+                .filter(|m| route(m, &path).is_ok())
+                .map(Method::as_str)
+                .collect();
+            if e.status == StatusCode::METHOD_NOT_ALLOWED
+                && let Ok(v) = hyper::header::HeaderValue::from_str(&allowed.join(", "))
+            {
+                r.headers_mut().insert(hyper::header::ALLOW, v);
+            }
+            r
         }
     };
     Ok(resp)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets in-flight requests finish
-/// (up to 30 s) before returning.
-pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: impl Future<Output = ()>) {
+/// (up to 30 s) before returning. `auth` decides who may call what.
+pub async fn serve(
+    listener: TcpListener,
+    host: Arc<Host>,
+    auth: Arc<Auth>,
+    shutdown: impl Future<Output = ()>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
@@ -429,11 +557,12 @@ pub async fn serve(listener: TcpListener, host: Arc<Host>, shutdown: impl Future
             },
             () = &mut shutdown => break,
         };
-        let host = host.clone();
-        let svc = hyper::service::service_fn(move |req| handle(host.clone(), req));
+        let (host, auth) = (host.clone(), auth.clone());
+        let svc = hyper::service::service_fn(move |req| handle(host.clone(), auth.clone(), req));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_headers(MAX_HEADERS)
             .max_buf_size(64 * 1024)
             .serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn);
@@ -668,9 +797,28 @@ mod tests {
     }
 
     #[test]
+    fn every_route_but_health_needs_a_permission() {
+        let id: ProjectId = ID.parse().unwrap();
+        assert_eq!(Route::Health.permission(), None);
+        assert_eq!(Route::List.permission(), Some((Action::List, None)));
+        assert_eq!(
+            Route::Status(id).permission(),
+            Some((Action::Status, Some(id)))
+        );
+        assert_eq!(
+            Route::Start(id).permission(),
+            Some((Action::Start, Some(id)))
+        );
+        assert_eq!(Route::Stop(id).permission(), Some((Action::Stop, Some(id))));
+        assert_eq!(route(&Method::GET, OPEN_PATH), Ok(Route::Health));
+    }
+
+    #[test]
     fn bodies_reject_unknown_fields() {
         assert!(serde_json::from_str::<StopBody>(r#"{"forc":true}"#).is_err());
         assert!(serde_json::from_str::<StopBody>(r#"{"force":"yes"}"#).is_err());
+        assert!(serde_json::from_str::<StartBody>(r#"{"config":[]}"#).is_err());
+        assert!(serde_json::from_str::<StartBody>(r#"{"config":["x"]}"#).is_err());
         assert!(serde_json::from_str::<StartBody>(r#"{"config":{"bad":1}}"#).is_err());
         assert!(
             serde_json::from_str::<StartBody>(r#"{"config":null}"#)

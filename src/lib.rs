@@ -3,6 +3,7 @@
 //! `host` is the core; `http` and `dbus` are thin adapters over it; `systemd`, `podman`, `btrfs`
 //! and `store` each speak to one external system; `cmd` runs every external program.
 pub mod activation;
+pub mod auth;
 pub mod btrfs;
 pub mod client;
 pub mod cmd;

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cocalc_project_host::client::{self, Action};
 use cocalc_project_host::project::RunConfig;
-use cocalc_project_host::{activation, btrfs, config, dbus, host::Host, http, logging};
+use cocalc_project_host::{activation, auth, btrfs, config, dbus, host::Host, http, logging};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -335,8 +335,19 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
     let http_listener = activation::take_http_listener(listen.unwrap_or(settings.listen))
         .context("cannot get the HTTP listener")?;
     let rt = runtime()?;
+    let auth_settings = settings.auth.clone();
     rt.block_on(async move {
         let host = Host::new(settings).await?;
+        let auth = std::sync::Arc::new(
+            auth::Auth::load(&auth_settings, host.host_id())
+                .context("cannot load the API's tokens and keys")?,
+        );
+        let (admin_tokens, master_keys) = auth.counts();
+        if admin_tokens + master_keys == 0 {
+            tracing::warn!(
+                "no admin token and no master key: every request but /healthz is refused"
+            );
+        }
         let _bus = dbus::serve(host.clone())
             .await
             .with_context(|| format!("cannot own {} on the system bus", dbus::BUS_NAME))?;
@@ -368,10 +379,12 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
             version = env!("CARGO_PKG_VERSION"),
             host_id = host.host_id(),
             watchdog_ms = watchdog.map(|d| d.as_millis() as u64),
+            admin_tokens,
+            master_keys,
             "serving"
         );
         activation::notify_ready(&format!("serving on {addr}"));
-        http::serve(listener, host, async {
+        http::serve(listener, host, auth, async {
             let _ = stop_rx.await;
         })
         .await;

@@ -191,6 +191,13 @@ pub const MIN_DISK: u64 = 16 << 20;
 /// Smallest /tmp (bytes).
 pub const MIN_TMP: u64 = 1 << 20;
 
+/// Smallest memory limit accepted: less cannot even start podman's conmon and the container.
+pub const MIN_MEMORY: u64 = 32 << 20;
+/// Smallest task limit accepted: podman's own threads run in the project's unit during start.
+pub const MIN_PIDS: u64 = 16;
+/// Largest byte size accepted anywhere (what a signed 64-bit integer holds: the OpenAPI int64).
+pub const MAX_BYTES: u64 = i64::MAX as u64;
+
 /// Why a run config is refused. Names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid config.{field}: {reason}")]
@@ -240,6 +247,7 @@ impl RunConfig {
         }
         // below 0.01 the kernel's minimum CFS quota (1 ms per 100 ms period) refuses it
         if let Some(cpu) = self.cpu
+            // podman's CFS quota (cpu x 100 ms period) must be at least 1 ms
             && !(cpu.is_finite() && (0.01..=1024.0).contains(&cpu))
         {
             return bad(
@@ -248,14 +256,17 @@ impl RunConfig {
             );
         }
         if let Some(m) = self.memory
-            && m < 4 * 1024 * 1024
+            && m < MIN_MEMORY
         {
-            return bad("memory", format!("{m} bytes is below the minimum of 4 MiB"));
+            return bad(
+                "memory",
+                format!("{m} bytes is below the minimum of {MIN_MEMORY} (32 MiB)"),
+            );
         }
         if let Some(p) = self.pids
-            && !(1..=4_194_304).contains(&p)
+            && !(MIN_PIDS..=4_194_304).contains(&p)
         {
-            return bad("pids", format!("{p} is not in 1..=4194304"));
+            return bad("pids", format!("{p} is not in {MIN_PIDS}..=4194304"));
         }
         for (field, w) in [
             ("cpu_weight", self.cpu_weight),
@@ -276,6 +287,21 @@ impl RunConfig {
                 && v < min
             {
                 return bad(field, format!("{v} bytes is below the minimum of {min}"));
+            }
+        }
+        for (field, v) in [
+            ("memory", self.memory),
+            ("disk", self.disk),
+            ("scratch", self.scratch),
+            ("tmp", self.tmp),
+        ] {
+            if let Some(v) = v
+                && v > MAX_BYTES
+            {
+                return bad(
+                    field,
+                    format!("{v} bytes is above the maximum of {MAX_BYTES}"),
+                );
             }
         }
         Ok(())
@@ -409,6 +435,8 @@ mod tests {
         check(r#"{"cmd":[]}"#, "cmd");
         check(r#"{"cpu":0}"#, "cpu");
         check(r#"{"cpu":-1.5}"#, "cpu");
+        check(r#"{"cpu":0.009}"#, "cpu");
+        check(r#"{"cpu":5e-324}"#, "cpu");
         check(r#"{"memory":1}"#, "memory");
         check(r#"{"pids":0}"#, "pids");
         check(r#"{"cpu":0.001}"#, "cpu");

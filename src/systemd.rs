@@ -327,6 +327,29 @@ impl Systemd {
         self.wait_job(jobs, &job, unit, timeout).await
     }
 
+    /// Runs `argv` to completion as the transient oneshot service `unit` and waits for it: how the
+    /// sandboxed daemon runs a program that needs more than its sandbox allows (podman). `Ok`
+    /// only if the program exited 0.
+    pub async fn run_oneshot(
+        &self,
+        unit: &str,
+        description: &str,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), SystemdError> {
+        let path = argv[0].clone();
+        let props = [
+            ("Description", Variant::from(description.to_string())),
+            ("Type", Variant::from("oneshot".to_string())),
+            (
+                "CollectMode",
+                Variant::from("inactive-or-failed".to_string()),
+            ),
+            ("ExecStart", Variant::from(vec![(path, argv, false)])),
+        ];
+        self.start_transient(unit, &props, timeout).await
+    }
+
     /// Stops a unit and waits for the stop job. A unit that does not exist is already stopped.
     pub async fn stop(&self, unit: &str, timeout: Duration) -> Result<(), SystemdError> {
         let jobs = self.job_stream().await?;

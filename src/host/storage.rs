@@ -165,11 +165,14 @@ impl Host {
     /// for its next starts.
     pub async fn set_disk_quota(&self, id: ProjectId, bytes: Option<u64>) -> Result<(), Error> {
         if let Some(b) = bytes
-            && b < MIN_DISK
+            && !(MIN_DISK..=crate::project::MAX_BYTES).contains(&b)
         {
             return Err(Error::InvalidConfig(InvalidConfig {
                 field: "disk",
-                reason: format!("{b} bytes is below the minimum of {MIN_DISK}"),
+                reason: format!(
+                    "{b} bytes is not in {MIN_DISK}..={}",
+                    crate::project::MAX_BYTES
+                ),
             }));
         }
         let lock = self.lock(id);

@@ -97,9 +97,10 @@ fn a_start_over_http_emits_the_dbus_signals() {
     let out = ok(&format!(
         "timeout 20 busctl monitor --match 'type=signal,sender={DEST}' > /tmp/e2e-mon.$$ 2>&1 & m=$!
          sleep 0.5
-         curl -sf -X POST http://127.0.0.1:9002/projects/{id}/start >/dev/null
-         curl -sf -X POST http://127.0.0.1:9002/projects/{id}/stop >/dev/null
-         sleep 0.5; kill $m; wait $m 2>/dev/null; cat /tmp/e2e-mon.$$; rm -f /tmp/e2e-mon.$$"
+         curl -sf {auth} -X POST http://127.0.0.1:9002/projects/{id}/start >/dev/null
+         curl -sf {auth} -X POST http://127.0.0.1:9002/projects/{id}/stop >/dev/null
+         sleep 0.5; kill $m; wait $m 2>/dev/null; cat /tmp/e2e-mon.$$; rm -f /tmp/e2e-mon.$$",
+        auth = crate::tb::AUTH
     ));
     let members: Vec<&str> = out
         .split_whitespace()

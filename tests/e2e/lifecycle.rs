@@ -199,13 +199,15 @@ fn concurrent_starts_and_stops_stay_consistent() {
     for i in 0..20 {
         let action = if i % 2 == 0 { "start" } else { "stop" };
         script += &format!(
-            "curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{one}/{action} >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            "curl -s {} -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{one}/{action} >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            tb::AUTH,
             tb::API
         );
     }
     for id in &many {
         script += &format!(
-            "curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{id}/start >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            "curl -s {} -o /dev/null -w '%{{http_code}}\\n' -X POST {}/projects/{id}/start >> /tmp/e2e-conc.$$ & pids=\"$pids $!\"\n",
+            tb::AUTH,
             tb::API
         );
     }
@@ -432,7 +434,8 @@ fn a_client_that_gives_up_mid_start_leaves_a_consistent_project() {
     let id = new_id();
     // the client hangs up after 30 ms, long before the unit is up
     let o = sh(&format!(
-        "curl -s -m 0.03 -X POST {}/projects/{id}/start",
+        "curl -s -m 0.03 {} -X POST {}/projects/{id}/start",
+        tb::AUTH,
         tb::API
     ));
     assert_ne!(o.code, 0, "the client should have timed out: {}", o.stdout);

@@ -2,6 +2,7 @@
 //! installed .deb. Run with `scripts/test` (root). Tests share one machine: run them with
 //! `--test-threads=1`; each leaves the machine as it found it.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+mod auth;
 mod dbus;
 mod lifecycle;
 mod limits;

@@ -541,7 +541,8 @@ fn rolling_snapshots_keep_exactly_the_policy_over_ten_simulated_weeks() {
             script += &format!("echo {i} >> {h}/changes\n");
         }
         script += &format!(
-            "curl -sS -X POST -H 'content-type: application/json' --data '{{\"now\":{t},\"projects\":[\"{id}\"]}}' {}/snapshots/sweep; echo\n",
+            "curl -sS {} -X POST -H 'content-type: application/json' --data '{{\"now\":{t},\"projects\":[\"{id}\"]}}' {}/snapshots/sweep; echo\n",
+            tb::AUTH,
             tb::API
         );
     }
@@ -759,7 +760,8 @@ fn bench_snapshot_create_time_10mb_vs_1gb() {
         let secs: Vec<f64> = (0..3)
             .map(|i| {
                 let t = ok(&format!(
-                    "curl -sS -o /dev/null -w '%{{time_total}}' -X POST -H 'content-type: application/json' --data '{{\"name\":\"b{i}\"}}' {}/projects/{id}/snapshots",
+                    "curl -sS {} -o /dev/null -w '%{{time_total}}' -X POST -H 'content-type: application/json' --data '{{\"name\":\"b{i}\"}}' {}/projects/{id}/snapshots",
+                    tb::AUTH,
                     tb::API
                 ));
                 t.parse().unwrap()

@@ -86,11 +86,40 @@ pub fn ok(cmd: &str) -> String {
 
 pub const API: &str = "http://127.0.0.1:9002";
 
-/// An HTTP request to the daemon from inside the machine; returns status and JSON body.
+/// The admin token the package made, read inside the machine at each call.
+pub const ADMIN_TOKEN_FILE: &str = "/etc/cocalc-project-host/admin-token";
+
+/// curl arguments that send the admin token (for raw curl calls inside the machine).
+pub const AUTH: &str = r#"-H "Authorization: Bearer $(cat /etc/cocalc-project-host/admin-token)""#;
+
+/// Which credentials a request carries.
+#[derive(Debug, Clone, Copy)]
+pub enum As<'a> {
+    /// the package's admin token
+    Admin,
+    /// no Authorization header
+    Nobody,
+    /// `Authorization: Bearer <token>`
+    Bearer(&'a str),
+}
+
+/// An HTTP request to the daemon from inside the machine, with the admin token; returns status
+/// and JSON body.
 #[track_caller]
 pub fn http(method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    http_as(As::Admin, method, path, body)
+}
+
+/// [`http`] with the given credentials.
+#[track_caller]
+pub fn http_as(who: As, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let auth = match who {
+        As::Admin => AUTH.to_string(),
+        As::Nobody => String::new(),
+        As::Bearer(t) => format!("-H 'Authorization: Bearer {}'", t.replace('\'', "")),
+    };
     let cmd = format!(
-        "curl -sS -m 120 -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
+        "curl -sS -m 120 {auth} -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
         if body.is_some() {
             "-H 'content-type: application/json' --data-binary @-"
         } else {
