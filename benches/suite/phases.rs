@@ -1348,6 +1348,9 @@ http {{
             "-c",
             &format!("{dir}/nginx.conf"),
         ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("spawn {}", ctx.nginx))?;
@@ -1386,11 +1389,30 @@ async fn throughput(ctx: &mut Ctx, id: &str) -> Result<()> {
     let status_path = format!("/projects/{id}/status");
     let (_, status_body) = http::call(&api(), "GET", &status_path, None).await?;
     let (_, list_body) = http::call(&api(), "GET", "/projects", None).await?;
-    let _nginx = start_nginx(
+    let nginx = start_nginx(
         ctx,
         &[("status.json", &status_body), ("projects.json", &list_body)],
     )
     .await?;
+    let r = throughput_runs(ctx, id, &status_path, conns, warm, secs).await;
+    // SIGQUIT: graceful, the master takes its workers with it (SIGKILL would orphan them)
+    if let Some(pid) = nginx.id() {
+        sh_quiet(&format!("kill -QUIT {pid}")).await;
+    }
+    let mut nginx = nginx;
+    let _ = tokio::time::timeout(Duration::from_secs(10), nginx.wait()).await;
+    r
+}
+
+async fn throughput_runs(
+    ctx: &mut Ctx,
+    id: &str,
+    status_path: &str,
+    conns: usize,
+    warm: Duration,
+    secs: Duration,
+) -> Result<()> {
+    let status_path = status_path.to_owned();
     let ngx = Target::Tcp(NGINX_ADDR.parse()?);
     let mut loads = Vec::new();
     section(&format!(

@@ -44,7 +44,8 @@ def plot():
         keys = [k for k in order if k in d]
         a = ax[0][i]
         if keys:
-            a.boxplot([d[k]["samples"] for k in keys], labels=[names[k] for k in keys], showfliers=True)
+            a.boxplot([d[k]["samples"] for k in keys], showfliers=True)
+            a.set_xticks(range(1, len(keys) + 1), [names[k] for k in keys])
         a.set_title(f"{what} latency (N={d[keys[0]]['summary']['n'] if keys else 0} each)")
         a.set_ylabel("ms")
         a.grid(axis="y", alpha=0.3)
