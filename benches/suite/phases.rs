@@ -498,7 +498,8 @@ async fn latency(ctx: &mut Ctx) -> Result<()> {
     let project = new_id();
     let mut start: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut stop: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut parts: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    // API rounds: (request sent, unit left inactive, unit READY, answer received), monotonic µs
+    let mut api_rounds: Vec<(f64, f64, f64, f64)> = Vec::new();
     let rounds = ctx.warmup + ctx.n;
     println!(
         "  {rounds} rounds ({} warm-up) of start+stop with each method, order rotated each round",
@@ -518,21 +519,11 @@ async fn latency(ctx: &mut Ctx) -> Result<()> {
                 .await
                 .with_context(|| format!("start with {}", m.label()))?;
             if m == Method::Api && r >= ctx.warmup {
-                // where the time went, from systemd's own (monotonic) timestamps of the unit
+                // where the time went: systemd's own timestamps of the unit (the daemon's journal
+                // lines are matched after the phase)
                 let t = unit_timestamps(&format!("cocalc-project-{slot}.service")).await?;
-                let unit_total = (t.active_enter - t.inactive_exit) / 1000.0;
-                parts
-                    .entry("outside_unit")
-                    .or_default()
-                    .push(ms(s) - unit_total);
-                parts
-                    .entry("exec_start_pre")
-                    .or_default()
-                    .push((t.exec_main_start - t.inactive_exit) / 1000.0);
-                parts
-                    .entry("podman_in_unit")
-                    .or_default()
-                    .push((t.active_enter - t.exec_main_start) / 1000.0);
+                let t1 = stats::mono_us();
+                api_rounds.push((t1 - ms(s) * 1000.0, t.inactive_exit, t.active_enter, t1));
             }
             tokio::time::sleep(Duration::from_millis(150)).await;
             let p = stop_with(m, &slot)
@@ -570,32 +561,7 @@ async fn latency(ctx: &mut Ctx) -> Result<()> {
             }
         }
         if what == "start" {
-            let p = |k: &str| Summary::of(parts.get(k).map_or(&[][..], Vec::as_slice)).p50;
-            ctx.row(
-                "1. start/stop latency",
-                "  API start p50, part: daemon + systemd outside the unit",
-                p("outside_unit"),
-                "ms",
-                None,
-                Goal::None,
-            );
-            ctx.row(
-                "1. start/stop latency",
-                "  API start p50, part: ExecStartPre (rm -f cidfile)",
-                p("exec_start_pre"),
-                "ms",
-                None,
-                Goal::None,
-            );
-            ctx.row(
-                "1. start/stop latency",
-                "  API start p50, part: podman run in the unit → READY",
-                p("podman_in_unit"),
-                "ms",
-                Some((Method::Raw.label(), s(Method::Raw).p50)),
-                Goal::None,
-            );
-            ctx.detail("api_start_parts_ms", json!(parts));
+            start_parts(ctx, &project, &api_rounds, s(Method::Raw).p50).await;
         }
         ctx.detail(
             &format!("{what}_latency_ms"),
@@ -611,6 +577,81 @@ async fn latency(ctx: &mut Ctx) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Splits the API's start latency with the daemon's journal ("starting project" is logged just
+/// before StartTransientUnit, "project started" after the store write) and the unit's timestamps.
+async fn start_parts(ctx: &mut Ctx, project: &str, rounds: &[(f64, f64, f64, f64)], raw_p50: f64) {
+    let journal = stats::daemon_journal(&format!("PROJECT_ID={project}")).await;
+    let find = |msg: &str, a: f64, b: f64| {
+        journal
+            .iter()
+            .find(|(t, m)| m == msg && *t >= a && *t <= b)
+            .map(|(t, _)| *t)
+    };
+    let mut parts: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for &(t0, u0, u1, t1) in rounds {
+        let (Some(d0), Some(d1)) = (
+            find("starting project", t0, t1),
+            find("project started", t0, t1),
+        ) else {
+            continue;
+        };
+        for (k, a, b) in [
+            ("a_request_to_starting", t0, d0),
+            ("b_starting_to_unit_job", d0, u0),
+            ("c_unit_job_to_ready", u0, u1),
+            ("d_ready_to_started", u1, d1),
+            ("e_started_to_answer", d1, t1),
+        ] {
+            parts.entry(k).or_default().push((b - a) / 1000.0);
+        }
+    }
+    let p = |k: &str| Summary::of(parts.get(k).map_or(&[][..], Vec::as_slice)).p50;
+    let sec = "1. start/stop latency";
+    let n = parts.get("a_request_to_starting").map_or(0, Vec::len);
+    println!("  API start split ({n} rounds matched with the journal), p50 of each part:");
+    ctx.row(
+        sec,
+        "  part: request → daemon logs \"starting project\" (checks unit, home)",
+        p("a_request_to_starting"),
+        "ms",
+        None,
+        Goal::None,
+    );
+    ctx.row(
+        sec,
+        "  part: → systemd starts the unit's job (StartTransientUnit)",
+        p("b_starting_to_unit_job"),
+        "ms",
+        None,
+        Goal::None,
+    );
+    ctx.row(
+        sec,
+        "  part: unit job → READY (ExecStartPre rm + podman run)",
+        p("c_unit_job_to_ready"),
+        "ms",
+        Some((Method::Raw.label(), raw_p50)),
+        Goal::None,
+    );
+    ctx.row(
+        sec,
+        "  part: READY → daemon logs \"project started\" (job signal, unit read, store write)",
+        p("d_ready_to_started"),
+        "ms",
+        None,
+        Goal::None,
+    );
+    ctx.row(
+        sec,
+        "  part: → HTTP answer received",
+        p("e_started_to_answer"),
+        "ms",
+        None,
+        Goal::None,
+    );
+    ctx.detail("api_start_parts_ms", json!(parts));
 }
 
 struct UnitTimes {
@@ -808,13 +849,20 @@ async fn daemon_main_pid() -> Result<u32> {
 }
 
 /// `systemctl restart` (returns at READY=1); also the daemon's own exec → READY time.
-async fn restart_daemon() -> Result<(f64, f64)> {
+async fn restart_daemon() -> Result<(f64, f64, f64)> {
     let t0 = Instant::now();
     sh(&format!("systemctl restart {DAEMON}")).await?;
     let wall = ms(t0.elapsed());
     let t = unit_timestamps(DAEMON).await?;
     let internal = (t.active_enter - t.exec_main_start) / 1000.0;
-    Ok((wall, internal))
+    // the daemon logs "reconciled …" when its picture of systemd and the store is complete
+    let reconciled = stats::daemon_journal("MESSAGE=reconciled with systemd and the store")
+        .await
+        .into_iter()
+        .map(|(m, _)| m)
+        .find(|m| *m >= t.exec_main_start && *m <= t.active_enter + 1e6)
+        .map_or(f64::NAN, |m| (m - t.exec_main_start) / 1000.0);
+    Ok((wall, internal, reconciled))
 }
 
 async fn daemon_cold(ctx: &mut Ctx) -> Result<()> {
@@ -874,15 +922,18 @@ async fn daemon_cold(ctx: &mut Ctx) -> Result<()> {
     );
     let mut restart = Vec::new();
     let mut internal = Vec::new();
+    let mut reconcile = Vec::new();
     for _ in 0..ctx.restarts {
-        let (a, b) = restart_daemon().await?;
+        let (a, b, c) = restart_daemon().await?;
         restart.push(a);
         internal.push(b);
+        reconcile.push(c);
     }
     ctx.detail(
         "daemon_ms",
         json!({"cold_healthz": cold, "podman_socket_cold_ping": podman_cold, "warm_healthz": warm,
-               "restart_0_projects": restart, "exec_to_ready_0_projects": internal}),
+               "restart_0_projects": restart, "exec_to_ready_0_projects": internal,
+               "exec_to_reconciled_0_projects": reconcile}),
     );
     Ok(())
 }
@@ -1253,10 +1304,12 @@ async fn restart_many(ctx: &mut Ctx, ids: &[String]) -> Result<()> {
     let n = ids.len();
     let mut wall = Vec::new();
     let mut internal = Vec::new();
+    let mut reconcile = Vec::new();
     let mut all = Vec::new();
     for _ in 0..ctx.restarts {
         let t0 = Instant::now();
-        let (w, i) = restart_daemon().await?;
+        let (w, i, rc) = restart_daemon().await?;
+        reconcile.push(rc);
         // every project's status correct again
         for id in ids {
             let v = http::json(&api(), "GET", &format!("/projects/{id}/status"), None).await?;
@@ -1298,6 +1351,20 @@ async fn restart_many(ctx: &mut Ctx, ids: &[String]) -> Result<()> {
         Some(("exec → READY, 0 running", med(&base_int))),
         Goal::None,
     );
+    let base_rec: Vec<f64> = ctx
+        .detail
+        .get("daemon_ms")
+        .and_then(|d| d["exec_to_reconciled_0_projects"].as_array())
+        .map(|v| v.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    ctx.row(
+        "5. daemon",
+        "    of which exec → \"reconciled\" logged (reconcile())",
+        med(&reconcile),
+        "ms",
+        Some(("exec → reconciled, 0 running", med(&base_rec))),
+        Goal::None,
+    );
     ctx.row(
         "5. daemon",
         &format!("restart → all {n} statuses read back running"),
@@ -1308,7 +1375,8 @@ async fn restart_many(ctx: &mut Ctx, ids: &[String]) -> Result<()> {
     );
     ctx.detail(
         "restart_many_ms",
-        json!({"restart_ready": wall, "exec_to_ready": internal, "all_status_ok": all}),
+        json!({"restart_ready": wall, "exec_to_ready": internal, "exec_to_reconciled": reconcile,
+               "all_status_ok": all}),
     );
     Ok(())
 }

@@ -188,3 +188,33 @@ pub async fn wait_payloads(tokens: &[String], above: u32, timeout: Duration) -> 
     }
     Ok(())
 }
+
+/// CLOCK_MONOTONIC in µs: the clock of systemd's `…TimestampMonotonic` properties and of the
+/// journal's `__MONOTONIC_TIMESTAMP` (one kernel, no time namespace in the testbed).
+pub fn mono_us() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(f64::NAN, |t| {
+        t.tv_sec() as f64 * 1e6 + t.tv_nsec() as f64 / 1e3
+    })
+}
+
+/// The daemon's journal entries (monotonic µs, MESSAGE) matching `filter` (e.g. `PROJECT_ID=…`).
+pub async fn daemon_journal(filter: &str) -> Vec<(f64, String)> {
+    let out = run(&[
+        "journalctl",
+        "-q",
+        "--no-pager",
+        "-o",
+        "json",
+        "SYSLOG_IDENTIFIER=cocalc-project-host",
+        filter,
+    ])
+    .await
+    .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let t: f64 = v["__MONOTONIC_TIMESTAMP"].as_str()?.parse().ok()?;
+            Some((t, v["MESSAGE"].as_str()?.to_owned()))
+        })
+        .collect()
+}
