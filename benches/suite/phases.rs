@@ -187,23 +187,34 @@ pub async fn run(out: PathBuf) -> Result<()> {
     };
     let t0 = Instant::now();
     preflight(&mut ctx).await?;
+    // BENCH_PHASES=cold,latency,burst,density,snapshot runs only those (default: all)
+    let only = std::env::var("BENCH_PHASES").unwrap_or_default();
+    let wanted = |key: &str| only.is_empty() || only.split(',').any(|p| p.trim() == key);
     macro_rules! phase {
-        ($name:expr, $f:expr) => {{
-            section($name);
-            let t = Instant::now();
-            if let Err(e) = $f.await {
-                println!("  !! phase failed: {e:#}");
-                ctx.detail(&format!("error {}", $name), json!(format!("{e:#}")));
+        ($key:expr, $name:expr, $f:expr) => {{
+            if !wanted($key) {
+                println!("\n== {} (skipped: BENCH_PHASES={only})", $name);
+            } else {
+                section($name);
+                let t = Instant::now();
+                if let Err(e) = $f.await {
+                    println!("  !! phase failed: {e:#}");
+                    ctx.detail(&format!("error {}", $name), json!(format!("{e:#}")));
+                }
+                println!("  ({}: {:.0} s)", $name, t.elapsed().as_secs_f64());
+                ctx.save()?;
             }
-            println!("  ({}: {:.0} s)", $name, t.elapsed().as_secs_f64());
-            ctx.save()?;
         }};
     }
-    phase!("5a. daemon cold start", daemon_cold(&mut ctx));
-    phase!("1. start / stop latency", latency(&mut ctx));
-    phase!("2. burst", burst(&mut ctx));
-    phase!("3-5. density, API throughput, restart", density(&mut ctx));
-    phase!("6. snapshots", snapshots(&mut ctx));
+    phase!("cold", "5a. daemon cold start", daemon_cold(&mut ctx));
+    phase!("latency", "1. start / stop latency", latency(&mut ctx));
+    phase!("burst", "2. burst", burst(&mut ctx));
+    phase!(
+        "density",
+        "3-5. density, API throughput, restart",
+        density(&mut ctx)
+    );
+    phase!("snapshot", "6. snapshots", snapshots(&mut ctx));
     cleanup().await;
     ctx.detail("suite_secs", json!(t0.elapsed().as_secs_f64()));
     ctx.save()?;
@@ -518,11 +529,11 @@ async fn latency(ctx: &mut Ctx) -> Result<()> {
             let s = start_with(m, &slot, &home, &token)
                 .await
                 .with_context(|| format!("start with {}", m.label()))?;
+            let t1 = stats::mono_us();
             if m == Method::Api && r >= ctx.warmup {
                 // where the time went: systemd's own timestamps of the unit (the daemon's journal
                 // lines are matched after the phase)
                 let t = unit_timestamps(&format!("cocalc-project-{slot}.service")).await?;
-                let t1 = stats::mono_us();
                 api_rounds.push((t1 - ms(s) * 1000.0, t.inactive_exit, t.active_enter, t1));
             }
             tokio::time::sleep(Duration::from_millis(150)).await;
