@@ -550,6 +550,21 @@ async fn latency(ctx: &mut Ctx) -> Result<()> {
             println!("  … {} rounds", r + 1);
         }
     }
+    // where systemd (PID 1) and the daemon spend their CPU during API start/stop cycles (not
+    // part of the figures: perf costs a little)
+    let daemon = daemon_main_pid().await?;
+    if perf_request(ctx, &[1, daemon], 8, "api_start_stop").await {
+        let t0 = Instant::now();
+        let mut cycles = 0;
+        while t0.elapsed() < Duration::from_secs(7) {
+            let token = ctx.next_token();
+            start_with(Method::Api, &project, &home, &token).await?;
+            stop_with(Method::Api, &project).await?;
+            cycles += 1;
+        }
+        println!("  profiled {cycles} API start/stop cycles (PID 1 and the daemon)");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     for (what, samples) in [("start", &start), ("stop", &stop)] {
         let s = |m: Method| Summary::of(&samples[m.key()]);
         let api = s(Method::Api);
@@ -622,6 +637,9 @@ async fn start_parts(ctx: &mut Ctx, project: &str, rounds: &[(f64, f64, f64, f64
     let sec = "1. start/stop latency";
     let n = parts.get("a_request_to_starting").map_or(0, Vec::len);
     println!("  API start split ({n} rounds matched with the journal), p50 of each part:");
+    if n == 0 {
+        return;
+    }
     ctx.row(
         sec,
         "  part: request → daemon logs \"starting project\" (checks unit, home)",
@@ -1445,10 +1463,16 @@ http {{
 
 /// Asks the host side (scripts/bench) to profile `pid` with perf for `secs`; true once it has
 /// started. Without the host side (the suite run by hand) there is no profile.
-async fn perf_request(ctx: &Ctx, pid: u32, secs: u64, label: &str) -> bool {
+async fn perf_request(ctx: &Ctx, pids: &[u32], secs: u64, label: &str) -> bool {
     let ack = ctx.out.join(format!("perf-ack-{label}"));
     let _ = std::fs::remove_file(&ack);
-    if std::fs::write(ctx.out.join("perf-req"), format!("{pid} {secs} {label}\n")).is_err() {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    if std::fs::write(
+        ctx.out.join("perf-req"),
+        format!("{} {secs} {label}\n", pids.join(",")),
+    )
+    .is_err()
+    {
         return false;
     }
     for _ in 0..50 {
@@ -1596,7 +1620,7 @@ async fn throughput_runs(
         ("api_list", "/projects"),
     ] {
         let psecs = 6;
-        if perf_request(ctx, pid, psecs, label).await {
+        if perf_request(ctx, &[pid], psecs, label).await {
             let l = http::load(
                 &api(),
                 path,

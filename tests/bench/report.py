@@ -14,6 +14,8 @@ out, doc = sys.argv[1], sys.argv[2]
 res = json.load(open(os.path.join(out, "results.json")))
 meta = json.load(open(os.path.join(out, "meta.json")))
 rows, detail = res["rows"], res["detail"]
+# in the order of the sections (the suite measures them in another order)
+rows = sorted(rows, key=lambda r: r["section"].split(".")[0])
 here = os.path.dirname(os.path.abspath(__file__))
 png_name = os.path.splitext(os.path.basename(doc))[0] + ".png"
 png = os.path.join(os.path.dirname(doc) or ".", png_name)
@@ -153,8 +155,14 @@ elif not profiles:
     w("perf worked but no profile was taken (the throughput phase did not run).")
 for f in profiles:
     label = f[len("perf-"):-len(".txt")]
-    w(f"`perf record -e cpu-clock -F 1999 -p <daemon>` for 5 s while {label.replace('_', ' ')} was under load "
-      f"(64 connections); flat profile, share of the daemon's samples (`perf report --no-children --sort dso,sym`):")
+    what = {
+        "api_status": "the daemon, for 5 s while `GET /projects/:id/status` was under load (64 connections)",
+        "api_list": "the daemon, for 5 s while `GET /projects` was under load (64 connections)",
+        "api_start_stop": "systemd (PID 1) and the daemon together, for 8 s of back-to-back API start/stop "
+                          "cycles of one project",
+    }.get(label, label)
+    w(f"`perf record -e cpu-clock -F 1999 -p …`: {what}; flat profile, share of the samples "
+      f"(`perf report --no-children`, by {'process, ' if label == 'api_start_stop' else ''}library and symbol):")
     w("")
     w("```")
     w(open(os.path.join(out, f)).read().rstrip() or "(empty)")
