@@ -65,7 +65,8 @@ def plot():
                 ys.append(thr[keys[j]]["rps"])
         a.bar(xs, ys, width, label=lab)
     a.set_xticks(range(len(groups)), ["GET status", "GET /projects"])
-    a.set_yscale("log")
+    if any(x.get("rps", 0) > 0 for x in thr.values()):
+        a.set_yscale("log")
     a.set_ylabel("requests/s (log)")
     conns = next(iter(thr.values()))["connections"] if thr else 0
     a.set_title(f"API throughput, {conns} connections")
