@@ -573,8 +573,11 @@ pub async fn serve(
     }
     drop(listener);
     // A connection accepted just before shutdown may not have sent its request yet; hyper counts
-    // it idle and would close it unanswered. Give such clients a moment to be read first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // it idle and would close it unanswered. Give such clients a moment to be read first (only
+    // when there are connections: a restart of an idle daemon does not wait).
+    if permits.available_permits() < MAX_CONNECTIONS {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
         .is_err()

@@ -1,0 +1,39 @@
+//! The benchmark suite of cocalc-project-host, run inside the testbed machine against the
+//! installed package by `scripts/bench` (which builds, boots, installs, profiles and writes
+//! docs/benchmarks.md). Every figure is printed next to a baseline measured in the same run on
+//! the same machine; nothing asserts an absolute time.
+//!
+//!   suite run [OUT_DIR]      (inside the machine, as root; OUT_DIR default /xchg/bench)
+//!
+//! Sizes come from the environment: BENCH_N (30), BENCH_WARMUP (2), BENCH_BURST (50),
+//! BENCH_BURST_REPS (3), BENCH_DENSITY (200), BENCH_CONNS (64), BENCH_LOAD_SECS (10),
+//! BENCH_RESTARTS (3), BENCH_SNAP_BIG_MB (1024), BENCH_NGINX (/xchg/nginx/usr/sbin/nginx);
+//! BENCH_PHASES=cold,latency,burst,density,snapshot runs only those (default: all).
+#![allow(clippy::unwrap_used)] // a bench tool: a panic is the report
+mod http;
+mod phases;
+mod stats;
+
+use std::path::PathBuf;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("run") {
+        // `cargo bench` lands here: the suite needs the testbed machine
+        println!(
+            "cocalc-project-host benchmark suite: run `scripts/bench` (root); it runs this binary \
+             inside the testbed as `suite run [OUT_DIR]`."
+        );
+        return;
+    }
+    let out = PathBuf::from(args.get(1).map_or("/xchg/bench", String::as_str));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Err(e) = rt.block_on(phases::run(out)) {
+        eprintln!("bench: {e:#}");
+        std::process::exit(1);
+    }
+}
