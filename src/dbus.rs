@@ -182,8 +182,8 @@ impl Manager {
     fn list_projects(&self) -> Vec<(String, String, u64, OwnedObjectPath)> {
         self.host
             .list()
-            .into_iter()
-            .map(|(id, last)| {
+            .iter()
+            .map(|&(id, last)| {
                 (
                     id.to_string(),
                     self.host.peek_status(id).state.to_string(),
@@ -419,7 +419,7 @@ pub async fn serve(host: Arc<Host>) -> zbus::Result<Connection> {
         .build()
         .await?;
     let mut exported = HashSet::new();
-    for (id, _) in host.list() {
+    for &(id, _) in host.list().iter() {
         conn.object_server()
             .at(
                 project_path(&id),

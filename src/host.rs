@@ -142,6 +142,38 @@ struct Entry {
     memory_current: Option<u64>,
     /// quota and usage of the home, refreshed from btrfs
     disk: Option<DiskStatus>,
+    /// the last touch time sent to the store
+    persisted_touch: u64,
+}
+
+/// Known projects with their last touch (ms), most recent first; shared, not copied.
+pub type ProjectList = Arc<Vec<(ProjectId, u64)>>;
+
+/// The write guard of the project map: every change bumps the generation (before the lock is
+/// released), so a cached list is never newer than what it was computed from.
+struct EntriesMut<'a> {
+    guard: std::sync::RwLockWriteGuard<'a, HashMap<ProjectId, Entry>>,
+    generation: &'a std::sync::atomic::AtomicU64,
+}
+
+impl std::ops::Deref for EntriesMut<'_> {
+    type Target = HashMap<ProjectId, Entry>;
+    fn deref(&self) -> &Self::Target {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for EntriesMut<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.guard
+    }
+}
+
+impl Drop for EntriesMut<'_> {
+    fn drop(&mut self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Entry {
@@ -163,6 +195,10 @@ pub struct Host {
     projects: RwLock<HashMap<ProjectId, Entry>>,
     locks: Mutex<HashMap<ProjectId, Arc<tokio::sync::Mutex<()>>>>,
     changes: broadcast::Sender<HostEvent>,
+    /// bumped by every change to `projects`; keys `list_cache`
+    generation: std::sync::atomic::AtomicU64,
+    /// the sorted project list at a generation (`GET /projects` under load re-sorts nothing)
+    list_cache: Mutex<(u64, ProjectList)>,
 }
 
 /// Milliseconds since the epoch.
@@ -200,6 +236,8 @@ impl Host {
             projects: RwLock::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             changes,
+            generation: std::sync::atomic::AtomicU64::new(1),
+            list_cache: Mutex::new((0, Arc::new(Vec::new()))),
         });
         // watch before reading, so no change falls between the read and the stream
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -251,8 +289,11 @@ impl Host {
         self.changes.subscribe()
     }
 
-    fn entries(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ProjectId, Entry>> {
-        self.projects.write().unwrap_or_else(|p| p.into_inner())
+    fn entries(&self) -> EntriesMut<'_> {
+        EntriesMut {
+            guard: self.projects.write().unwrap_or_else(|p| p.into_inner()),
+            generation: &self.generation,
+        }
     }
 
     fn read_entries(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ProjectId, Entry>> {
@@ -443,7 +484,12 @@ impl Host {
             match map.get_mut(&id) {
                 Some(e) if e.known => {
                     e.last_touched = e.last_touched.max(now);
-                    true
+                    // the store keeps touches to the second: a status poll is not a write each
+                    let persist = now >= e.persisted_touch + 1000;
+                    if persist {
+                        e.persisted_touch = now;
+                    }
+                    persist
                 }
                 _ => false,
             }
@@ -461,7 +507,15 @@ impl Host {
     }
 
     /// Known projects with their last touch (ms), most recent first.
-    pub fn list(&self) -> Vec<(ProjectId, u64)> {
+    pub fn list(&self) -> ProjectList {
+        use std::sync::atomic::Ordering;
+        let generation = self.generation.load(Ordering::Acquire);
+        {
+            let cache = self.list_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.0 == generation {
+                return cache.1.clone();
+            }
+        }
         let mut v: Vec<(ProjectId, u64)> = self
             .read_entries()
             .iter()
@@ -469,6 +523,8 @@ impl Host {
             .map(|(id, e)| (*id, e.last_touched))
             .collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let v = Arc::new(v);
+        *self.list_cache.lock().unwrap_or_else(|p| p.into_inner()) = (generation, v.clone());
         v
     }
 

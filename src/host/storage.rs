@@ -329,7 +329,7 @@ impl Host {
         let now = now.unwrap_or_else(now_ms);
         let ids: Vec<ProjectId> = match only {
             Some(v) => v,
-            None => self.list().into_iter().map(|(id, _)| id).collect(),
+            None => self.list().iter().map(|&(id, _)| id).collect(),
         };
         // commit first, so the generations below include every write made so far
         self.storage.sync().await?;
