@@ -88,7 +88,8 @@ impl Serialize for SnapshotName {
 const DAY_MS: u64 = 86_400_000;
 
 /// Days since 1970-01-01 → (year, month 1..=12, day 1..=31), proleptic Gregorian (H. Hinnant).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+/// The one calendar routine of the crate (snapshot names, the CLI's times).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

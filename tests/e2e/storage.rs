@@ -1,5 +1,6 @@
 //! Disk quotas, snapshots, restore, rolling snapshots, scratch and /tmp: real btrfs qgroups and
 //! subvolumes under real containers, behind the HTTP API.
+use cocalc_project_host::snapshots::{basic_iso, parse_basic_iso};
 use serde_json::Value;
 
 use crate::tb::{self, STORAGE, http, new_id, ok, sh, start, status, stop, wait_for};
@@ -509,15 +510,7 @@ fn snapshots_are_read_only_and_restore_brings_files_back() {
 }
 
 fn at(iso: &str) -> u64 {
-    // YYYYMMDDTHHMMSSZ → ms, via date(1) in the machine would be slower; do it here
-    let n = |r: std::ops::Range<usize>| iso[r].parse::<i64>().unwrap();
-    let (y, m, d) = (n(0..4), n(4..6), n(6..8));
-    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
-    let era = y2.div_euclid(400);
-    let yoe = y2.rem_euclid(400);
-    let doy = (153 * m2 + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    ((days * 86_400 + n(9..11) * 3600 + n(11..13) * 60 + n(13..15)) * 1000) as u64
+    parse_basic_iso(iso).unwrap_or_else(|| panic!("not a basic ISO time: {iso}"))
 }
 
 #[test]
@@ -563,7 +556,7 @@ fn rolling_snapshots_keep_exactly_the_policy_over_ten_simulated_weeks() {
         if *write {
             assert_eq!(
                 r["created"].as_str(),
-                Some(format!("auto-{}", iso(*t)).as_str()),
+                Some(format!("auto-{}", basic_iso(*t)).as_str()),
                 "{r}"
             );
         } else {
@@ -605,28 +598,6 @@ fn rolling_snapshots_keep_exactly_the_policy_over_ten_simulated_weeks() {
         )),
         "54"
     );
-}
-
-fn iso(ms: u64) -> String {
-    let s = ms / 1000;
-    let days = (s / 86_400) as i64;
-    // civil_from_days (H. Hinnant)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let r = s % 86_400;
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        r / 3600,
-        r / 60 % 60,
-        r % 60
-    )
 }
 
 #[test]
