@@ -1,21 +1,21 @@
 //! cocalc-project-host: a systemd-native runner node for CoCalc-style multi-project hosting.
-//!
-//! `host` is the core; `http` and `dbus` are thin adapters over it; `systemd`, `podman`, `btrfs`
-//! and `store` each speak to one external system; `cmd` runs every external program.
 pub mod activation;
 pub mod auth;
-pub mod btrfs;
+pub mod backends;
 pub mod client;
 pub mod cmd;
 pub mod config;
+pub mod core;
 pub mod dbus;
-pub mod host;
+pub mod domain;
 pub mod http;
-pub mod limits;
 pub mod logging;
-pub mod podman;
-pub mod project;
 pub mod seccomp;
-pub mod snapshots;
-pub mod store;
-pub mod systemd;
+
+// transitional: the old paths, until every file uses the new ones
+pub mod host {
+    pub use crate::core::*;
+}
+pub use backends::sqlite as store;
+pub use backends::{btrfs, podman, systemd};
+pub use domain::{limits, project, snapshots};
