@@ -10,6 +10,7 @@ pub mod dbus;
 pub mod domain;
 pub mod http;
 pub mod logging;
+pub mod ports;
 pub mod seccomp;
 
 // transitional: the old paths, until every file uses the new ones

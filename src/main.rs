@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use cocalc_project_host::backends::btrfs;
 use cocalc_project_host::client::{self, Action};
-use cocalc_project_host::project::RunConfig;
-use cocalc_project_host::{activation, auth, btrfs, config, dbus, host::Host, http, logging};
+use cocalc_project_host::core::Host;
+use cocalc_project_host::domain::project::RunConfig;
+use cocalc_project_host::{activation, auth, config, dbus, http, logging};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -324,6 +326,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long shutdown waits for in-flight starts and stops (under systemd's default 90s stop
+/// timeout of the daemon, after HTTP's own 30s at most).
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(45);
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -348,7 +354,7 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
                 "no admin token and no master key: every request but /healthz is refused"
             );
         }
-        let _bus = dbus::serve(host.clone())
+        let bus = dbus::serve(host.clone())
             .await
             .with_context(|| format!("cannot own {} on the system bus", dbus::BUS_NAME))?;
         let addr = http_listener.listener.local_addr()?;
@@ -384,10 +390,20 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
             "serving"
         );
         activation::notify_ready(&format!("serving on {addr}"));
-        http::serve(listener, host, auth, async {
+        http::serve(listener, host.clone(), auth, async {
             let _ = stop_rx.await;
         })
         .await;
+        // The shutdown order: HTTP has stopped accepting and finished its requests; the bus name
+        // goes next (no new D-Bus calls), then the core drains the starts and stops in flight
+        // (D-Bus-started ones included: they are not cut off by the runtime's drop) and ends
+        // its loops; the bus connection goes last.
+        if let Err(e) = bus.release_name(dbus::BUS_NAME).await {
+            tracing::warn!(error = %e, "cannot release the bus name");
+        }
+        tracing::info!("stopping: bus name released, draining the core");
+        host.shutdown(SHUTDOWN_DRAIN).await;
+        drop(bus);
         tracing::info!("stopped");
         Ok(())
     })

@@ -1,5 +1,8 @@
-//! The real backends behind the core's ports: systemd over zbus, podman's argv, btrfs, SQLite.
+//! The backends behind the core's ports (`crate::ports`): the real ones (systemd over zbus with
+//! podman's argv in `units`, btrfs, SQLite) and a simulated one (`sim`) for in-process tests.
 pub mod btrfs;
 pub mod podman;
+pub mod sim;
 pub mod sqlite;
 pub mod systemd;
+pub mod units;

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use crate::project::{ProjectId, ProjectState, RunConfig};
+use crate::domain::project::{ProjectId, ProjectState, RunConfig};
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -204,6 +204,31 @@ impl Store {
     /// Waits until every job sent before this call has run.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.call(|_| Ok(())).await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::ports::Store for Store {
+    async fn host_id(&self) -> Result<String, StoreError> {
+        Store::host_id(self).await
+    }
+    async fn projects(&self) -> Result<Vec<ProjectRow>, StoreError> {
+        Store::projects(self).await
+    }
+    async fn project(&self, id: ProjectId) -> Result<Option<ProjectRow>, StoreError> {
+        Store::project(self, id).await
+    }
+    async fn upsert(
+        &self,
+        id: ProjectId,
+        state: ProjectState,
+        config: Option<RunConfig>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        Store::upsert(self, id, state, config, now_ms).await
+    }
+    fn touch(&self, id: ProjectId, now_ms: u64) {
+        Store::touch(self, id, now_ms)
     }
 }
 

@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
-use crate::limits::{self, Limits, SliceSettings};
-use crate::podman;
-use crate::project::{ProjectId, UnitInfo};
+use crate::backends::podman;
+use crate::domain::limits::{self, Limits, SliceSettings};
+use crate::domain::project::{ActiveState, ProjectId, UnitInfo};
+use crate::ports::{UnitEvent, UnitEvents};
 
 /// The slice every project unit runs in.
 pub const PROJECTS_SLICE: &str = "cocalc-projects.slice";
@@ -90,26 +90,6 @@ impl SystemdError {
         matches!(self, SystemdError::Bus(zbus::Error::MethodError(name, _, _))
             if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit")
     }
-}
-
-/// A change to a project unit seen on the bus.
-#[derive(Debug, Clone, PartialEq)]
-pub enum UnitEvent {
-    /// Some properties changed (absent ones did not).
-    Changed {
-        /// the project
-        id: ProjectId,
-        /// `ActiveState`
-        active_state: Option<String>,
-        /// `SubState`
-        sub_state: Option<String>,
-        /// `MainPID`
-        main_pid: Option<u32>,
-        /// `ActiveEnterTimestamp` (µs)
-        active_enter_usec: Option<u64>,
-    },
-    /// The unit was unloaded (stopped and collected).
-    Removed(ProjectId),
 }
 
 /// The system bus connection the host uses to drive systemd.
@@ -245,6 +225,19 @@ pub fn slice_properties(s: &SliceSettings) -> Vec<(&'static str, Variant<'static
             (k, v)
         })
         .collect()
+}
+
+/// Parses systemd's `ActiveState`.
+pub fn parse_active_state(s: &str) -> ActiveState {
+    match s {
+        "active" => ActiveState::Active,
+        "reloading" => ActiveState::Reloading,
+        "inactive" | "" => ActiveState::Inactive,
+        "failed" => ActiveState::Failed,
+        "activating" => ActiveState::Activating,
+        "deactivating" => ActiveState::Deactivating,
+        _ => ActiveState::Other,
+    }
 }
 
 fn prop<T: TryFrom<OwnedVariant>>(props: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
@@ -421,7 +414,9 @@ impl Systemd {
             .await
             .unwrap_or_default();
         Ok(Some(UnitInfo {
-            active_state: prop(&u, "ActiveState").unwrap_or_default(),
+            active_state: parse_active_state(
+                &prop::<String>(&u, "ActiveState").unwrap_or_default(),
+            ),
             sub_state: prop(&u, "SubState").unwrap_or_default(),
             main_pid: prop(&s, "MainPID").unwrap_or(0),
             active_enter_usec: prop(&u, "ActiveEnterTimestamp").unwrap_or(0),
@@ -459,28 +454,18 @@ impl Systemd {
         Ok(out)
     }
 
-    /// Streams changes of project units (PropertiesChanged on their objects, UnitRemoved) into
-    /// `tx`. Call before reading the initial state, so nothing falls between the two.
-    pub async fn watch(&self, tx: mpsc::UnboundedSender<UnitEvent>) -> Result<(), SystemdError> {
+    /// Streams changes of project units (PropertiesChanged on their objects, UnitRemoved). Call
+    /// before reading the initial state, so nothing falls between the two.
+    pub async fn watch(&self) -> Result<UnitEvents, SystemdError> {
         let changes = signal_rule("org.freedesktop.DBus.Properties", "PropertiesChanged")
             .path_namespace(UNIT_PATH_PREFIX.trim_end_matches('/'))
             .build()?;
         let removed = signal_rule("org.freedesktop.systemd1.Manager", "UnitRemoved").build()?;
         let changes = MessageStream::for_match_rule(changes, &self.conn, None).await?;
         let removed = MessageStream::for_match_rule(removed, &self.conn, None).await?;
-        let mut all = futures_util::stream::select(changes, removed);
-        tokio::spawn(async move {
-            while let Some(msg) = all.next().await {
-                let Ok(msg) = msg else { continue };
-                if let Some(ev) = decode_event(&msg)
-                    && tx.send(ev).is_err()
-                {
-                    break;
-                }
-            }
-            tracing::warn!("systemd signal stream ended");
-        });
-        Ok(())
+        let all = futures_util::stream::select(changes, removed)
+            .filter_map(|msg| futures_util::future::ready(msg.ok().and_then(|m| decode_event(&m))));
+        Ok(Box::pin(all))
     }
 }
 
@@ -498,7 +483,8 @@ fn decode_event(msg: &zbus::Message) -> Option<UnitEvent> {
                 msg.body().deserialize().ok()?;
             let ev = UnitEvent::Changed {
                 id,
-                active_state: prop(&changed, "ActiveState"),
+                active_state: prop::<String>(&changed, "ActiveState")
+                    .map(|s| parse_active_state(&s)),
                 sub_state: prop(&changed, "SubState"),
                 main_pid: prop(&changed, "MainPID"),
                 active_enter_usec: prop(&changed, "ActiveEnterTimestamp"),
@@ -521,6 +507,19 @@ fn decode_event(msg: &zbus::Message) -> Option<UnitEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn active_states_map_to_seed_states() {
+        use crate::domain::project::ProjectState;
+        let state = |s: &str| ProjectState::from_active_state(parse_active_state(s));
+        assert_eq!(state("active"), ProjectState::Running);
+        assert_eq!(state("reloading"), ProjectState::Running);
+        assert_eq!(state("activating"), ProjectState::Starting);
+        assert_eq!(state("deactivating"), ProjectState::Stopping);
+        assert_eq!(state("failed"), ProjectState::Opened);
+        assert_eq!(state("maintenance"), ProjectState::Opened);
+        assert_eq!(state(""), ProjectState::Opened);
+    }
 
     #[test]
     fn unit_paths_escape_like_systemd() {

@@ -1,29 +1,31 @@
-//! The core: project lifecycle over systemd, podman and btrfs, per-project locks, state kept in
-//! memory from systemd's signals, reconcile on start. Knows nothing of HTTP or D-Bus serving.
+//! The core: project lifecycle over the ports (units, storage, store), per-project locks, state
+//! kept in memory from the units' events, reconcile on start, every task owned (`tasks`). Knows
+//! nothing of HTTP or D-Bus serving, nor of systemd, podman, btrfs or SQLite (see `crate::ports`).
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{broadcast, mpsc};
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
 
-use crate::btrfs::{Storage, StorageError};
-use crate::cmd;
 use crate::config::Settings;
-use crate::limits::{self, ConfigView, Limits, LimitsPatch, LimitsUpdate};
-use crate::podman;
-use crate::project::{
-    InvalidConfig, InvalidProjectId, ProjectId, ProjectState, RunConfig, Status, UnitInfo,
+use crate::domain::limits::{self, ConfigView, Limits, LimitsPatch, LimitsUpdate};
+use crate::domain::project::{
+    ActiveState, DiskStatus, InvalidConfig, InvalidProjectId, ProjectId, ProjectState, RunConfig,
+    Status, UnitInfo,
 };
-use crate::store::{Store, StoreError};
-use crate::systemd::{self, Systemd, SystemdError, UnitEvent};
+use crate::domain::snapshots::{InvalidSnapshotName, SnapshotName};
+use crate::ports::{
+    self, Helper, StartError, StartPlan, StorageError, StoreError, UnitError as SystemdError,
+    UnitEvent,
+};
 
 mod storage;
-use crate::project::DiskStatus;
-use crate::snapshots::{InvalidSnapshotName, SnapshotName};
+mod tasks;
+#[cfg(test)]
+mod tests;
 pub use storage::{SnapshotInfo, SweepOutcome};
-
-/// The unit property of a project's CPU limit.
-const CPU_QUOTA: &str = "CPUQuotaPerSecUSec";
+pub use tasks::Tasks;
 
 /// A failure of a core call. Adapters map it to an HTTP status, a D-Bus error name or an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +181,7 @@ impl Drop for EntriesMut<'_> {
 impl Entry {
     fn state(&self) -> ProjectState {
         self.unit.as_ref().map_or(ProjectState::Opened, |u| {
-            ProjectState::from_active_state(&u.active_state)
+            ProjectState::from_active_state(u.active_state)
         })
     }
 }
@@ -189,9 +191,9 @@ impl Entry {
 pub struct Host {
     settings: Settings,
     host_id: String,
-    store: Store,
-    systemd: Systemd,
-    storage: Storage,
+    store: Arc<dyn ports::Store>,
+    units: Arc<dyn ports::Units>,
+    storage: Arc<dyn ports::Storage>,
     projects: RwLock<HashMap<ProjectId, Entry>>,
     locks: Mutex<HashMap<ProjectId, Arc<tokio::sync::Mutex<()>>>>,
     changes: broadcast::Sender<HostEvent>,
@@ -199,6 +201,19 @@ pub struct Host {
     generation: std::sync::atomic::AtomicU64,
     /// the sorted project list at a generation (`GET /projects` under load re-sorts nothing)
     list_cache: Mutex<(u64, ProjectList)>,
+    /// owner of every task the host spawns
+    tasks: Tasks,
+}
+
+/// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// project units
+    pub units: Arc<dyn ports::Units>,
+    /// project storage
+    pub storage: Arc<dyn ports::Storage>,
+    /// the store
+    pub store: Arc<dyn ports::Store>,
 }
 
 /// Milliseconds since the epoch.
@@ -219,42 +234,56 @@ impl Host {
                 settings.state_dir.display()
             )
         })?;
-        let store =
-            Store::open(&settings.state_dir.join("state.db")).context("cannot open the store")?;
-        let host_id = store.host_id().await?;
-        let systemd = Systemd::connect()
+        let store = crate::backends::sqlite::Store::open(&settings.state_dir.join("state.db"))
+            .context("cannot open the store")?;
+        let units = crate::backends::units::SystemdUnits::connect(settings.clone())
             .await
             .context("cannot connect to systemd on the system bus")?;
-        let storage = Storage::new(&settings);
+        let storage = crate::backends::btrfs::Storage::new(&settings);
+        let backends = Backends {
+            units: Arc::new(units),
+            storage: Arc::new(storage),
+            store: Arc::new(store),
+        };
+        Host::with_backends(settings, backends).await
+    }
+
+    /// A host over the given backends: watches their units, reconciles, puts the slice limits
+    /// on, and starts its refresh loops (owned by its [`Tasks`]).
+    pub async fn with_backends(settings: Settings, b: Backends) -> anyhow::Result<Arc<Host>> {
+        use anyhow::Context as _;
+        let host_id = b.store.host_id().await?;
         let (changes, _) = broadcast::channel(1024);
         let host = Arc::new(Host {
             settings,
             host_id,
-            store,
-            systemd,
-            storage,
+            store: b.store,
+            units: b.units,
+            storage: b.storage,
             projects: RwLock::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             changes,
             generation: std::sync::atomic::AtomicU64::new(1),
             list_cache: Mutex::new((0, Arc::new(Vec::new()))),
+            tasks: Tasks::new(),
         });
         // watch before reading, so no change falls between the read and the stream
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        host.systemd.watch(tx).await?;
+        let mut events = host.units.watch().await?;
         let weak = Arc::downgrade(&host);
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
+        host.tasks.spawn_loop("unit watcher", async move {
+            while let Some(ev) = events.next().await {
                 let Some(h) = weak.upgrade() else { break };
                 h.apply(ev);
             }
+            tracing::warn!("unit event stream ended");
         });
         host.reconcile().await?;
-        host.apply_slice_limits()
+        host.units
+            .set_slice_limits(&host.settings.slice)
             .await
             .context("cannot set the host-wide limits on the projects' slice")?;
         let weak = Arc::downgrade(&host);
-        tokio::spawn(async move {
+        host.tasks.spawn_loop("memory refresh", async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
@@ -263,7 +292,7 @@ impl Host {
             }
         });
         let weak = Arc::downgrade(&host);
-        tokio::spawn(async move {
+        host.tasks.spawn_loop("disk refresh", async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
@@ -272,6 +301,19 @@ impl Host {
             }
         });
         Ok(host)
+    }
+
+    /// The token cancelled when the host shuts down: adapters end their own loops on it (the
+    /// D-Bus publisher must, to let go of its `Arc<Host>`).
+    pub fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
+        self.tasks.token()
+    }
+
+    /// Shuts the core down, in order: lets in-flight starts, stops and limit changes finish
+    /// (waiting at most `drain`), then cancels the loops and waits for them. Call after the
+    /// adapters stopped taking requests.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.tasks.shutdown(drain).await
     }
 
     /// This host's id (stable across restarts).
@@ -357,7 +399,7 @@ impl Host {
 
     async fn reconcile(&self) -> anyhow::Result<()> {
         let rows = self.store.projects().await?;
-        let units = self.systemd.list_project_units().await?;
+        let units = self.units.list().await?;
         let now = now_ms();
         {
             let mut map = self.entries();
@@ -369,7 +411,7 @@ impl Host {
         }
         let mut adopted = 0;
         for (id, info) in units {
-            let state = ProjectState::from_active_state(&info.active_state);
+            let state = ProjectState::from_active_state(info.active_state);
             if !rows.iter().any(|r| r.id == id && r.state == state) {
                 self.store.upsert(id, state, None, now).await?;
             }
@@ -405,7 +447,7 @@ impl Host {
             .map(|(id, _)| *id)
             .collect();
         for id in running {
-            let m = self.systemd.memory_current(&id.unit_name()).await;
+            let m = self.units.memory_current(id).await;
             if let Some(e) = self.entries().get_mut(&id) {
                 e.memory_current = m;
             }
@@ -468,7 +510,7 @@ impl Host {
         Status {
             state: e.state(),
             server: self.host_id.clone(),
-            unit: id.unit_name(),
+            unit: self.units.unit_name(id),
             sub_state: u.map(|u| u.sub_state.clone()),
             main_pid: u.map(|u| u.main_pid).filter(|p| *p != 0),
             memory_current: e.memory_current,
@@ -539,7 +581,11 @@ impl Host {
         config: Option<RunConfig>,
     ) -> Result<Status, Error> {
         let host = self.clone();
-        match tokio::spawn(async move { host.start_now(id, config).await }).await {
+        match self
+            .tasks
+            .spawn_work(async move { host.start_now(id, config).await })
+            .await
+        {
             Ok(r) => r,
             Err(e) => Err(Error::StartFailed {
                 id,
@@ -556,9 +602,8 @@ impl Host {
         }
         let lock = self.lock(id);
         let _guard = lock.lock().await;
-        let unit = id.unit_name();
-        if let Some(info) = self.systemd.unit_info(&unit).await? {
-            match ProjectState::from_active_state(&info.active_state) {
+        if let Some(info) = self.units.info(id).await? {
+            match ProjectState::from_active_state(info.active_state) {
                 ProjectState::Running | ProjectState::Starting => {
                     self.set_unit(id, Some(info));
                     if !self.is_known(id) {
@@ -571,60 +616,53 @@ impl Host {
                     return Ok(self.status_of(id));
                 }
                 // a stop in progress (made outside the host): let it finish, then start anew
-                ProjectState::Stopping => self.systemd.stop(&unit, self.stop_wait()).await?,
-                ProjectState::Opened => self.systemd.reset_failed(&unit).await,
+                ProjectState::Stopping => self.units.stop(id, self.stop_wait()).await?,
+                ProjectState::Opened => self.units.reset_failed(id).await,
             }
         }
         let config = match config {
             Some(c) => c,
             None => self.stored_config(id).await?,
         };
-        let home = self.storage.ensure_home(&id).await?;
+        let home = self.storage.ensure_home(id).await?;
         let limits = self.limits_of(&config)?;
-        let mut argv = podman::run_argv(&id, &self.settings, &config, &home);
-        let storage_options = self.prepare_storage(id, &config, &home).await?;
-        podman::insert_options(&mut argv, storage_options);
-        let mut props =
-            systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
-        // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
-        // quota is put on once it runs, and lifted before a stop, so a project limited to a sliver
-        // of a core still starts and stops at full speed
-        props.extend(
-            systemd::limit_properties(&limits)
-                .into_iter()
-                .filter(|(k, _)| *k != CPU_QUOTA),
-        );
-        let since = SystemTime::now();
-        tracing::info!(project_id = %id, unit = %unit, "starting project");
-        if let Err(e) = self.start_unit(&unit, &props).await {
-            let journal = self.journal_tail(&unit, since).await;
-            self.clean_up_failed_start(id).await;
-            let now = now_ms();
-            if self.read_entries().get(&id).is_some_and(|e| e.known) {
-                self.store
-                    .upsert(id, ProjectState::Opened, None, now)
-                    .await?;
+        let (snapshots, scratch, tmp) = self.prepare_storage(id, &config).await?;
+        let plan = StartPlan {
+            id,
+            config: config.clone(),
+            home,
+            snapshots,
+            scratch,
+            tmp,
+            limits,
+        };
+        tracing::info!(project_id = %id, unit = %self.units.unit_name(id), "starting project");
+        match self.units.start(plan).await {
+            Ok(()) => {}
+            Err(StartError::Prepare(reason)) => {
+                return Err(Error::StartFailed {
+                    id,
+                    reason,
+                    journal: String::new(),
+                });
             }
-            tracing::warn!(project_id = %id, error = %e, journal = %journal, "project start failed");
-            // podman says what went wrong in its "Error: …" line; lead with it
-            let reason = match journal
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("Error: "))
-            {
-                Some(podman) => format!("{podman} ({e})"),
-                None => e.to_string(),
-            };
-            return Err(Error::StartFailed {
-                id,
-                reason,
-                journal: cmd::tail(&journal, 6),
-            });
+            Err(StartError::Unit { reason, journal }) => {
+                self.clean_up_failed_start(id).await;
+                let now = now_ms();
+                if self.read_entries().get(&id).is_some_and(|e| e.known) {
+                    self.store
+                        .upsert(id, ProjectState::Opened, None, now)
+                        .await?;
+                }
+                tracing::warn!(project_id = %id, error = %reason, journal = %journal, "project start failed");
+                return Err(Error::StartFailed {
+                    id,
+                    reason,
+                    journal: crate::cmd::tail(&journal, 6),
+                });
+            }
         }
-        let quota = [(
-            CPU_QUOTA,
-            zbus::Variant::from(limits::cpu_quota_usec(limits.cpu)),
-        )];
-        if let Err(e) = self.systemd.set_properties(&unit, true, &quota).await {
+        if let Err(e) = self.units.set_cpu_quota(id, Some(limits.cpu)).await {
             // never leave a project running without its CPU limit
             self.clean_up_failed_start(id).await;
             return Err(Error::StartFailed {
@@ -633,7 +671,7 @@ impl Host {
                 journal: String::new(),
             });
         }
-        let info = self.systemd.unit_info(&unit).await?;
+        let info = self.units.info(id).await?;
         self.set_unit(id, info);
         let status = self.status_of(id);
         let now = now_ms();
@@ -645,81 +683,16 @@ impl Host {
         Ok(status)
     }
 
-    /// StartTransientUnit, retrying while an old unit of the same name is being collected.
-    async fn start_unit(
-        &self,
-        unit: &str,
-        props: &[(&str, zbus::Variant<'_>)],
-    ) -> Result<(), SystemdError> {
-        let timeout = Duration::from_secs(150);
-        for _ in 0..50 {
-            match self.systemd.start_transient(unit, props, timeout).await {
-                Err(SystemdError::Bus(zbus::Error::MethodError(n, _, _)))
-                    if n.as_str() == "org.freedesktop.systemd1.UnitExists" =>
-                {
-                    self.systemd.reset_failed(unit).await;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                r => return r,
-            }
-        }
-        self.systemd.start_transient(unit, props, timeout).await
-    }
-
     async fn clean_up_failed_start(&self, id: ProjectId) {
-        let unit = id.unit_name();
-        if let Err(e) = self.systemd.stop(&unit, self.stop_wait()).await {
+        if let Err(e) = self.units.stop(id, self.stop_wait()).await {
             tracing::warn!(project_id = %id, error = %e, "cleanup: stopping the failed unit");
         }
-        self.systemd.reset_failed(&unit).await;
-        // podman runs as a unit of its own, outside the daemon's sandbox
-        let argv = std::iter::once(podman::PODMAN.to_string())
-            .chain(podman::rm_by_name_argv(&id))
-            .collect();
-        if let Err(e) = self
-            .systemd
-            .run_oneshot(
-                &format!("cocalc-project-cleanup-{id}.service"),
-                &format!("Remove the container of CoCalc project {id}"),
-                argv,
-                Duration::from_secs(30),
-            )
-            .await
-        {
+        self.units.reset_failed(id).await;
+        if let Err(e) = self.units.run_helper(Helper::RemoveContainer(id)).await {
             tracing::warn!(project_id = %id, error = %e, "cleanup: removing the container");
         }
-        let info = self.systemd.unit_info(&unit).await.ok().flatten();
+        let info = self.units.info(id).await.ok().flatten();
         self.set_unit(id, info);
-    }
-
-    async fn journal_tail(&self, unit: &str, since: SystemTime) -> String {
-        let secs = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let args = [
-            "-u",
-            unit,
-            "--since",
-            &format!("@{secs}"),
-            "-n",
-            "15",
-            "-o",
-            "cat",
-            "--no-pager",
-            "-q",
-        ];
-        // journald may still be writing the last lines of the failed unit
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        match cmd::run("/usr/bin/journalctl", args, Duration::from_secs(10)).await {
-            // only this attempt: from the last "Starting …" line on
-            Ok(out) => {
-                let lines: Vec<&str> = out.lines().collect();
-                let from = lines
-                    .iter()
-                    .rposition(|l| l.starts_with("Starting "))
-                    .unwrap_or(0);
-                lines[from..].join("\n")
-            }
-            Err(e) => format!("(journal unavailable: {e})"),
-        }
     }
 
     async fn stored_config(&self, id: ProjectId) -> Result<RunConfig, Error> {
@@ -739,7 +712,11 @@ impl Host {
     /// Runs to completion on its own task, like [`Host::start`].
     pub async fn stop(self: &Arc<Self>, id: ProjectId, force: bool) -> Result<Status, Error> {
         let host = self.clone();
-        match tokio::spawn(async move { host.stop_now(id, force).await }).await {
+        match self
+            .tasks
+            .spawn_work(async move { host.stop_now(id, force).await })
+            .await
+        {
             Ok(r) => r,
             Err(e) => Err(Error::StopFailed {
                 id,
@@ -751,24 +728,20 @@ impl Host {
     async fn stop_now(&self, id: ProjectId, force: bool) -> Result<Status, Error> {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
-        let unit = id.unit_name();
-        if self.systemd.unit_info(&unit).await?.is_some() {
+        if self.units.info(id).await?.is_some() {
             tracing::info!(project_id = %id, force, "stopping project");
             // podman stop runs in the unit's cgroup: not at the project's CPU quota (see start)
-            let unlimited = [(CPU_QUOTA, zbus::Variant::from(u64::MAX))];
-            if let Err(e) = self.systemd.set_properties(&unit, true, &unlimited).await {
+            if let Err(e) = self.units.set_cpu_quota(id, None).await {
                 tracing::debug!(project_id = %id, error = %e, "cannot lift the CPU quota before stopping");
             }
             if force {
-                self.systemd
-                    .kill(&unit, nix::sys::signal::Signal::SIGKILL as i32)
-                    .await?;
+                self.units.kill(id).await?;
             }
-            let stopped = self.systemd.stop(&unit, self.stop_wait()).await;
-            let info = self.systemd.unit_info(&unit).await?;
+            let stopped = self.units.stop(id, self.stop_wait()).await;
+            let info = self.units.info(id).await?;
             let still_up = info.as_ref().is_some_and(|i| {
                 !matches!(
-                    ProjectState::from_active_state(&i.active_state),
+                    ProjectState::from_active_state(i.active_state),
                     ProjectState::Opened
                 )
             });
@@ -779,8 +752,11 @@ impl Host {
                     reason: e.to_string(),
                 });
             }
-            if info.as_ref().is_some_and(|i| i.active_state == "failed") {
-                self.systemd.reset_failed(&unit).await;
+            if info
+                .as_ref()
+                .is_some_and(|i| i.active_state == ActiveState::Failed)
+            {
+                self.units.reset_failed(id).await;
             }
             self.set_unit(id, None);
         } else {
@@ -797,30 +773,10 @@ impl Host {
 
     /// The limits `cfg` gives on this host: its fields over the host's defaults, at most the
     /// host's maxima.
-    fn limits_of(&self, cfg: &crate::project::RunConfig) -> Result<Limits, Error> {
+    fn limits_of(&self, cfg: &RunConfig) -> Result<Limits, Error> {
         let l = limits::resolve(cfg, &self.settings.limits.default);
         limits::check(&l, &self.settings.limits.max)?;
         Ok(l)
-    }
-
-    /// Puts the configured host-wide limits on the projects' slice (and its CPU weight on the
-    /// parent `cocalc.slice` too: CPU weights only compete between siblings, and the sibling of
-    /// `cocalc.slice` is `system.slice`, where this daemon runs). Runtime properties: the config
-    /// is their only source, applied anew at every start.
-    async fn apply_slice_limits(&self) -> Result<(), SystemdError> {
-        let props = systemd::slice_properties(&self.settings.slice);
-        self.systemd
-            .set_properties(systemd::PROJECTS_SLICE, true, &props)
-            .await?;
-        let weight = [(
-            "CPUWeight",
-            zbus::Variant::from(self.settings.slice.cpu_weight),
-        )];
-        self.systemd
-            .set_properties("cocalc.slice", true, &weight)
-            .await?;
-        tracing::info!(slice = systemd::PROJECTS_SLICE, settings = ?self.settings.slice, "host-wide project limits set");
-        Ok(())
     }
 
     /// A project's stored config (what its next start uses) and the limits it gives.
@@ -841,7 +797,11 @@ impl Host {
         patch: LimitsPatch,
     ) -> Result<LimitsUpdate, Error> {
         let host = self.clone();
-        match tokio::spawn(async move { host.set_limits_now(id, patch).await }).await {
+        match self
+            .tasks
+            .spawn_work(async move { host.set_limits_now(id, patch).await })
+            .await
+        {
             Ok(r) => r,
             Err(e) => Err(Error::UpdateFailed {
                 id,
@@ -855,7 +815,7 @@ impl Host {
         id: ProjectId,
         patch: LimitsPatch,
     ) -> Result<LimitsUpdate, Error> {
-        let mut probe = crate::project::RunConfig::default();
+        let mut probe = RunConfig::default();
         patch.apply(&mut probe);
         probe.validate()?;
         let lock = self.lock(id);
@@ -866,10 +826,9 @@ impl Host {
         config.validate()?;
         let new = self.limits_of(&config)?;
         let before = limits::resolve(&old, &self.settings.limits.default);
-        let unit = id.unit_name();
-        let info = self.systemd.unit_info(&unit).await?;
+        let info = self.units.info(id).await?;
         let state = info.as_ref().map_or(ProjectState::Opened, |i| {
-            ProjectState::from_active_state(&i.active_state)
+            ProjectState::from_active_state(i.active_state)
         });
         let live = matches!(state, ProjectState::Running | ProjectState::Starting);
         if live {
@@ -897,48 +856,24 @@ impl Host {
         })
     }
 
-    /// `podman update` of the project's container, run as a oneshot unit (podman needs more than
-    /// the daemon's sandbox allows); the error carries podman's own message from its journal.
-    async fn podman_update(&self, id: ProjectId, l: &Limits) -> Result<(), String> {
-        let unit = format!("cocalc-project-update-{id}.service");
-        let argv: Vec<String> = std::iter::once(podman::PODMAN.to_string())
-            .chain(podman::update_argv(&id, l))
-            .collect();
-        let since = SystemTime::now();
-        let desc = format!("Update the limits of CoCalc project {id}'s container");
-        match self
-            .systemd
-            .run_oneshot(&unit, &desc, argv, Duration::from_secs(30))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let log = self.journal_tail(&unit, since).await;
-                Err(
-                    match log.lines().find_map(|l| l.trim().strip_prefix("Error: ")) {
-                        Some(podman) => format!("podman update: {podman}"),
-                        None => format!("podman update: {e}"),
-                    },
-                )
-            }
-        }
-    }
-
     async fn apply_live(&self, id: ProjectId, before: &Limits, new: &Limits) -> Result<(), Error> {
-        let unit = id.unit_name();
         let failed = |reason: String| Error::UpdateFailed { id, reason };
         // The container's own memory limit first: lowering it below what is in use fails here
         // (cgroup v1), before the unit has changed; raising it above the unit's is allowed.
         let container = limits::podman_update_flags(before) != limits::podman_update_flags(new);
         if container {
-            self.podman_update(id, new).await.map_err(failed)?;
+            self.units
+                .run_helper(Helper::UpdateContainer(id, *new))
+                .await
+                .map_err(failed)?;
         }
-        let set = self
-            .systemd
-            .set_properties(&unit, true, &systemd::limit_properties(new))
-            .await;
-        if let Err(e) = set {
-            if container && let Err(undo) = self.podman_update(id, before).await {
+        if let Err(e) = self.units.set_limits(id, new).await {
+            if container
+                && let Err(undo) = self
+                    .units
+                    .run_helper(Helper::UpdateContainer(id, *before))
+                    .await
+            {
                 tracing::warn!(project_id = %id, error = %undo, "cannot restore the container's limits");
             }
             return Err(failed(e.to_string()));

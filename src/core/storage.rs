@@ -1,19 +1,17 @@
 //! The storage side of the core: disk quotas, snapshots, atomic restore, the rolling-snapshot
-//! sweep, and each start's scratch, /tmp and seccomp profile. Knows nothing of HTTP or D-Bus.
+//! sweep, and each start's scratch and /tmp. Knows nothing of HTTP or D-Bus, nor of btrfs.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
 use super::{Error, Host, now_ms};
-use crate::btrfs::{Role, StorageError};
-use crate::podman;
-use crate::project::{DiskStatus, InvalidConfig, MIN_DISK, ProjectId, ProjectState, RunConfig};
-use crate::seccomp;
-use crate::snapshots::{self, SnapshotName};
-
-/// podman's default seccomp profile, the base of the projects' profile.
-pub const BASE_SECCOMP_PROFILE: &str = "/usr/share/containers/seccomp.json";
+use crate::domain::project::{
+    DiskStatus, InvalidConfig, MAX_BYTES, MIN_DISK, ProjectId, ProjectState, RunConfig,
+};
+use crate::domain::snapshots::{self, SnapshotName};
+use crate::ports::Role;
+use crate::ports::StorageError;
 
 /// One snapshot of a project.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,9 +60,9 @@ impl SweepOutcome {
 }
 
 impl Host {
-    fn require_home(&self, id: ProjectId) -> Result<PathBuf, Error> {
-        if self.storage.has_home(&id) {
-            Ok(self.storage.home(&id))
+    fn require_home(&self, id: ProjectId) -> Result<(), Error> {
+        if self.storage.has_home(id) {
+            Ok(())
         } else {
             Err(Error::NoSuchProject(id))
         }
@@ -75,35 +73,13 @@ impl Host {
         config.disk.or(self.settings.storage.disk_quota)
     }
 
-    /// Writes the projects' seccomp profile (podman's default minus the btrfs subvolume ioctls)
-    /// into the state directory when it is missing or out of date; returns its path.
-    fn seccomp_profile(&self) -> Result<PathBuf, String> {
-        let base = std::fs::read_to_string(BASE_SECCOMP_PROFILE)
-            .map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
-        let base: serde_json::Value =
-            serde_json::from_str(&base).map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
-        let profile = seccomp::project_profile(&base).map_err(|e| e.to_string())?;
-        let text = serde_json::to_string(&profile).map_err(|e| e.to_string())?;
-        let path = self.settings.state_dir.join("seccomp-projects.json");
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-            // a name of its own: concurrent starts may write at the same time, and each rename
-            // must put a complete file in place
-            let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
-            std::fs::write(&tmp, &text)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        Ok(path)
-    }
-
-    /// Before a cold start: the home's quota, the snapshot directory, a fresh scratch, the seccomp
-    /// profile. Returns the podman options for them (and for /tmp).
+    /// Before a cold start: the home's quota, the snapshot directory, a fresh scratch. Returns
+    /// the snapshots directory, the scratch and the size of /tmp for the start plan.
     pub(super) async fn prepare_storage(
         &self,
         id: ProjectId,
         config: &RunConfig,
-        home: &Path,
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<(PathBuf, Option<PathBuf>, Option<u64>), Error> {
         let s = &self.settings.storage;
         let disk = self.disk_limit(config);
         let scratch = config.scratch.or(s.scratch);
@@ -111,25 +87,13 @@ impl Host {
             self.storage.ensure_quotas().await?;
         }
         if self.storage.quota_mode().await.is_some() {
-            self.storage.set_limit(home, disk).await?;
+            self.storage.set_home_limit(id, disk).await?;
             self.set_disk_quota_in_memory(id, disk);
         }
-        let snapshots = self.storage.ensure_snapshots_dir(&id)?;
-        self.storage.clear_snapshots_mountpoint(&id, now_ms())?;
-        let scratch = self.storage.recreate_scratch(&id, scratch).await?;
-        let seccomp = self
-            .seccomp_profile()
-            .map_err(|reason| Error::StartFailed {
-                id,
-                reason: format!("cannot write the seccomp profile: {reason}"),
-                journal: String::new(),
-            })?;
-        Ok(podman::storage_options(
-            &seccomp,
-            &snapshots,
-            scratch.as_deref(),
-            config.tmp.or(s.tmp),
-        ))
+        let snapshots = self.storage.ensure_snapshots_dir(id)?;
+        self.storage.clear_snapshots_mountpoint(id, now_ms())?;
+        let scratch = self.storage.recreate_scratch(id, scratch).await?;
+        Ok((snapshots, scratch, config.tmp.or(s.tmp)))
     }
 
     fn set_disk_quota_in_memory(&self, id: ProjectId, quota: Option<u64>) {
@@ -148,11 +112,11 @@ impl Host {
         match self.storage.home_usage().await {
             Ok(usage) => {
                 let mut map = self.entries();
-                for (id, q) in usage {
+                for (id, u) in usage {
                     if let Some(e) = map.get_mut(&id) {
                         e.disk = Some(DiskStatus {
-                            quota: q.max_referenced,
-                            used: Some(q.referenced),
+                            quota: u.quota,
+                            used: Some(u.used),
                         });
                     }
                 }
@@ -165,24 +129,21 @@ impl Host {
     /// for its next starts.
     pub async fn set_disk_quota(&self, id: ProjectId, bytes: Option<u64>) -> Result<(), Error> {
         if let Some(b) = bytes
-            && !(MIN_DISK..=crate::project::MAX_BYTES).contains(&b)
+            && !(MIN_DISK..=MAX_BYTES).contains(&b)
         {
             return Err(Error::InvalidConfig(InvalidConfig {
                 field: "disk",
-                reason: format!(
-                    "{b} bytes is not in {MIN_DISK}..={}",
-                    crate::project::MAX_BYTES
-                ),
+                reason: format!("{b} bytes is not in {MIN_DISK}..={MAX_BYTES}"),
             }));
         }
         let lock = self.lock(id);
         let _guard = lock.lock().await;
-        let home = self.require_home(id)?;
+        self.require_home(id)?;
         if bytes.is_some() {
             self.storage.ensure_quotas().await?;
         }
         if self.storage.quota_mode().await.is_some() {
-            self.storage.set_limit(&home, bytes).await?;
+            self.storage.set_home_limit(id, bytes).await?;
         }
         let entry = self.read_entries().get(&id).cloned();
         if let Some(e) = entry.filter(|e| e.known) {
@@ -203,21 +164,16 @@ impl Host {
         self.require_home(id)?;
         self.touch(id);
         let subs = self.storage.subvolumes(true).await?;
-        let sizes: HashMap<String, (u64, u64)> = if self.storage.quota_mode().await.is_some() {
-            self.storage
-                .qgroups()
-                .await?
-                .into_iter()
-                .map(|q| (q.id, (q.exclusive, q.referenced)))
-                .collect()
+        let sizes: HashMap<u64, (u64, u64)> = if self.storage.quota_mode().await.is_some() {
+            self.storage.sizes().await?
         } else {
             HashMap::new()
         };
         let mut v: Vec<SnapshotInfo> = subs
             .into_iter()
-            .filter_map(|s| match snapshots_role(&s.path) {
-                Some((pid, name)) if pid == id => {
-                    let size = sizes.get(&format!("0/{}", s.id));
+            .filter_map(|s| match s.role {
+                Role::Snapshot(pid, name) if pid == id => {
+                    let size = sizes.get(&s.id);
                     Some(SnapshotInfo {
                         created: name.auto_time().or(s.otime),
                         kind: if name.is_auto() { "auto" } else { "manual" },
@@ -251,10 +207,10 @@ impl Host {
         let _guard = lock.lock().await;
         self.require_home(id)?;
         self.touch(id);
-        if self.storage.has_snapshot(&id, &name) {
+        if self.storage.has_snapshot(id, &name) {
             return Err(Error::SnapshotExists { id, name });
         }
-        self.storage.create_snapshot(&id, &name).await?;
+        self.storage.create_snapshot(id, &name).await?;
         tracing::info!(project_id = %id, snapshot = %name, "snapshot taken");
         Ok(SnapshotInfo {
             name,
@@ -269,16 +225,14 @@ impl Host {
     pub async fn delete_snapshot(&self, id: ProjectId, name: &SnapshotName) -> Result<(), Error> {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
-        if !self.storage.has_snapshot(&id, name) {
+        if !self.storage.has_snapshot(id, name) {
             return Err(Error::NoSuchSnapshot {
                 id,
                 name: name.clone(),
             });
         }
         self.touch(id);
-        self.storage
-            .delete_subvolume(&self.storage.snapshot_path(&id, name))
-            .await?;
+        self.storage.delete_snapshot(id, name).await?;
         tracing::info!(project_id = %id, snapshot = %name, "snapshot deleted");
         Ok(())
     }
@@ -290,14 +244,14 @@ impl Host {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
         self.require_home(id)?;
-        if !self.storage.has_snapshot(&id, name) {
+        if !self.storage.has_snapshot(id, name) {
             return Err(Error::NoSuchSnapshot {
                 id,
                 name: name.clone(),
             });
         }
-        if let Some(info) = self.systemd.unit_info(&id.unit_name()).await?
-            && ProjectState::from_active_state(&info.active_state) != ProjectState::Opened
+        if let Some(info) = self.units.info(id).await?
+            && ProjectState::from_active_state(info.active_state) != ProjectState::Opened
         {
             return Err(Error::ProjectRunning(id));
         }
@@ -305,7 +259,7 @@ impl Host {
         let config = self.stored_config(id).await?;
         let quotas = self.storage.quota_mode().await.is_some();
         self.storage
-            .restore(&id, name, self.disk_limit(&config), quotas)
+            .restore(id, name, self.disk_limit(&config), quotas)
             .await?;
         self.refresh_disk().await;
         Ok(())
@@ -336,11 +290,11 @@ impl Host {
         let mut homes: HashMap<ProjectId, u64> = HashMap::new();
         let mut autos: HashMap<ProjectId, Vec<(SnapshotName, u64)>> = HashMap::new();
         for s in self.storage.subvolumes(false).await? {
-            match crate::btrfs::role(&s.path) {
-                Some(Role::Home(id)) => {
+            match s.role {
+                Role::Home(id) => {
                     homes.insert(id, s.generation);
                 }
-                Some(Role::Snapshot(id, name)) if name.is_auto() => {
+                Role::Snapshot(id, name) if name.is_auto() => {
                     autos
                         .entry(id)
                         .or_default()
@@ -404,26 +358,18 @@ impl Host {
         let _guard = lock.lock().await;
         // expired first: never run out of space because of snapshots about to go
         for name in &plan.delete {
-            let p = self.storage.snapshot_path(&id, name);
-            if self.storage.has_snapshot(&id, name) {
-                self.storage.delete_subvolume(&p).await?;
+            if self.storage.has_snapshot(id, name) {
+                self.storage.delete_snapshot(id, name).await?;
             }
             o.deleted.push(name.clone());
         }
         if let Some(name) = &plan.create
-            && self.storage.has_home(&id)
-            && !self.storage.has_snapshot(&id, name)
+            && self.storage.has_home(id)
+            && !self.storage.has_snapshot(id, name)
         {
-            self.storage.create_snapshot(&id, name).await?;
+            self.storage.create_snapshot(id, name).await?;
             o.created = Some(name.clone());
         }
         Ok(())
-    }
-}
-
-fn snapshots_role(path: &str) -> Option<(ProjectId, SnapshotName)> {
-    match crate::btrfs::role(path)? {
-        Role::Snapshot(id, name) => Some((id, name)),
-        _ => None,
     }
 }

@@ -93,13 +93,16 @@ pub enum ProjectState {
 }
 
 impl ProjectState {
-    /// Maps a unit's `ActiveState` to the project state.
-    pub fn from_active_state(active: &str) -> ProjectState {
+    /// Maps a unit's state to the project state.
+    pub fn from_active_state(active: ActiveState) -> ProjectState {
         match active {
-            "active" | "reloading" => ProjectState::Running,
-            "activating" => ProjectState::Starting,
-            "deactivating" => ProjectState::Stopping,
-            _ => ProjectState::Opened, // inactive, failed, maintenance, or no unit at all
+            ActiveState::Active | ActiveState::Reloading => ProjectState::Running,
+            ActiveState::Activating => ProjectState::Starting,
+            ActiveState::Deactivating => ProjectState::Stopping,
+            // inactive, failed, maintenance, or no unit at all
+            ActiveState::Inactive | ActiveState::Failed | ActiveState::Other => {
+                ProjectState::Opened
+            }
         }
     }
     /// The lowercase name used on the wire.
@@ -308,11 +311,31 @@ impl RunConfig {
     }
 }
 
-/// What the host knows of a project's unit, kept current from systemd's signals.
+/// The activity of a project's unit (systemd's `ActiveState`, typed; the systemd backend parses it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ActiveState {
+    /// Up.
+    Active,
+    /// Up, reloading.
+    Reloading,
+    /// Not up (also: not loaded).
+    #[default]
+    Inactive,
+    /// Not up, ended in failure.
+    Failed,
+    /// Starting.
+    Activating,
+    /// Stopping.
+    Deactivating,
+    /// Any other state (maintenance, refreshing…): not up as far as a project goes.
+    Other,
+}
+
+/// What the host knows of a project's unit, kept current from the unit backend's events.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnitInfo {
-    /// `ActiveState` of the unit.
-    pub active_state: String,
+    /// Whether the unit is up, starting, stopping….
+    pub active_state: ActiveState,
     /// `SubState` of the unit.
     pub sub_state: String,
     /// `MainPID` of the service (0 when none).
@@ -385,27 +408,6 @@ mod tests {
         }
         assert_eq!(ProjectId::from_unit_name("cocalc-project-x.service"), None);
         assert_eq!(ProjectId::from_unit_name("other.service"), None);
-    }
-
-    #[test]
-    fn active_states_map_to_seed_states() {
-        assert_eq!(
-            ProjectState::from_active_state("active"),
-            ProjectState::Running
-        );
-        assert_eq!(
-            ProjectState::from_active_state("activating"),
-            ProjectState::Starting
-        );
-        assert_eq!(
-            ProjectState::from_active_state("deactivating"),
-            ProjectState::Stopping
-        );
-        assert_eq!(
-            ProjectState::from_active_state("failed"),
-            ProjectState::Opened
-        );
-        assert_eq!(ProjectState::from_active_state(""), ProjectState::Opened);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crate::cmd::{self, CmdError};
 use crate::config::Settings;
-use crate::project::ProjectId;
+use crate::domain::project::ProjectId;
+use crate::domain::snapshots::SnapshotName;
 
 mod subvol;
 pub use subvol::{
@@ -191,6 +192,112 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
     // the image is ours: quotas on from the start (cheapest while it is empty)
     Storage::new(settings).ensure_quotas().await?;
     Ok(mount)
+}
+
+#[async_trait::async_trait]
+impl crate::ports::Storage for Storage {
+    fn has_home(&self, id: ProjectId) -> bool {
+        Storage::has_home(self, &id)
+    }
+    async fn ensure_home(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
+        Storage::ensure_home(self, &id).await
+    }
+    async fn ensure_quotas(&self) -> Result<(), StorageError> {
+        Storage::ensure_quotas(self).await.map(drop)
+    }
+    async fn quota_mode(&self) -> Option<QuotaMode> {
+        Storage::quota_mode(self).await
+    }
+    async fn set_home_limit(&self, id: ProjectId, bytes: Option<u64>) -> Result<(), StorageError> {
+        self.set_limit(&self.home(&id), bytes).await
+    }
+    async fn home_usage(
+        &self,
+    ) -> Result<std::collections::HashMap<ProjectId, crate::ports::Usage>, StorageError> {
+        Ok(Storage::home_usage(self)
+            .await?
+            .into_iter()
+            .map(|(id, q)| {
+                let u = crate::ports::Usage {
+                    quota: q.max_referenced,
+                    used: q.referenced,
+                };
+                (id, u)
+            })
+            .collect())
+    }
+    fn ensure_snapshots_dir(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
+        Storage::ensure_snapshots_dir(self, &id)
+    }
+    fn clear_snapshots_mountpoint(&self, id: ProjectId, now_ms: u64) -> Result<(), StorageError> {
+        Storage::clear_snapshots_mountpoint(self, &id, now_ms)
+    }
+    async fn recreate_scratch(
+        &self,
+        id: ProjectId,
+        limit: Option<u64>,
+    ) -> Result<Option<PathBuf>, StorageError> {
+        Storage::recreate_scratch(self, &id, limit).await
+    }
+    async fn subvolumes(
+        &self,
+        snapshots_only: bool,
+    ) -> Result<Vec<crate::ports::Subvolume>, StorageError> {
+        Ok(Storage::subvolumes(self, snapshots_only)
+            .await?
+            .into_iter()
+            .filter_map(|s| {
+                Some(crate::ports::Subvolume {
+                    role: role(&s.path)?,
+                    id: s.id,
+                    generation: s.generation,
+                    created_generation: s.created_generation,
+                    otime: s.otime,
+                })
+            })
+            .collect())
+    }
+    async fn sizes(&self) -> Result<std::collections::HashMap<u64, (u64, u64)>, StorageError> {
+        // level-0 qgroups carry the subvolume's id: `0/<id>`
+        Ok(self
+            .qgroups()
+            .await?
+            .into_iter()
+            .filter_map(|q| {
+                let id = q.id.strip_prefix("0/")?.parse().ok()?;
+                Some((id, (q.exclusive, q.referenced)))
+            })
+            .collect())
+    }
+    async fn sync(&self) -> Result<(), StorageError> {
+        Storage::sync(self).await
+    }
+    fn has_snapshot(&self, id: ProjectId, name: &SnapshotName) -> bool {
+        Storage::has_snapshot(self, &id, name)
+    }
+    async fn create_snapshot(
+        &self,
+        id: ProjectId,
+        name: &SnapshotName,
+    ) -> Result<(), StorageError> {
+        Storage::create_snapshot(self, &id, name).await.map(drop)
+    }
+    async fn delete_snapshot(
+        &self,
+        id: ProjectId,
+        name: &SnapshotName,
+    ) -> Result<(), StorageError> {
+        self.delete_subvolume(&self.snapshot_path(&id, name)).await
+    }
+    async fn restore(
+        &self,
+        id: ProjectId,
+        name: &SnapshotName,
+        limit: Option<u64>,
+        quotas: bool,
+    ) -> Result<(), StorageError> {
+        Storage::restore(self, &id, name, limit, quotas).await
+    }
 }
 
 #[cfg(test)]

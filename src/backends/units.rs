@@ -1,0 +1,268 @@
+//! The [`Units`] port over systemd (transient units on the system bus) running podman: unit names,
+//! unit properties, the projects' seccomp profile, the retry while an old unit is collected, the
+//! journal of a failed attempt, helper jobs as oneshot units.
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use zbus::Variant;
+
+use crate::backends::podman;
+use crate::backends::systemd::{self, Systemd, SystemdError};
+use crate::cmd;
+use crate::config::Settings;
+use crate::domain::limits::{self, Limits, SliceSettings};
+use crate::domain::project::{ProjectId, UnitInfo};
+use crate::ports::{Helper, StartError, StartPlan, UnitEvents, Units};
+use crate::seccomp;
+
+/// The unit property of a project's CPU limit.
+const CPU_QUOTA: &str = "CPUQuotaPerSecUSec";
+/// podman's default seccomp profile, the base of the projects' profile.
+pub const BASE_SECCOMP_PROFILE: &str = "/usr/share/containers/seccomp.json";
+
+/// Project units as systemd transient services running `podman run`.
+#[derive(Debug)]
+pub struct SystemdUnits {
+    systemd: Systemd,
+    settings: Settings,
+}
+
+impl SystemdUnits {
+    /// Connects to systemd on the system bus.
+    pub async fn connect(settings: Settings) -> Result<SystemdUnits, SystemdError> {
+        Ok(SystemdUnits {
+            systemd: Systemd::connect().await?,
+            settings,
+        })
+    }
+
+    /// Writes the projects' seccomp profile (podman's default minus the btrfs subvolume ioctls)
+    /// into the state directory when it is missing or out of date; returns its path.
+    fn seccomp_profile(&self) -> Result<PathBuf, String> {
+        let base = std::fs::read_to_string(BASE_SECCOMP_PROFILE)
+            .map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
+        let base: serde_json::Value =
+            serde_json::from_str(&base).map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
+        let profile = seccomp::project_profile(&base).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string(&profile).map_err(|e| e.to_string())?;
+        let path = self.settings.state_dir.join("seccomp-projects.json");
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            // a name of its own: concurrent starts may write at the same time, and each rename
+            // must put a complete file in place
+            let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
+            std::fs::write(&tmp, &text)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(path)
+    }
+
+    /// StartTransientUnit, retrying while an old unit of the same name is being collected.
+    async fn start_unit(
+        &self,
+        unit: &str,
+        props: &[(&str, Variant<'_>)],
+    ) -> Result<(), SystemdError> {
+        let timeout = Duration::from_secs(150);
+        for _ in 0..50 {
+            match self.systemd.start_transient(unit, props, timeout).await {
+                Err(SystemdError::Bus(zbus::Error::MethodError(n, _, _)))
+                    if n.as_str() == "org.freedesktop.systemd1.UnitExists" =>
+                {
+                    self.systemd.reset_failed(unit).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+        self.systemd.start_transient(unit, props, timeout).await
+    }
+
+    async fn journal_tail(&self, unit: &str, since: SystemTime) -> String {
+        let secs = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let args = [
+            "-u",
+            unit,
+            "--since",
+            &format!("@{secs}"),
+            "-n",
+            "15",
+            "-o",
+            "cat",
+            "--no-pager",
+            "-q",
+        ];
+        // journald may still be writing the last lines of the failed unit
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match cmd::run("/usr/bin/journalctl", args, Duration::from_secs(10)).await {
+            // only this attempt: from the last "Starting …" line on
+            Ok(out) => {
+                let lines: Vec<&str> = out.lines().collect();
+                let from = lines
+                    .iter()
+                    .rposition(|l| l.starts_with("Starting "))
+                    .unwrap_or(0);
+                lines[from..].join("\n")
+            }
+            Err(e) => format!("(journal unavailable: {e})"),
+        }
+    }
+}
+
+/// podman says what went wrong in its "Error: …" line.
+fn podman_error(journal: &str) -> Option<&str> {
+    journal
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Error: "))
+}
+
+#[async_trait]
+impl Units for SystemdUnits {
+    fn unit_name(&self, id: ProjectId) -> String {
+        id.unit_name()
+    }
+
+    async fn watch(&self) -> Result<UnitEvents, SystemdError> {
+        self.systemd.watch().await
+    }
+
+    async fn list(&self) -> Result<Vec<(ProjectId, UnitInfo)>, SystemdError> {
+        self.systemd.list_project_units().await
+    }
+
+    async fn info(&self, id: ProjectId) -> Result<Option<UnitInfo>, SystemdError> {
+        self.systemd.unit_info(&id.unit_name()).await
+    }
+
+    async fn start(&self, plan: StartPlan) -> Result<(), StartError> {
+        let StartPlan {
+            id,
+            config,
+            home,
+            snapshots,
+            scratch,
+            tmp,
+            limits,
+        } = plan;
+        let unit = id.unit_name();
+        let mut argv = podman::run_argv(&id, &self.settings, &config, &home);
+        let seccomp = self.seccomp_profile().map_err(|reason| {
+            StartError::Prepare(format!("cannot write the seccomp profile: {reason}"))
+        })?;
+        podman::insert_options(
+            &mut argv,
+            podman::storage_options(&seccomp, &snapshots, scratch.as_deref(), tmp),
+        );
+        let mut props =
+            systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
+        // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
+        // quota is put on once it runs (set_cpu_quota), and lifted before a stop, so a project
+        // limited to a sliver of a core still starts and stops at full speed
+        props.extend(
+            systemd::limit_properties(&limits)
+                .into_iter()
+                .filter(|(k, _)| *k != CPU_QUOTA),
+        );
+        let since = SystemTime::now();
+        match self.start_unit(&unit, &props).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let journal = self.journal_tail(&unit, since).await;
+                // lead with podman's own error when it said one
+                let reason = match podman_error(&journal) {
+                    Some(podman) => format!("{podman} ({e})"),
+                    None => e.to_string(),
+                };
+                Err(StartError::Unit { reason, journal })
+            }
+        }
+    }
+
+    async fn stop(&self, id: ProjectId, timeout: Duration) -> Result<(), SystemdError> {
+        self.systemd.stop(&id.unit_name(), timeout).await
+    }
+
+    async fn kill(&self, id: ProjectId) -> Result<(), SystemdError> {
+        self.systemd
+            .kill(&id.unit_name(), nix::sys::signal::Signal::SIGKILL as i32)
+            .await
+    }
+
+    async fn reset_failed(&self, id: ProjectId) {
+        self.systemd.reset_failed(&id.unit_name()).await
+    }
+
+    async fn set_limits(&self, id: ProjectId, l: &Limits) -> Result<(), SystemdError> {
+        self.systemd
+            .set_properties(&id.unit_name(), true, &systemd::limit_properties(l))
+            .await
+    }
+
+    async fn set_cpu_quota(&self, id: ProjectId, cores: Option<f64>) -> Result<(), SystemdError> {
+        let usec = cores.map_or(u64::MAX, limits::cpu_quota_usec);
+        let quota = [(CPU_QUOTA, Variant::from(usec))];
+        self.systemd
+            .set_properties(&id.unit_name(), true, &quota)
+            .await
+    }
+
+    /// Puts the configured host-wide limits on the projects' slice (and its CPU weight on the
+    /// parent `cocalc.slice` too: CPU weights only compete between siblings, and the sibling of
+    /// `cocalc.slice` is `system.slice`, where this daemon runs). Runtime properties: the config
+    /// is their only source, applied anew at every start.
+    async fn set_slice_limits(&self, s: &SliceSettings) -> Result<(), SystemdError> {
+        let props = systemd::slice_properties(s);
+        self.systemd
+            .set_properties(systemd::PROJECTS_SLICE, true, &props)
+            .await?;
+        let weight = [("CPUWeight", Variant::from(s.cpu_weight))];
+        self.systemd
+            .set_properties("cocalc.slice", true, &weight)
+            .await?;
+        tracing::info!(slice = systemd::PROJECTS_SLICE, settings = ?s, "host-wide project limits set");
+        Ok(())
+    }
+
+    async fn memory_current(&self, id: ProjectId) -> Option<u64> {
+        self.systemd.memory_current(&id.unit_name()).await
+    }
+
+    /// Helpers run as oneshot units: podman needs more than the daemon's sandbox allows. The
+    /// error carries podman's own message from the helper's journal.
+    async fn run_helper(&self, helper: Helper) -> Result<(), String> {
+        let (unit, desc, args, what) = match &helper {
+            Helper::RemoveContainer(id) => (
+                format!("cocalc-project-cleanup-{id}.service"),
+                format!("Remove the container of CoCalc project {id}"),
+                podman::rm_by_name_argv(id),
+                "podman rm",
+            ),
+            Helper::UpdateContainer(id, l) => (
+                format!("cocalc-project-update-{id}.service"),
+                format!("Update the limits of CoCalc project {id}'s container"),
+                podman::update_argv(id, l),
+                "podman update",
+            ),
+        };
+        let argv: Vec<String> = std::iter::once(podman::PODMAN.to_string())
+            .chain(args)
+            .collect();
+        let since = SystemTime::now();
+        match self
+            .systemd
+            .run_oneshot(&unit, &desc, argv, Duration::from_secs(30))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(helper, Helper::RemoveContainer(_)) => Err(e.to_string()),
+            Err(e) => {
+                let log = self.journal_tail(&unit, since).await;
+                Err(match podman_error(&log) {
+                    Some(podman) => format!("{what}: {podman}"),
+                    None => format!("{what}: {e}"),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The core's ports: the few things it asks of the outside world, in its own words. The real
+//! backends (`backends::{systemd, btrfs, sqlite}`) and the simulated one (`backends::sim`) answer
+//! them; the core never names D-Bus, unit-name formats, `ActiveState` strings, journalctl,
+//! podman's argv or btrfs paths.
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::limits::{Limits, SliceSettings};
+use crate::domain::project::{ProjectId, ProjectState, RunConfig, UnitInfo};
+use crate::domain::snapshots::SnapshotName;
+
+pub use crate::backends::btrfs::{QuotaMode, Role, StorageError};
+pub use crate::backends::sqlite::{ProjectRow, StoreError};
+pub use crate::backends::systemd::SystemdError as UnitError;
+
+/// A change to a project unit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnitEvent {
+    /// Some properties changed (absent ones did not).
+    Changed {
+        /// the project
+        id: ProjectId,
+        /// its activity
+        active_state: Option<crate::domain::project::ActiveState>,
+        /// the backend's finer state (`SubState`)
+        sub_state: Option<String>,
+        /// main process id
+        main_pid: Option<u32>,
+        /// when it last became active (µs since the epoch)
+        active_enter_usec: Option<u64>,
+    },
+    /// The unit is gone (stopped and collected).
+    Removed(ProjectId),
+}
+
+/// A stream of unit events, ending when the backend's source ends.
+pub type UnitEvents = Pin<Box<dyn futures_util::Stream<Item = UnitEvent> + Send>>;
+
+/// Everything a cold start of a project needs: what to run and where its storage is.
+#[derive(Debug, Clone)]
+pub struct StartPlan {
+    /// The project.
+    pub id: ProjectId,
+    /// Its run config.
+    pub config: RunConfig,
+    /// Its home (exists).
+    pub home: PathBuf,
+    /// Its snapshots directory (mounted read-only).
+    pub snapshots: PathBuf,
+    /// Its fresh scratch, if it has one.
+    pub scratch: Option<PathBuf>,
+    /// Size of its /tmp, if bounded.
+    pub tmp: Option<u64>,
+    /// Its limits (the CPU quota is not put on by `start`: see [`Units::set_cpu_quota`]).
+    pub limits: Limits,
+}
+
+/// Why a start failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// Preparing the start failed; nothing was started.
+    Prepare(String),
+    /// The unit did not come up. `reason` leads with the container's own error when it said one.
+    Unit {
+        /// what went wrong
+        reason: String,
+        /// the unit's journal of this attempt
+        journal: String,
+    },
+}
+
+/// A short-lived helper job run on behalf of a project (outside the daemon's sandbox).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Helper {
+    /// Remove the project's container (after a failed start).
+    RemoveContainer(ProjectId),
+    /// Change the memory limits of the project's running container.
+    UpdateContainer(ProjectId, Limits),
+}
+
+/// The units of projects (systemd transient units running podman).
+#[async_trait]
+pub trait Units: Send + Sync + Debug {
+    /// The unit's name, as the status reports it.
+    fn unit_name(&self, id: ProjectId) -> String;
+    /// Starts watching project units. Call before reading the initial state.
+    async fn watch(&self) -> Result<UnitEvents, UnitError>;
+    /// The project units up now.
+    async fn list(&self) -> Result<Vec<(ProjectId, UnitInfo)>, UnitError>;
+    /// A project unit's state; `None` when it is not loaded.
+    async fn info(&self, id: ProjectId) -> Result<Option<UnitInfo>, UnitError>;
+    /// Starts the project's unit and waits until it is up (or failed).
+    async fn start(&self, plan: StartPlan) -> Result<(), StartError>;
+    /// Stops the unit and waits (a unit that does not exist is stopped).
+    async fn stop(&self, id: ProjectId, timeout: Duration) -> Result<(), UnitError>;
+    /// Kills every process of the unit at once.
+    async fn kill(&self, id: ProjectId) -> Result<(), UnitError>;
+    /// Forgets a failed unit so it can be started again.
+    async fn reset_failed(&self, id: ProjectId);
+    /// Puts `limits` on the running unit (runtime, at once).
+    async fn set_limits(&self, id: ProjectId, limits: &Limits) -> Result<(), UnitError>;
+    /// Puts a CPU quota (`Some(cores)`) on the unit, or lifts it (`None`).
+    async fn set_cpu_quota(&self, id: ProjectId, cores: Option<f64>) -> Result<(), UnitError>;
+    /// Puts the host-wide limits on the projects' slice.
+    async fn set_slice_limits(&self, s: &SliceSettings) -> Result<(), UnitError>;
+    /// Memory in use by the unit, when known.
+    async fn memory_current(&self, id: ProjectId) -> Option<u64>;
+    /// Runs a helper job to completion; the error says why it failed, in the helper's words.
+    async fn run_helper(&self, helper: Helper) -> Result<(), String>;
+}
+
+/// One subvolume of the project storage that belongs to a project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subvolume {
+    /// The filesystem's id of it.
+    pub id: u64,
+    /// What it is.
+    pub role: Role,
+    /// Its generation (bumped by every write).
+    pub generation: u64,
+    /// The generation it was created at.
+    pub created_generation: u64,
+    /// When it was created (ms since the epoch), if known.
+    pub otime: Option<u64>,
+}
+
+/// The quota and usage of a project's home.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// The limit (bytes), if any.
+    pub quota: Option<u64>,
+    /// Bytes referenced.
+    pub used: u64,
+}
+
+/// The projects' storage: homes, quotas, snapshots, scratch.
+#[async_trait]
+pub trait Storage: Send + Sync + Debug {
+    /// Whether the project has a home.
+    fn has_home(&self, id: ProjectId) -> bool;
+    /// Makes sure the project's home exists; its path.
+    async fn ensure_home(&self, id: ProjectId) -> Result<PathBuf, StorageError>;
+    /// Turns quotas on if they are off.
+    async fn ensure_quotas(&self) -> Result<(), StorageError>;
+    /// The quota mode, `None` while quotas are off.
+    async fn quota_mode(&self) -> Option<QuotaMode>;
+    /// Sets (or lifts) the quota of the project's home.
+    async fn set_home_limit(&self, id: ProjectId, bytes: Option<u64>) -> Result<(), StorageError>;
+    /// Quota and usage of every home.
+    async fn home_usage(&self) -> Result<HashMap<ProjectId, Usage>, StorageError>;
+    /// Makes sure the project's snapshots directory exists; its path.
+    fn ensure_snapshots_dir(&self, id: ProjectId) -> Result<PathBuf, StorageError>;
+    /// Moves aside what keeps `~/.snapshots` from taking the snapshots' mount.
+    fn clear_snapshots_mountpoint(&self, id: ProjectId, now_ms: u64) -> Result<(), StorageError>;
+    /// A fresh scratch for the project (`None`: it has none).
+    async fn recreate_scratch(
+        &self,
+        id: ProjectId,
+        limit: Option<u64>,
+    ) -> Result<Option<PathBuf>, StorageError>;
+    /// The projects' subvolumes (`snapshots_only`: just the snapshots).
+    async fn subvolumes(&self, snapshots_only: bool) -> Result<Vec<Subvolume>, StorageError>;
+    /// (exclusive, referenced) bytes by subvolume id, when quotas are on.
+    async fn sizes(&self) -> Result<HashMap<u64, (u64, u64)>, StorageError>;
+    /// Commits the filesystem (generations then include every write so far).
+    async fn sync(&self) -> Result<(), StorageError>;
+    /// Whether the snapshot exists.
+    fn has_snapshot(&self, id: ProjectId, name: &SnapshotName) -> bool;
+    /// Takes a read-only snapshot of the home.
+    async fn create_snapshot(&self, id: ProjectId, name: &SnapshotName)
+    -> Result<(), StorageError>;
+    /// Deletes a snapshot.
+    async fn delete_snapshot(&self, id: ProjectId, name: &SnapshotName)
+    -> Result<(), StorageError>;
+    /// Replaces the home by the snapshot, atomically.
+    async fn restore(
+        &self,
+        id: ProjectId,
+        name: &SnapshotName,
+        limit: Option<u64>,
+        quotas: bool,
+    ) -> Result<(), StorageError>;
+}
+
+/// The host's memory of its projects.
+#[async_trait]
+pub trait Store: Send + Sync + Debug {
+    /// This host's id (made on first use).
+    async fn host_id(&self) -> Result<String, StoreError>;
+    /// Every known project.
+    async fn projects(&self) -> Result<Vec<ProjectRow>, StoreError>;
+    /// One project.
+    async fn project(&self, id: ProjectId) -> Result<Option<ProjectRow>, StoreError>;
+    /// Records a project's state (and config, when given) and touch time.
+    async fn upsert(
+        &self,
+        id: ProjectId,
+        state: ProjectState,
+        config: Option<RunConfig>,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Records a touch, without waiting.
+    fn touch(&self, id: ProjectId, now_ms: u64);
+}
