@@ -1,1 +1,487 @@
+//! A simulated backend (as stratisd keeps `sim_engine` beside its real engine): units, storage and
+//! store in memory, with knobs for delays, failures and vanishing units, and events like the real
+//! watcher's. For in-process tests of the core (`core::tests`); it proves nothing about systemd,
+//! podman or btrfs themselves, which the testbed's e2e suite does.
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::core::Backends;
+use crate::domain::limits::{Limits, SliceSettings};
+use crate::domain::project::{ActiveState, ProjectId, ProjectState, RunConfig, UnitInfo};
+use crate::domain::snapshots::SnapshotName;
+use crate::ports::{
+    self, Helper, ProjectRow, QuotaMode, Role, StartError, StartPlan, StorageError, StoreError,
+    Subvolume, UnitError, UnitEvent, UnitEvents, Usage,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Simulated units, storage and store, shared by every host built over them (a "restart" is a
+/// new host over the same simulation).
+#[derive(Debug, Clone, Default)]
+pub struct Sim {
+    /// the units
+    pub units: Arc<SimUnits>,
+    /// the storage
+    pub storage: Arc<SimStorage>,
+    /// the store
+    pub store: Arc<SimStore>,
+}
+
+impl Sim {
+    /// An empty simulation.
+    pub fn new() -> Sim {
+        Sim::default()
+    }
+
+    /// The backends for a host.
+    pub fn backends(&self) -> Backends {
+        Backends {
+            units: self.units.clone(),
+            storage: self.storage.clone(),
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// What a start of a given project does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartFault {
+    /// The unit fails: the start returns this reason.
+    Fail(String),
+    /// The start job succeeds, but the unit is gone right after (collected, or stopped by
+    /// someone else) before the host reads it.
+    Vanish,
+}
+
+/// Simulated project units.
+#[derive(Debug, Default)]
+pub struct SimUnits {
+    units: Mutex<HashMap<ProjectId, UnitInfo>>,
+    watchers: Mutex<Vec<mpsc::UnboundedSender<UnitEvent>>>,
+    faults: Mutex<HashMap<ProjectId, StartFault>>,
+    start_delay: Mutex<Duration>,
+    stop_delay: Mutex<Duration>,
+    next_pid: AtomicU64,
+    /// Start jobs run, by all hosts.
+    pub starts: AtomicUsize,
+    /// Stop jobs run.
+    pub stops: AtomicUsize,
+    /// Helper jobs run.
+    pub helpers: Mutex<Vec<Helper>>,
+    /// CPU quota last set per project (`None`: lifted).
+    pub cpu: Mutex<HashMap<ProjectId, Option<f64>>>,
+}
+
+impl SimUnits {
+    /// Every start waits this long before the unit is up.
+    pub fn set_start_delay(&self, d: Duration) {
+        *lock(&self.start_delay) = d;
+    }
+    /// Every stop waits this long.
+    pub fn set_stop_delay(&self, d: Duration) {
+        *lock(&self.stop_delay) = d;
+    }
+    /// The next starts of `id` meet `fault` (until cleared with `None`).
+    pub fn set_fault(&self, id: ProjectId, fault: Option<StartFault>) {
+        let mut f = lock(&self.faults);
+        match fault {
+            Some(x) => f.insert(id, x),
+            None => f.remove(&id),
+        };
+    }
+    /// The unit's state as the simulated systemd has it.
+    pub fn state(&self, id: ProjectId) -> Option<ActiveState> {
+        lock(&self.units).get(&id).map(|u| u.active_state)
+    }
+    /// Sets a unit's state from outside the host (`None`: removes it), with its event.
+    pub fn set_external(&self, id: ProjectId, state: Option<ActiveState>) {
+        match state {
+            Some(s) => {
+                let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) as u32 + 100;
+                self.put(
+                    id,
+                    UnitInfo {
+                        active_state: s,
+                        sub_state: format!("{s:?}").to_lowercase(),
+                        main_pid: pid,
+                        active_enter_usec: 1,
+                    },
+                );
+            }
+            None => self.remove(id),
+        }
+    }
+    fn put(&self, id: ProjectId, info: UnitInfo) {
+        lock(&self.units).insert(id, info.clone());
+        self.emit(UnitEvent::Changed {
+            id,
+            active_state: Some(info.active_state),
+            sub_state: Some(info.sub_state),
+            main_pid: Some(info.main_pid),
+            active_enter_usec: Some(info.active_enter_usec),
+        });
+    }
+    fn remove(&self, id: ProjectId) {
+        if lock(&self.units).remove(&id).is_some() {
+            self.emit(UnitEvent::Removed(id));
+        }
+    }
+    fn emit(&self, ev: UnitEvent) {
+        lock(&self.watchers).retain(|w| w.send(ev.clone()).is_ok());
+    }
+}
+
+#[async_trait]
+impl ports::Units for SimUnits {
+    fn unit_name(&self, id: ProjectId) -> String {
+        format!("sim-{id}")
+    }
+    async fn watch(&self) -> Result<UnitEvents, UnitError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.watchers).push(tx);
+        Ok(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+        )))
+    }
+    async fn list(&self) -> Result<Vec<(ProjectId, UnitInfo)>, UnitError> {
+        Ok(lock(&self.units)
+            .iter()
+            .map(|(id, u)| (*id, u.clone()))
+            .collect())
+    }
+    async fn info(&self, id: ProjectId) -> Result<Option<UnitInfo>, UnitError> {
+        Ok(lock(&self.units).get(&id).cloned())
+    }
+    async fn start(&self, plan: StartPlan) -> Result<(), StartError> {
+        let id = plan.id;
+        if lock(&self.units).contains_key(&id) {
+            // as systemd: a loaded unit of that name refuses a new transient one
+            return Err(StartError::Unit {
+                reason: format!("unit {} exists", self.unit_name_of(id)),
+                journal: String::new(),
+            });
+        }
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        self.set_external(id, Some(ActiveState::Activating));
+        let delay = *lock(&self.start_delay);
+        tokio::time::sleep(delay).await;
+        let fault = lock(&self.faults).get(&id).cloned();
+        match fault {
+            Some(StartFault::Fail(reason)) => {
+                self.set_external(id, Some(ActiveState::Failed));
+                Err(StartError::Unit {
+                    reason,
+                    journal: "Starting sim\nError: simulated failure".into(),
+                })
+            }
+            Some(StartFault::Vanish) => {
+                self.remove(id);
+                Ok(())
+            }
+            None => {
+                self.set_external(id, Some(ActiveState::Active));
+                Ok(())
+            }
+        }
+    }
+    async fn stop(&self, id: ProjectId, _timeout: Duration) -> Result<(), UnitError> {
+        if !lock(&self.units).contains_key(&id) {
+            return Ok(());
+        }
+        self.stops.fetch_add(1, Ordering::SeqCst);
+        if let Some(u) = lock(&self.units).get_mut(&id)
+            && u.active_state != ActiveState::Failed
+        {
+            u.active_state = ActiveState::Deactivating;
+        }
+        let delay = *lock(&self.stop_delay);
+        tokio::time::sleep(delay).await;
+        // a failed unit stays loaded until reset; anything else is collected
+        if self.state(id) != Some(ActiveState::Failed) {
+            self.remove(id);
+        }
+        Ok(())
+    }
+    async fn kill(&self, _id: ProjectId) -> Result<(), UnitError> {
+        Ok(())
+    }
+    async fn reset_failed(&self, id: ProjectId) {
+        if self.state(id) == Some(ActiveState::Failed) {
+            self.remove(id);
+        }
+    }
+    async fn set_limits(&self, id: ProjectId, l: &Limits) -> Result<(), UnitError> {
+        lock(&self.cpu).insert(id, Some(l.cpu));
+        Ok(())
+    }
+    async fn set_cpu_quota(&self, id: ProjectId, cores: Option<f64>) -> Result<(), UnitError> {
+        lock(&self.cpu).insert(id, cores);
+        Ok(())
+    }
+    async fn set_slice_limits(&self, _s: &SliceSettings) -> Result<(), UnitError> {
+        Ok(())
+    }
+    async fn memory_current(&self, id: ProjectId) -> Option<u64> {
+        lock(&self.units).contains_key(&id).then_some(1 << 20)
+    }
+    async fn run_helper(&self, helper: Helper) -> Result<(), String> {
+        lock(&self.helpers).push(helper);
+        Ok(())
+    }
+}
+
+impl SimUnits {
+    fn unit_name_of(&self, id: ProjectId) -> String {
+        ports::Units::unit_name(self, id)
+    }
+}
+
+#[derive(Debug, Default)]
+struct SnapshotEntry {
+    id: u64,
+    created_generation: u64,
+}
+
+/// Simulated project storage.
+#[derive(Debug, Default)]
+pub struct SimStorage {
+    homes: Mutex<HashMap<ProjectId, (u64, u64)>>,
+    snapshots: Mutex<HashMap<ProjectId, BTreeMap<SnapshotName, SnapshotEntry>>>,
+    limits: Mutex<HashMap<ProjectId, Option<u64>>>,
+    next_id: AtomicU64,
+    generation: AtomicU64,
+    quotas: Mutex<bool>,
+}
+
+impl SimStorage {
+    /// Makes a home exist (as one left from before).
+    pub fn add_home(&self, id: ProjectId) {
+        let sub = self.next_id.fetch_add(1, Ordering::Relaxed) + 256;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        lock(&self.homes).entry(id).or_insert((sub, generation));
+    }
+    /// Removes a home (lost storage).
+    pub fn remove_home(&self, id: ProjectId) {
+        lock(&self.homes).remove(&id);
+    }
+    /// A write into the home (bumps its generation).
+    pub fn write(&self, id: ProjectId) {
+        let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(h) = lock(&self.homes).get_mut(&id) {
+            h.1 = g;
+        }
+    }
+}
+
+#[async_trait]
+impl ports::Storage for SimStorage {
+    fn has_home(&self, id: ProjectId) -> bool {
+        lock(&self.homes).contains_key(&id)
+    }
+    async fn ensure_home(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
+        self.add_home(id);
+        Ok(PathBuf::from(format!("/sim/project-{id}")))
+    }
+    async fn ensure_quotas(&self) -> Result<(), StorageError> {
+        *lock(&self.quotas) = true;
+        Ok(())
+    }
+    async fn quota_mode(&self) -> Option<QuotaMode> {
+        lock(&self.quotas).then_some(QuotaMode::Qgroup)
+    }
+    async fn set_home_limit(&self, id: ProjectId, bytes: Option<u64>) -> Result<(), StorageError> {
+        lock(&self.limits).insert(id, bytes);
+        Ok(())
+    }
+    async fn home_usage(&self) -> Result<HashMap<ProjectId, Usage>, StorageError> {
+        let limits = lock(&self.limits);
+        Ok(lock(&self.homes)
+            .keys()
+            .map(|id| {
+                let u = Usage {
+                    quota: limits.get(id).copied().flatten(),
+                    used: 4096,
+                };
+                (*id, u)
+            })
+            .collect())
+    }
+    fn ensure_snapshots_dir(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
+        Ok(PathBuf::from(format!("/sim/.snapshots/project-{id}")))
+    }
+    fn clear_snapshots_mountpoint(&self, _id: ProjectId, _now: u64) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn recreate_scratch(
+        &self,
+        _id: ProjectId,
+        _limit: Option<u64>,
+    ) -> Result<Option<PathBuf>, StorageError> {
+        Ok(None)
+    }
+    async fn subvolumes(&self, snapshots_only: bool) -> Result<Vec<Subvolume>, StorageError> {
+        let mut v = Vec::new();
+        if !snapshots_only {
+            for (id, (sub, generation)) in lock(&self.homes).iter() {
+                v.push(Subvolume {
+                    id: *sub,
+                    role: Role::Home(*id),
+                    generation: *generation,
+                    created_generation: 0,
+                    otime: None,
+                });
+            }
+        }
+        for (id, snaps) in lock(&self.snapshots).iter() {
+            for (name, e) in snaps {
+                v.push(Subvolume {
+                    id: e.id,
+                    role: Role::Snapshot(*id, name.clone()),
+                    generation: e.created_generation,
+                    created_generation: e.created_generation,
+                    otime: Some(0),
+                });
+            }
+        }
+        Ok(v)
+    }
+    async fn sizes(&self) -> Result<HashMap<u64, (u64, u64)>, StorageError> {
+        Ok(HashMap::new())
+    }
+    async fn sync(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+    fn has_snapshot(&self, id: ProjectId, name: &SnapshotName) -> bool {
+        lock(&self.snapshots)
+            .get(&id)
+            .is_some_and(|s| s.contains_key(name))
+    }
+    async fn create_snapshot(
+        &self,
+        id: ProjectId,
+        name: &SnapshotName,
+    ) -> Result<(), StorageError> {
+        let created_generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let sub = self.next_id.fetch_add(1, Ordering::Relaxed) + 256;
+        lock(&self.snapshots).entry(id).or_default().insert(
+            name.clone(),
+            SnapshotEntry {
+                id: sub,
+                created_generation,
+            },
+        );
+        Ok(())
+    }
+    async fn delete_snapshot(
+        &self,
+        id: ProjectId,
+        name: &SnapshotName,
+    ) -> Result<(), StorageError> {
+        if let Some(s) = lock(&self.snapshots).get_mut(&id) {
+            s.remove(name);
+        }
+        Ok(())
+    }
+    async fn restore(
+        &self,
+        id: ProjectId,
+        _name: &SnapshotName,
+        _limit: Option<u64>,
+        _quotas: bool,
+    ) -> Result<(), StorageError> {
+        self.write(id);
+        Ok(())
+    }
+}
+
+/// The simulated store.
+#[derive(Debug, Default)]
+pub struct SimStore {
+    rows: Mutex<HashMap<ProjectId, ProjectRow>>,
+    fail_upserts: Mutex<bool>,
+}
+
+impl SimStore {
+    /// Makes every upsert fail (a crash between "unit started" and "store written").
+    pub fn set_fail_upserts(&self, fail: bool) {
+        *lock(&self.fail_upserts) = fail;
+    }
+    /// A row as stored.
+    pub fn row(&self, id: ProjectId) -> Option<ProjectRow> {
+        lock(&self.rows).get(&id).cloned()
+    }
+    /// Puts a row in (a store left from before).
+    pub fn put(&self, id: ProjectId, state: ProjectState, last_touched: u64) {
+        lock(&self.rows).insert(
+            id,
+            ProjectRow {
+                id,
+                state,
+                config: RunConfig::default(),
+                created: last_touched,
+                last_touched,
+            },
+        );
+    }
+    /// How many rows there are.
+    pub fn len(&self) -> usize {
+        lock(&self.rows).len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl ports::Store for SimStore {
+    async fn host_id(&self) -> Result<String, StoreError> {
+        Ok("00000000-0000-4000-8000-00000000510a".into())
+    }
+    async fn projects(&self) -> Result<Vec<ProjectRow>, StoreError> {
+        Ok(lock(&self.rows).values().cloned().collect())
+    }
+    async fn project(&self, id: ProjectId) -> Result<Option<ProjectRow>, StoreError> {
+        Ok(self.row(id))
+    }
+    async fn upsert(
+        &self,
+        id: ProjectId,
+        state: ProjectState,
+        config: Option<RunConfig>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if *lock(&self.fail_upserts) {
+            return Err(StoreError::Gone);
+        }
+        let mut rows = lock(&self.rows);
+        let r = rows.entry(id).or_insert_with(|| ProjectRow {
+            id,
+            state,
+            config: RunConfig::default(),
+            created: now_ms,
+            last_touched: now_ms,
+        });
+        r.state = state;
+        if let Some(c) = config {
+            r.config = c;
+        }
+        r.last_touched = r.last_touched.max(now_ms);
+        Ok(())
+    }
+    fn touch(&self, id: ProjectId, now_ms: u64) {
+        if let Some(r) = lock(&self.rows).get_mut(&id) {
+            r.last_touched = r.last_touched.max(now_ms);
+        }
+    }
+}

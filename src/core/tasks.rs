@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 /// The owner of the core's tasks.
 #[derive(Debug, Default)]
 pub struct Tasks {
-    work: TaskTracker,
-    loops: TaskTracker,
+    pub(super) work: TaskTracker,
+    pub(super) loops: TaskTracker,
     cancel: CancellationToken,
 }
 

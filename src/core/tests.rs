@@ -1,1 +1,351 @@
+//! The core's hard cases, in process over the simulated backend (`backends::sim`): milliseconds
+//! each. What systemd, podman and btrfs themselves do is proven by the e2e suite in the testbed.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::{Error, Host};
+use crate::backends::sim::{Sim, StartFault};
+use crate::config::Settings;
+use crate::domain::project::{ActiveState, ProjectId, ProjectState};
+
+fn id(n: u32) -> ProjectId {
+    format!("6f1c2d3e-0000-4000-8000-{n:012x}")
+        .parse()
+        .expect("a valid id")
+}
+
+async fn host(sim: &Sim) -> Arc<Host> {
+    Host::with_backends(Settings::default(), sim.backends())
+        .await
+        .expect("a host over the simulation")
+}
+
+/// Waits (up to 2s) until `f` holds.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(2), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn stored(sim: &Sim, id: ProjectId) -> Option<ProjectState> {
+    sim.store.row(id).map(|r| r.state)
+}
+
+#[tokio::test]
+async fn start_and_stop_are_idempotent() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    let p = id(1);
+    assert_eq!(
+        h.start(p, None).await.expect("start").state,
+        ProjectState::Running
+    );
+    assert_eq!(
+        h.start(p, None).await.expect("start again").state,
+        ProjectState::Running
+    );
+    assert_eq!(
+        sim.units.starts.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(stored(&sim, p), Some(ProjectState::Running));
+    // the CPU quota goes on once the unit runs
+    assert_eq!(
+        sim.units.cpu.lock().expect("lock").get(&p),
+        Some(&Some(1.0))
+    );
+    assert_eq!(
+        h.stop(p, false).await.expect("stop").state,
+        ProjectState::Opened
+    );
+    assert_eq!(
+        h.stop(p, false).await.expect("stop again").state,
+        ProjectState::Opened
+    );
+    assert_eq!(sim.units.stops.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(sim.units.state(p), None);
+    assert_eq!(stored(&sim, p), Some(ProjectState::Opened));
+    assert!(h.is_known(p));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_starts_and_stops_of_one_id_end_consistent() {
+    let sim = Sim::new();
+    sim.units.set_start_delay(Duration::from_millis(3));
+    sim.units.set_stop_delay(Duration::from_millis(2));
+    let h = host(&sim).await;
+    let p = id(2);
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let h = h.clone();
+        calls.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                h.start(p, None).await.map(|s| s.state)
+            } else {
+                h.stop(p, i % 4 == 1).await.map(|s| s.state)
+            }
+        }));
+    }
+    for c in calls {
+        let r = c.await.expect("no panic");
+        // every call is served whole: never a half state, never an error
+        assert!(
+            matches!(r, Ok(ProjectState::Running | ProjectState::Opened)),
+            "{r:?}"
+        );
+    }
+    // the host's picture and the units agree, and so does the store
+    let unit = sim.units.state(p).map(ProjectState::from_active_state);
+    let want = unit.unwrap_or(ProjectState::Opened);
+    eventually("status matches the unit", || h.peek_status(p).state == want).await;
+    assert_eq!(stored(&sim, p), Some(want));
+    // and it still starts and stops cleanly
+    assert_eq!(
+        h.start(p, None).await.expect("start").state,
+        ProjectState::Running
+    );
+    assert_eq!(
+        h.stop(p, false).await.expect("stop").state,
+        ProjectState::Opened
+    );
+}
+
+#[tokio::test]
+async fn a_unit_that_vanishes_mid_start_leaves_the_project_stopped_and_startable() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    let p = id(3);
+    sim.units.set_fault(p, Some(StartFault::Vanish));
+    let st = h
+        .start(p, None)
+        .await
+        .expect("the start job itself succeeded");
+    assert_eq!(st.state, ProjectState::Opened);
+    assert_eq!(h.peek_status(p).state, ProjectState::Opened);
+    assert_eq!(stored(&sim, p), Some(ProjectState::Opened));
+    sim.units.set_fault(p, None);
+    assert_eq!(
+        h.start(p, None).await.expect("start").state,
+        ProjectState::Running
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_unit_started_and_store_written_is_adopted_by_the_next_host() {
+    let sim = Sim::new();
+    let p = id(4);
+    {
+        let h = host(&sim).await;
+        sim.store.set_fail_upserts(true);
+        let r = h.start(p, None).await;
+        assert!(matches!(r, Err(Error::Store(_))), "{r:?}");
+        assert_eq!(sim.units.state(p), Some(ActiveState::Active));
+        assert_eq!(stored(&sim, p), None);
+        h.shutdown(Duration::from_secs(1)).await;
+    }
+    // the daemon comes back: the store works again, the unit kept running
+    sim.store.set_fail_upserts(false);
+    let h = host(&sim).await;
+    assert!(h.is_known(p));
+    assert_eq!(h.status(p).state, ProjectState::Running);
+    assert_eq!(stored(&sim, p), Some(ProjectState::Running));
+    assert_eq!(h.list().len(), 1);
+    // a start finds it running and starts nothing
+    assert_eq!(
+        h.start(p, None).await.expect("start").state,
+        ProjectState::Running
+    );
+    assert_eq!(
+        sim.units.starts.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+#[tokio::test]
+async fn reconcile_agrees_with_every_mix_of_store_units_and_storage() {
+    let stores = [
+        None,
+        Some(ProjectState::Opened),
+        Some(ProjectState::Running),
+    ];
+    let units = [
+        None,
+        Some(ActiveState::Active),
+        Some(ActiveState::Activating),
+        Some(ActiveState::Deactivating),
+        Some(ActiveState::Failed),
+    ];
+    let mut cases = 0;
+    for store in stores {
+        for unit in units {
+            for home in [false, true] {
+                let case = format!("store {store:?}, unit {unit:?}, home {home}");
+                let sim = Sim::new();
+                let p = id(5);
+                if let Some(s) = store {
+                    sim.store.put(p, s, super::now_ms());
+                }
+                sim.units.set_external(p, unit);
+                if home {
+                    sim.storage.add_home(p);
+                }
+                let h = host(&sim).await;
+                let state = unit.map_or(ProjectState::Opened, ProjectState::from_active_state);
+                // every loaded unit and every stored row is known; nothing else
+                assert_eq!(h.is_known(p), store.is_some() || unit.is_some(), "{case}");
+                assert_eq!(h.peek_status(p).state, state, "{case}");
+                // the store is corrected to what runs
+                let want = (store.is_some() || unit.is_some()).then_some(state);
+                assert_eq!(stored(&sim, p), want, "{case}");
+                assert_eq!(
+                    h.running_count(),
+                    usize::from(state != ProjectState::Opened)
+                );
+                // the sweep sees the storage as it is
+                let out = h.sweep_snapshots(None, Some(vec![p])).await.expect("sweep");
+                let skipped = out.first().and_then(|o| o.skipped);
+                if !home {
+                    assert_eq!(skipped, Some("no_home"), "{case}");
+                } else if h.is_known(p) {
+                    assert!(out[0].created.is_some(), "{case}: {out:?}");
+                } else {
+                    // never seen by this host: not touched, so left alone
+                    assert_eq!(skipped, Some("untouched"), "{case}");
+                }
+                h.shutdown(Duration::from_secs(1)).await;
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 30);
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_mid_start_does_not_cut_the_start_off() {
+    let sim = Sim::new();
+    sim.units.set_start_delay(Duration::from_millis(50));
+    let h = host(&sim).await;
+    let p = id(6);
+    let call = {
+        let h = h.clone();
+        tokio::spawn(async move { h.start(p, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // the HTTP connection closes: hyper drops the request's future
+    call.abort();
+    eventually("the start completes and is recorded", || {
+        stored(&sim, p) == Some(ProjectState::Running)
+    })
+    .await;
+    assert_eq!(h.peek_status(p).state, ProjectState::Running);
+    assert!(h.is_known(p));
+}
+
+#[tokio::test]
+async fn a_failed_start_cleans_up_and_records_nothing_new() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    let p = id(7);
+    sim.units
+        .set_fault(p, Some(StartFault::Fail("bad image".into())));
+    match h.start(p, None).await {
+        Err(Error::StartFailed {
+            id,
+            reason,
+            journal,
+        }) => {
+            assert_eq!(id, p);
+            assert_eq!(reason, "bad image");
+            assert!(journal.contains("simulated failure"), "{journal}");
+        }
+        r => panic!("expected a failed start, got {r:?}"),
+    }
+    // the failed unit is reset, the container removed, nothing recorded for an unknown project
+    assert_eq!(sim.units.state(p), None);
+    assert!(
+        sim.units
+            .helpers
+            .lock()
+            .expect("lock")
+            .contains(&crate::ports::Helper::RemoveContainer(p))
+    );
+    assert_eq!(h.peek_status(p).state, ProjectState::Opened);
+    assert_eq!(stored(&sim, p), None);
+    assert!(!h.is_known(p));
+    // a known project that fails to start is recorded as stopped
+    sim.units.set_fault(p, None);
+    h.start(p, None).await.expect("start");
+    h.stop(p, false).await.expect("stop");
+    sim.units
+        .set_fault(p, Some(StartFault::Fail("again".into())));
+    assert!(h.start(p, None).await.is_err());
+    assert_eq!(stored(&sim, p), Some(ProjectState::Opened));
+}
+
+#[tokio::test]
+async fn random_ids_do_not_grow_memory() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    for n in 0..6000 {
+        let p = id(1_000_000 + n);
+        assert_eq!(h.status(p).state, ProjectState::Opened);
+        assert_eq!(
+            h.stop(p, false).await.expect("stop").state,
+            ProjectState::Opened
+        );
+    }
+    assert!(h.list().is_empty());
+    assert!(h.read_entries().is_empty());
+    assert!(h.locks.lock().expect("lock").len() <= 4097);
+    assert!(sim.store.is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_an_in_flight_start_then_stops_the_loops() {
+    let sim = Sim::new();
+    sim.units.set_start_delay(Duration::from_millis(100));
+    let h = host(&sim).await;
+    let p = id(8);
+    let token = h.shutdown_token();
+    let call = {
+        let h = h.clone();
+        tokio::spawn(async move { h.start(p, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.tasks.in_flight(), 1);
+    assert!(!h.tasks.loops.is_empty());
+    let t = Instant::now();
+    // an Arc<Host> is still held here (as the D-Bus task holds one): the loops must end anyway
+    h.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(50),
+        "shutdown did not wait"
+    );
+    // the start was finished and recorded before the loops stopped
+    assert_eq!(sim.units.state(p), Some(ActiveState::Active));
+    assert_eq!(stored(&sim, p), Some(ProjectState::Running));
+    assert_eq!(
+        call.await.expect("no panic").expect("start").state,
+        ProjectState::Running
+    );
+    assert!(token.is_cancelled());
+    assert!(h.tasks.loops.is_empty(), "loops still running");
+    assert_eq!(h.tasks.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_drain_is_bounded() {
+    let sim = Sim::new();
+    sim.units.set_start_delay(Duration::from_secs(30));
+    let h = host(&sim).await;
+    let p = id(9);
+    let h2 = h.clone();
+    let _call = tokio::spawn(async move { h2.start(p, None).await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let t = Instant::now();
+    h.shutdown(Duration::from_millis(50)).await;
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(h.tasks.loops.is_empty());
+}
