@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use crate::config::Settings;
-use crate::limits;
-use crate::project::{ProjectId, RunConfig};
+use crate::domain::limits;
+use crate::domain::project::{ProjectId, RunConfig};
 
 /// Path of the podman binary (what the unit's Exec* lines run).
 pub const PODMAN: &str = "/usr/bin/podman";
@@ -154,7 +154,7 @@ pub fn insert_options(argv: &mut Vec<String>, options: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::project::NetworkMode;
+    use crate::domain::project::NetworkMode;
 
     fn id() -> ProjectId {
         "6f1c2d3e-0000-4000-8000-000000000001".parse().unwrap()

@@ -21,7 +21,7 @@
 //!   `update` cannot change it, which is why it is the ceiling, not the project's value.
 use serde::{Deserialize, Serialize};
 
-use crate::project::{InvalidConfig, RunConfig};
+use super::project::{InvalidConfig, RunConfig};
 
 /// The limits in force for one project.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -258,7 +258,7 @@ impl LimitsPatch {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LimitsUpdate {
     /// The project's state.
-    pub state: crate::project::ProjectState,
+    pub state: super::project::ProjectState,
     /// This host's id.
     pub server: String,
     /// Whether the change was applied to the running project (else: at its next start).

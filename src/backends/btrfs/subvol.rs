@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use super::{BTRFS, SUBVOLUME_ROOT_INO, Storage, StorageError, TIMEOUT, io};
 use crate::cmd;
-use crate::project::ProjectId;
-use crate::snapshots::SnapshotName;
+use crate::domain::project::ProjectId;
+use crate::domain::snapshots::SnapshotName;
 
 /// Directory of the snapshot directories, under the storage root.
 pub const SNAPSHOTS_DIR: &str = ".snapshots";
@@ -143,7 +143,7 @@ pub fn parse_subvolumes(out: &str) -> Vec<Subvol> {
             let num = |key: &str| after(key).and_then(|v| v.parse::<u64>().ok());
             let otime = f.iter().position(|w| *w == "otime").and_then(|i| {
                 let (d, t) = (f.get(i + 1)?, f.get(i + 2)?);
-                crate::snapshots::parse_basic_iso(&format!(
+                crate::domain::snapshots::parse_basic_iso(&format!(
                     "{}T{}Z",
                     d.replace('-', ""),
                     t.replace(':', "")
@@ -604,7 +604,7 @@ ID 266 gen 22 cgen 13 top level 5 otime 2026-11-29 15:52:51 path .snapshots/home
         assert_eq!(s[1].path, ".snapshots/home 2/s1");
         assert_eq!(
             s[1].otime,
-            crate::snapshots::parse_basic_iso("20261129T155251Z")
+            crate::domain::snapshots::parse_basic_iso("20261129T155251Z")
         );
         assert!(parse_subvolumes("garbage\n").is_empty());
     }
