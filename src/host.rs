@@ -585,7 +585,7 @@ impl Host {
         let storage_options = self.prepare_storage(id, &config, &home).await?;
         podman::insert_options(&mut argv, storage_options);
         let mut props =
-            systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
+            systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout.as_secs());
         // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
         // quota is put on once it runs, and lifted before a stop, so a project limited to a sliver
         // of a core still starts and stops at full speed
@@ -732,7 +732,7 @@ impl Host {
     }
 
     fn stop_wait(&self) -> Duration {
-        Duration::from_secs(self.settings.projects.stop_timeout_secs + 60)
+        Duration::from_secs(self.settings.projects.stop_timeout.as_secs() + 60)
     }
 
     /// Stops a project (idempotent). `force` kills it at once instead of a graceful stop.

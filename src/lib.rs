@@ -19,3 +19,4 @@ pub mod seccomp;
 pub mod snapshots;
 pub mod store;
 pub mod systemd;
+pub mod units;
