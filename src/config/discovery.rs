@@ -3,7 +3,7 @@
 //! replaces the file of the same name in an earlier one; a symlink to `/dev/null` masks it.
 //! `config.toml` applies first, then the drop-ins in lexical order of their file names, whichever
 //! root each comes from.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where fragments are read from, lowest priority first.
 pub const DEFAULT_ROOTS: [&str; 3] = [
@@ -22,6 +22,28 @@ pub fn fragment_files(roots: &[PathBuf]) -> Vec<PathBuf> {
         liboverdrop::scan(roots, "", &["toml"], true).remove(std::ffi::OsStr::new("config.toml"));
     let drop_ins = liboverdrop::scan(roots, "config.d", &["toml"], true);
     main.into_iter().chain(drop_ins.into_values()).collect()
+}
+
+/// Fragment-named symlinks under `roots` that point anywhere but `/dev/null`: liboverdrop does
+/// not follow them, so [`super::load`] refuses them rather than silently leaving them out.
+pub(super) fn unfollowed_symlinks(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let candidates = roots.iter().flat_map(|root| {
+        let drop_ins = std::fs::read_dir(root.join("config.d"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path());
+        std::iter::once(root.join("config.toml")).chain(drop_ins)
+    });
+    candidates
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+                && std::fs::read_link(p).is_ok_and(|t| t != Path::new("/dev/null"))
+        })
+        .collect()
 }
 
 /// The roots to read: [`ROOTS_ENV`] when set, else [`DEFAULT_ROOTS`].
@@ -70,6 +92,13 @@ mod tests {
                 "run/config.d/20.toml",
             ]
         );
+        assert!(unfollowed_symlinks(&[d.join("usr"), etc.clone()]).is_empty());
+        symlink(d.join("usr/config.d/10.toml"), etc.join("config.d/11.toml")).unwrap();
+        assert_eq!(
+            unfollowed_symlinks(&[d.join("usr"), etc.clone()]),
+            [etc.join("config.d/11.toml")]
+        );
+        std::fs::remove_file(etc.join("config.d/11.toml")).unwrap();
         // config.toml masked too: no main file at all
         symlink("/dev/null", etc.join("config.toml.tmp")).unwrap();
         std::fs::rename(etc.join("config.toml.tmp"), etc.join("config.toml")).unwrap();

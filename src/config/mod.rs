@@ -163,6 +163,14 @@ pub enum ConfigError {
         /// What toml said, one line.
         message: String,
     },
+    /// A fragment is a symlink (other than to `/dev/null`, which masks): not followed.
+    #[error(
+        "{path}: a symlinked fragment is not read: copy the file there, or link it to /dev/null to mask"
+    )]
+    Symlink {
+        /// The symlink.
+        path: PathBuf,
+    },
     /// A value is out of range.
     #[error("{path}: {key}: {message}")]
     Invalid {
@@ -177,6 +185,9 @@ pub enum ConfigError {
 
 /// Reads, merges and validates the fragments under `roots`.
 pub fn load(roots: &[PathBuf]) -> Result<Settings, ConfigError> {
+    if let Some(path) = discovery::unfollowed_symlinks(roots).into_iter().next() {
+        return Err(ConfigError::Symlink { path });
+    }
     let mut parsed = Vec::new();
     for path in fragment_files(roots) {
         let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {

@@ -202,3 +202,31 @@ fn auth_keys_are_checked_at_load() {
         .to_string();
     assert!(e.contains("auth.admin_token_file"), "{e}");
 }
+
+#[test]
+fn load_applies_overrides_and_masks_and_refuses_symlinked_fragments() {
+    use std::os::unix::fs::symlink;
+    let d = std::env::temp_dir().join(format!("cph-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let (usr, etc) = (d.join("usr"), d.join("etc"));
+    for r in [&usr, &etc] {
+        std::fs::create_dir_all(r.join("config.d")).unwrap();
+    }
+    std::fs::write(usr.join("config.d/50.toml"), "[limits]\npids = 300\n").unwrap();
+    std::fs::write(etc.join("config.d/50.toml"), "[limits]\ncpu_weight = 7\n").unwrap();
+    std::fs::write(usr.join("config.d/60.toml"), "[limits]\nmemroy = 1\n").unwrap();
+    symlink("/dev/null", etc.join("config.d/60.toml")).unwrap();
+    let roots = [usr.clone(), etc.clone()];
+    let s = load(&roots).unwrap();
+    // /etc's 50.toml replaced /usr/lib's whole file; the broken 60.toml is masked
+    assert_eq!(
+        s.limits.default.pids,
+        Settings::default().limits.default.pids
+    );
+    assert_eq!(s.limits.default.cpu_weight, 7);
+    let link = etc.join("config.d/70.toml");
+    symlink(usr.join("config.d/50.toml"), &link).unwrap();
+    let e = load(&roots).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}: ", link.display())), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
