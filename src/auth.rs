@@ -30,8 +30,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AuthSettings;
 use crate::project::ProjectId;
+
+mod settings;
+pub use settings::{AuthFragment, AuthSettings};
 
 /// Name of the systemd credential holding admin tokens (`LoadCredential=admin-token:…`).
 pub const CREDENTIAL: &str = "admin-token";
@@ -374,7 +376,7 @@ impl Auth {
             &tokens,
             keys,
             host_id,
-            settings.max_token_lifetime_secs,
+            settings.max_token_lifetime.as_secs(),
         ))
     }
 

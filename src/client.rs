@@ -164,15 +164,9 @@ fn colour(state: &str, width: usize, tty: bool) -> String {
 }
 
 fn fmt_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (y, m, d) = crate::snapshots::civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::snapshots::utc(ms)
+        .strftime("%Y-%m-%d %H:%M:%S UTC")
+        .to_string()
 }
 
 fn print_status(id: &ProjectId, v: &Value, json_out: bool) {

@@ -24,6 +24,7 @@ pub mod http;
 pub mod logging;
 pub mod ports;
 pub mod seccomp;
+pub mod units;
 
 // transitional: removed when adapters move (i11-wire) and config/auth use the new paths (i11-config)
 pub mod host {

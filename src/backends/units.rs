@@ -155,7 +155,7 @@ impl Units for SystemdUnits {
             podman::storage_options(&seccomp, &snapshots, scratch.as_deref(), tmp),
         );
         let mut props =
-            systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
+            systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout.as_secs());
         // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
         // quota is put on once it runs (set_cpu_quota), and lifted before a stop, so a project
         // limited to a sliver of a core still starts and stops at full speed

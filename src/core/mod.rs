@@ -705,7 +705,7 @@ impl Host {
     }
 
     fn stop_wait(&self) -> Duration {
-        Duration::from_secs(self.settings.projects.stop_timeout_secs + 60)
+        Duration::from_secs(self.settings.projects.stop_timeout.as_secs() + 60)
     }
 
     /// Stops a project (idempotent). `force` kills it at once instead of a graceful stop.

@@ -314,7 +314,7 @@ impl Host {
             let (running, touched) = self.read_entries().get(&id).map_or((false, 0), |e| {
                 (e.state() != ProjectState::Opened, e.last_touched)
             });
-            if !running && now.saturating_sub(touched) > cfg.skip_untouched_secs * 1000 {
+            if !running && now.saturating_sub(touched) > cfg.skip_untouched.as_millis() as u64 {
                 o.skipped = Some("untouched");
                 out.push(o);
                 continue;

@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
+use jiff::tz::Offset;
+use jiff::{Timestamp, civil};
 use serde::Serialize;
 
 /// Prefix of the names of rolling snapshots; reserved (a user cannot create such a name).
@@ -87,67 +89,29 @@ impl Serialize for SnapshotName {
 
 const DAY_MS: u64 = 86_400_000;
 
-/// Days since 1970-01-01 → (year, month 1..=12, day 1..=31), proleptic Gregorian (H. Hinnant).
-/// The one calendar routine of the crate (snapshot names, the CLI's times).
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+/// `ms` as a UTC civil date and time (by `jiff`; the one calendar of the crate: snapshot names,
+/// retention windows, the CLI's times). Instants past jiff's range (year 9999) clamp to its end.
+pub fn utc(ms: u64) -> civil::DateTime {
+    let ts = i64::try_from(ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .unwrap_or(Timestamp::MAX);
+    Offset::UTC.to_datetime(ts)
 }
 
-/// (year, month, day) → days since 1970-01-01.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
+const BASIC_ISO: &str = "%Y%m%dT%H%M%SZ";
 
 /// `ms` as ISO 8601 basic UTC, `20260102T030405Z` (URL- and file-name-safe).
 pub fn basic_iso(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
-    let s = secs % 86_400;
-    format!(
-        "{y:04}{mo:02}{d:02}T{:02}{:02}{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    utc(ms).strftime(BASIC_ISO).to_string()
 }
 
-/// Parses [`basic_iso`] back to ms.
+/// Parses [`basic_iso`] back to ms; only that exact form (16 characters, a real date).
 pub fn parse_basic_iso(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
-    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
-    let (h, mi, se) = (num(9..11)?, num(11..13)?, num(13..15)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 59 {
-        return None;
-    }
-    let days = days_from_civil(i64::from(y), mo, d);
-    if days < 0 || civil_from_days(days) != (i64::from(y), mo, d) {
-        return None;
-    }
-    Some((days as u64 * 86_400 + u64::from(h * 3600 + mi * 60 + se)) * 1000)
+    let dt = civil::DateTime::strptime(BASIC_ISO, s).ok()?;
+    let ms = u64::try_from(Offset::UTC.to_timestamp(dt).ok()?.as_millisecond()).ok()?;
+    // strptime is lenient about widths and signs; the canonical form is what names hold
+    (basic_iso(ms) == s).then_some(ms)
 }
 
 /// How many rolling snapshots to keep in each window. Counts, not ages: "daily = 7" keeps the
@@ -180,12 +144,13 @@ fn day(ms: u64) -> u64 {
     ms / DAY_MS
 }
 fn iso_week(ms: u64) -> u64 {
-    // 1970-01-01 was a Thursday: shifting by 3 days puts every week's start on a Monday
-    (day(ms) + 3) / 7
+    // ISO weeks run Monday to Sunday; the ISO week-year keeps a week that spans New Year whole
+    let w = utc(ms).date().iso_week_date();
+    u64::try_from(w.year()).unwrap_or(0) * 53 + u64::from(w.week().unsigned_abs())
 }
 fn month(ms: u64) -> u64 {
-    let (y, m, _) = civil_from_days(day(ms) as i64);
-    y as u64 * 12 + u64::from(m)
+    let d = utc(ms);
+    u64::try_from(d.year()).unwrap_or(0) * 12 + u64::from(d.month().unsigned_abs())
 }
 
 /// The instants (ms) among `times` that `policy` keeps. Only a function of the set of instants:
@@ -326,6 +291,27 @@ mod tests {
         for d in 0..(366 * 30) {
             let ms = at("20000101T120000Z") + d * DAY_MS;
             assert_eq!(parse_basic_iso(&basic_iso(ms)), Some(ms));
+        }
+    }
+
+    #[test]
+    fn buckets_change_exactly_at_monday_and_the_first_of_the_month() {
+        // 60 years of consecutive days: a new week exactly on Mondays (1970-01-05 was one),
+        // a new month exactly on the 1st
+        let mut prev = at("19700101T120000Z");
+        for _ in 1..(366 * 60) {
+            let t = prev + DAY_MS;
+            let day_no = t / DAY_MS;
+            assert_eq!(
+                iso_week(t) != iso_week(prev),
+                (day_no + 3).is_multiple_of(7),
+                "{}",
+                basic_iso(t)
+            );
+            assert!(iso_week(t) >= iso_week(prev));
+            let first = basic_iso(t)[6..8] == *"01";
+            assert_eq!(month(t) != month(prev), first, "{}", basic_iso(t));
+            prev = t;
         }
     }
 

@@ -261,19 +261,48 @@ impl Drop for ConfigFiles {
 
 #[test]
 fn config_drop_ins_override_and_typos_are_refused() {
-    const LIB: &str = "/usr/lib/cocalc-project-host/config.d/50-e2e.toml";
+    // drop-ins apply in file-name order across roots; a same-named file in a later root
+    // replaces the earlier one; a symlink to /dev/null masks it
+    const LIB: &str = "/usr/lib/cocalc-project-host/config.d/40-e2e.toml";
     const ETC: &str = "/etc/cocalc-project-host/config.d/50-e2e.toml";
+    const LIB_SHADOWED: &str = "/usr/lib/cocalc-project-host/config.d/45-e2e-shadowed.toml";
+    const RUN_OVERRIDE: &str = "/run/cocalc-project-host/config.d/45-e2e-shadowed.toml";
+    const LIB_MASKED: &str = "/usr/lib/cocalc-project-host/config.d/46-e2e-masked.toml";
+    const ETC_MASK: &str = "/etc/cocalc-project-host/config.d/46-e2e-masked.toml";
     const TYPO: &str = "/etc/cocalc-project-host/config.d/60-e2e-typo.toml";
-    let _cleanup = ConfigFiles(vec![LIB, ETC, TYPO]);
+    let _cleanup = ConfigFiles(vec![
+        LIB,
+        ETC,
+        LIB_SHADOWED,
+        RUN_OVERRIDE,
+        LIB_MASKED,
+        ETC_MASK,
+        TYPO,
+    ]);
     ok(&format!(
-        "mkdir -p $(dirname {LIB}) $(dirname {ETC}) && \
+        "mkdir -p $(dirname {LIB}) $(dirname {ETC}) $(dirname {RUN_OVERRIDE}) && \
          printf '[limits]\\npids = 300\\nmemory = \"256M\"\\n[slice]\\nmemory_max = \"8G\"\\n' > {LIB} && \
-         printf '[limits]\\npids = 400\\n' > {ETC}"
+         printf '[limits]\\npids = 400\\n' > {ETC} && \
+         printf '[limits]\\ncpu_weight = 7\\n' > {LIB_SHADOWED} && \
+         printf '[limits]\\nio_weight = 33\\n' > {RUN_OVERRIDE} && \
+         printf '[limits]\\nmemroy = \"broken vendor file\"\\n' > {LIB_MASKED} && \
+         ln -sf /dev/null {ETC_MASK}"
     ));
     let merged = ok("cocalc-project-host check-config");
     assert!(merged.contains(&format!("# read {LIB}")), "{merged}");
     assert!(merged.contains(&format!("# read {ETC}")), "{merged}");
+    assert!(
+        merged.contains(&format!("# read {RUN_OVERRIDE}")),
+        "{merged}"
+    );
+    assert!(
+        !merged.contains(LIB_SHADOWED),
+        "replaced by /run's: {merged}"
+    );
+    assert!(!merged.contains("46-e2e-masked"), "masked: {merged}");
     assert!(merged.contains("pids: 400"), "{merged}");
+    assert!(merged.contains("io_weight: 33"), "{merged}");
+    assert!(!merged.contains("cpu_weight: 7,"), "{merged}");
     ok("systemctl restart cocalc-project-host.service");
     assert_eq!(prop("cocalc-projects.slice", "MemoryMax"), "8589934592");
     let id = new_id();

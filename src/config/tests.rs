@@ -1,0 +1,232 @@
+use super::*;
+use crate::limits::Amount;
+
+fn m(frags: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    merge(frags.iter().map(|(p, t)| (Path::new(*p), *t)))
+}
+
+#[test]
+fn defaults_hold_with_no_files() {
+    assert_eq!(m(&[]).unwrap(), Settings::default());
+}
+
+#[test]
+fn later_fragments_win() {
+    let s = m(&[
+        (
+            "/usr/lib/x/config.d/10.toml",
+            "[projects]\nimage = \"a/b:1\"\nstop_timeout = 3\n",
+        ),
+        (
+            "/etc/x/config.d/10.toml",
+            "[projects]\nimage = \"c/d:2\"\n[storage]\nimage_size = \"1G\"\n",
+        ),
+    ])
+    .unwrap();
+    assert_eq!(s.projects.image, "c/d:2");
+    assert_eq!(s.projects.stop_timeout, Duration::from_secs(3));
+    assert_eq!(s.storage.image_size, 1 << 30);
+}
+
+#[test]
+fn a_typo_names_file_and_key() {
+    let e = m(&[("/etc/x/config.toml", "[projects]\nimgae = \"x\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/etc/x/config.toml: "), "{e}");
+    assert!(e.contains("imgae"), "{e}");
+    assert!(e.contains("line 2"), "{e}");
+}
+
+#[test]
+fn bad_values_name_file_and_key() {
+    let e = m(&[("/etc/x/a.toml", "[projects]\nuid_base = 0\n")])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "/etc/x/a.toml: projects.uid_base: must not be 0: container root must not be host root"
+    );
+    let e = m(&[("/etc/x/a.toml", "[storage]\nimage_size = \"12Q\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("suffix"), "{e}");
+}
+
+#[test]
+fn limits_and_slice_merge_and_validate() {
+    let s = m(&[
+        (
+            "/usr/lib/x/config.d/50.toml",
+            "[limits]\nmemory = \"512M\"\npids = 300\ncpu = 2\n[limits.max]\ncpu = 4.5\n",
+        ),
+        (
+            "/etc/x/config.d/50.toml",
+            "[limits]\npids = 400\nswap = true\n[slice]\nmemory_max = \"8G\"\ntasks_max = \"50%\"\ncpu_weight = 20\n",
+        ),
+    ])
+    .unwrap();
+    let d = &s.limits.default;
+    assert_eq!(
+        (d.memory, d.pids, d.cpu, d.swap),
+        (512 << 20, 400, 2.0, true)
+    );
+    assert_eq!(s.limits.max.cpu, 4.5);
+    assert_eq!(s.slice.memory_max, Amount::Absolute(8 << 30));
+    assert_eq!(s.slice.tasks_max, Amount::Percent(50));
+    assert_eq!(s.slice.cpu_weight, 20);
+
+    let err = |t: &str| {
+        m(&[("/etc/x/config.d/60.toml", t)])
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err("[limits]\ncpu = 0\n"),
+        "/etc/x/config.d/60.toml: limits.cpu: 0 is not a number of cores in [0.01, 1024]"
+    );
+    assert!(
+        err("[limits]\nmemory = \"64G\"\n")
+            .starts_with("/etc/x/config.d/60.toml: limits.memory: 68719476736 is above"),
+        "{}",
+        err("[limits]\nmemory = \"64G\"\n")
+    );
+    assert!(err("[limits.max]\npids = 0\n").contains(": limits.max.pids: "));
+    assert!(err("[limits]\nio_weight = 0\n").contains(": limits.io_weight: "));
+    assert!(err("[slice]\nmemory_max = \"150%\"\n").contains(": slice.memory_max: "));
+    assert!(err("[slice]\ncpu_weight = 0\n").contains(": slice.cpu_weight: "));
+    assert!(err("[slice]\ntasks_max = \"x%\"\n").contains("percentage"));
+    let e = err("[limits]\nmemroy = \"1G\"\n");
+    assert!(
+        e.starts_with("/etc/x/config.d/60.toml: ") && e.contains("memroy") && e.contains("line 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn only_harmless_capabilities_may_be_kept() {
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[projects]\ncapabilities = [\"NET_RAW\", \"CHOWN\"]\n",
+    )])
+    .unwrap();
+    assert_eq!(s.projects.capabilities, ["NET_RAW", "CHOWN"]);
+    let e = m(&[(
+        "/etc/x/a.toml",
+        "[projects]\ncapabilities = [\"SYS_ADMIN\"]\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("/etc/x/a.toml: projects.capabilities: \"SYS_ADMIN\" may not"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_shipped_config_is_the_defaults() {
+    let text = include_str!("../../packaging/config.toml");
+    assert_eq!(m(&[("config.toml", text)]).unwrap(), Settings::default());
+    // uncommented, every documented key parses and still gives the defaults
+    let uncommented: String = text
+        .lines()
+        .map(|l| {
+            l.strip_prefix('#')
+                .filter(|r| !r.starts_with(' ') && !r.is_empty())
+                .unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut s = m(&[("config.toml", &uncommented)]).unwrap();
+    // the example values that are not defaults
+    s.storage.mount = None;
+    s.projects.cmd = None;
+    (s.storage.disk_quota, s.storage.scratch, s.storage.tmp) = (None, None, None);
+    s.auth.master_public_keys.clear();
+    s.auth.admin_token_file = None;
+    assert_eq!(s, Settings::default());
+}
+
+#[test]
+fn storage_and_snapshot_settings_merge_and_validate() {
+    let s = m(&[(
+        "/etc/x/config.toml",
+        "[storage]\ndisk_quota = \"3G\"\ntmp = \"64M\"\n[snapshots]\ndaily = 3\nskip_untouched = \"2w\"\n",
+    )])
+    .unwrap();
+    assert_eq!(s.storage.disk_quota, Some(3 << 30));
+    assert_eq!(s.storage.tmp, Some(64 << 20));
+    assert_eq!(s.storage.scratch, None);
+    assert_eq!(s.snapshots.retention.daily, 3);
+    assert_eq!(s.snapshots.retention.frequent, 4);
+    assert_eq!(s.snapshots.skip_untouched, Duration::from_secs(14 * 86_400));
+    assert!(s.snapshots.enabled);
+    let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = 5\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("/etc/x/a.toml: storage.disk_quota: must be at least"),
+        "{e}"
+    );
+    let e = m(&[("/etc/x/a.toml", "[snapshots]\nhourly = 5\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hourly"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[snapshots]\nskip_untouched = \"3y\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("/etc/x/a.toml: ") && e.contains("\"3y\"") && e.contains("line 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn auth_keys_are_checked_at_load() {
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[auth]\nmaster_public_keys = [\"Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\"]\nmax_token_lifetime = 600\n",
+    )])
+    .unwrap();
+    assert_eq!(s.auth.master_public_keys.len(), 1);
+    assert_eq!(s.auth.max_token_lifetime, Duration::from_secs(600));
+    let e = m(&[("/etc/x/a.toml", "[auth]\nmaster_public_keys = [\"abc\"]\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("/etc/x/a.toml: auth.master_public_keys: key 1"),
+        "{e}"
+    );
+    let e = m(&[("/etc/x/a.toml", "[auth]\nadmin_token_file = \"t\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("auth.admin_token_file"), "{e}");
+}
+
+#[test]
+fn load_applies_overrides_and_masks_and_refuses_symlinked_fragments() {
+    use std::os::unix::fs::symlink;
+    let d = std::env::temp_dir().join(format!("cph-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let (usr, etc) = (d.join("usr"), d.join("etc"));
+    for r in [&usr, &etc] {
+        std::fs::create_dir_all(r.join("config.d")).unwrap();
+    }
+    std::fs::write(usr.join("config.d/50.toml"), "[limits]\npids = 300\n").unwrap();
+    std::fs::write(etc.join("config.d/50.toml"), "[limits]\ncpu_weight = 7\n").unwrap();
+    std::fs::write(usr.join("config.d/60.toml"), "[limits]\nmemroy = 1\n").unwrap();
+    symlink("/dev/null", etc.join("config.d/60.toml")).unwrap();
+    let roots = [usr.clone(), etc.clone()];
+    let s = load(&roots).unwrap();
+    // /etc's 50.toml replaced /usr/lib's whole file; the broken 60.toml is masked
+    assert_eq!(
+        s.limits.default.pids,
+        Settings::default().limits.default.pids
+    );
+    assert_eq!(s.limits.default.cpu_weight, 7);
+    let link = etc.join("config.d/70.toml");
+    symlink(usr.join("config.d/50.toml"), &link).unwrap();
+    let e = load(&roots).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{}: ", link.display())), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -1,0 +1,197 @@
+//! Ranges and cross-checks of the merged settings. Each check answers with the dotted key at
+//! fault; the loader adds the file that set it last.
+use super::Settings;
+use crate::limits::Amount;
+
+/// Capabilities a project container may be configured to keep: podman's default set (all
+/// harmless inside a user namespace) plus NET_RAW (ping). Anything else is refused.
+pub const ALLOWED_CAPABILITIES: [&str; 13] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+
+/// Checks merged settings: `Err((dotted key, what is wrong))`.
+pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
+    if !s.state_dir.is_absolute() {
+        return Err(("state_dir", "must be an absolute path".into()));
+    }
+    if let Some(m) = &s.storage.mount
+        && !m.is_absolute()
+    {
+        return Err(("storage.mount", "must be an absolute path".into()));
+    }
+    if s.storage.image_size < 256 << 20 {
+        return Err((
+            "storage.image_size",
+            "must be at least 256M (btrfs needs room)".into(),
+        ));
+    }
+    for (key, v, min) in [
+        (
+            "storage.disk_quota",
+            s.storage.disk_quota,
+            crate::project::MIN_DISK,
+        ),
+        (
+            "storage.scratch",
+            s.storage.scratch,
+            crate::project::MIN_DISK,
+        ),
+        ("storage.tmp", s.storage.tmp, crate::project::MIN_TMP),
+    ] {
+        if let Some(v) = v
+            && v < min
+        {
+            return Err((key, format!("must be at least {min} bytes")));
+        }
+    }
+    let r = &s.snapshots.retention;
+    if [r.frequent, r.daily, r.weekly, r.monthly]
+        .iter()
+        .any(|n| *n > 1000)
+    {
+        return Err((
+            "snapshots.counts",
+            "frequent, daily, weekly and monthly must each be at most 1000".into(),
+        ));
+    }
+    let image_ok = crate::project::RunConfig {
+        image: Some(s.projects.image.clone()),
+        ..Default::default()
+    };
+    if let Err(e) = image_ok.validate() {
+        return Err(("projects.image", e.reason));
+    }
+    if let Some(cmd) = &s.projects.cmd
+        && cmd.is_empty()
+    {
+        return Err((
+            "projects.cmd",
+            "must not be empty (leave it unset for the image's CMD)".into(),
+        ));
+    }
+    if s.projects.stop_timeout.as_secs() > 3600 {
+        return Err((
+            "projects.stop_timeout",
+            "must be at most 3600 seconds".into(),
+        ));
+    }
+    if s.projects.uid_base == 0 {
+        return Err((
+            "projects.uid_base",
+            "must not be 0: container root must not be host root".into(),
+        ));
+    }
+    if s.projects.uid_count < 65_536 {
+        return Err(("projects.uid_count", "must be at least 65536".into()));
+    }
+    if s.projects
+        .uid_base
+        .checked_add(s.projects.uid_count)
+        .is_none()
+    {
+        return Err((
+            "projects.uid_count",
+            "uid_base + uid_count overflows".into(),
+        ));
+    }
+    if s.projects.user_uid == 0 || s.projects.user_uid >= s.projects.uid_count {
+        return Err((
+            "projects.user_uid",
+            "must be inside the mapped range and not 0".into(),
+        ));
+    }
+    if let Some(c) = s
+        .projects
+        .capabilities
+        .iter()
+        .find(|c| !ALLOWED_CAPABILITIES.contains(&c.as_str()))
+    {
+        return Err((
+            "projects.capabilities",
+            format!(
+                "{c:?} may not be granted (allowed: {})",
+                ALLOWED_CAPABILITIES.join(", ")
+            ),
+        ));
+    }
+    validate_limits(s)?;
+    s.auth.validate()
+}
+
+/// Limit settings: each in the range a run config may ask for, defaults at most the maxima.
+fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
+    use crate::project::RunConfig;
+    let (d, max) = (&s.limits.default, &s.limits.max);
+    let as_config = |memory, cpu, pids, cpu_weight, io_weight| RunConfig {
+        memory: Some(memory),
+        cpu: Some(cpu),
+        pids: Some(pids),
+        cpu_weight,
+        io_weight,
+        ..Default::default()
+    };
+    let key = |max: bool, field: &str| -> &'static str {
+        match (max, field) {
+            (false, "memory") => "limits.memory",
+            (false, "cpu") => "limits.cpu",
+            (false, "pids") => "limits.pids",
+            (false, "cpu_weight") => "limits.cpu_weight",
+            (false, "io_weight") => "limits.io_weight",
+            (true, "memory") => "limits.max.memory",
+            (true, "cpu") => "limits.max.cpu",
+            _ => "limits.max.pids",
+        }
+    };
+    as_config(
+        d.memory,
+        d.cpu,
+        d.pids,
+        Some(d.cpu_weight),
+        Some(d.io_weight),
+    )
+    .validate()
+    .map_err(|e| (key(false, e.field), e.reason))?;
+    as_config(max.memory, max.cpu, max.pids, None, None)
+        .validate()
+        .map_err(|e| (key(true, e.field), e.reason))?;
+    crate::limits::check(d, max).map_err(|e| {
+        (
+            key(false, e.field),
+            format!("{} (limits.max.{})", e.reason, e.field),
+        )
+    })?;
+    let sl = &s.slice;
+    for (k, a, min) in [
+        ("slice.memory_max", sl.memory_max, 64u64 << 20),
+        ("slice.tasks_max", sl.tasks_max, 16),
+    ] {
+        match a {
+            Amount::Percent(p) if !(1..=100).contains(&p) => {
+                return Err((k, format!("{p}% is not in 1..=100%")));
+            }
+            Amount::Absolute(n) if n < min => {
+                return Err((k, format!("{n} is below the minimum of {min}")));
+            }
+            _ => {}
+        }
+    }
+    if !(1..=10_000).contains(&sl.cpu_weight) {
+        return Err((
+            "slice.cpu_weight",
+            format!("{} is not in 1..=10000", sl.cpu_weight),
+        ));
+    }
+    Ok(())
+}
