@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use cocalc_project_host::client::{self, Action};
+use cocalc_project_host::adapters::cli::{self as client, Action};
+use cocalc_project_host::adapters::{dbus, http};
 use cocalc_project_host::project::RunConfig;
-use cocalc_project_host::{activation, auth, btrfs, config, dbus, host::Host, http, logging};
+use cocalc_project_host::{activation, auth, btrfs, config, host::Host, logging};
 
 #[derive(Debug, Parser)]
 #[command(

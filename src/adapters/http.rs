@@ -691,7 +691,7 @@ mod tests {
     /// docs/openapi.yaml and the router describe the same endpoints.
     #[test]
     fn openapi_documents_every_route() {
-        let spec = include_str!("../docs/openapi.yaml");
+        let spec = include_str!("../../docs/openapi.yaml");
         let mut documented = Vec::new();
         let mut path = None;
         for line in spec.lines() {

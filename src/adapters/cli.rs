@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use serde_json::{Value, json};
 use zbus::{OwnedObjectPath, OwnedVariant};
 
-use crate::dbus::{BUS_NAME, MANAGER_PATH};
+use super::dbus::{BUS_NAME, MANAGER_PATH};
 use crate::project::{ProjectId, RunConfig};
 
 #[zbus::proxy(
