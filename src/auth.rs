@@ -1,4 +1,4 @@
-//! Who may call the HTTP API (an adapter concern: `adapters/http.rs` uses it, [`crate::host::Host`] never
+//! Who may call the HTTP API (an adapter concern: `http.rs` uses it, [`crate::host::Host`] never
 //! sees it). Every request but `GET /healthz` carries `Authorization: Bearer <token>`, one of:
 //!
 //! - an **admin token**: an opaque secret read at start from the systemd credential `admin-token`
