@@ -4,6 +4,7 @@
 //! and `store` each speak to one external system; `cmd` runs every external program.
 pub mod activation;
 pub mod adapters;
+pub mod api;
 pub mod auth;
 pub mod btrfs;
 pub mod cmd;
