@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use zbus::{OwnedVariant, Variant};
 
 use crate::host::{SnapshotInfo, SweepOutcome};
-use crate::limits::{Limits, LimitsUpdate};
+use crate::limits::{ConfigView, Limits, LimitsUpdate};
 use crate::project::{DiskStatus, RunConfig, Status};
 
 use super::error::{ErrorKind, WireError};
@@ -208,6 +208,24 @@ impl LimitsAnswer {
             live,
             limits,
         })
+    }
+}
+
+/// A project's stored config and the limits it resolves to (`GET /projects/:id/config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigAnswer {
+    /// the config the next start uses
+    pub config: RunConfig,
+    /// its limits over the host's defaults
+    pub limits: LimitsValues,
+}
+
+impl From<&ConfigView> for ConfigAnswer {
+    fn from(v: &ConfigView) -> ConfigAnswer {
+        ConfigAnswer {
+            config: v.config.clone(),
+            limits: LimitsValues::from(&v.limits),
+        }
     }
 }
 
