@@ -82,6 +82,12 @@ fn same_bad_input_same_answer_over_http_dbus_and_cli() {
     let id = new_id();
     start(&id, None);
     let obj = path(&id);
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/snapshots"),
+        Some(r#"{"name":"wire-r"}"#),
+    );
+    assert_eq!(s, 201, "{v}");
     let unknown = new_id();
     let m = format!("{MANAGER} com.cocalc.ProjectHost1.Manager");
     let p = format!("{obj} com.cocalc.ProjectHost1.Project");
@@ -215,11 +221,11 @@ fn same_bad_input_same_answer_over_http_dbus_and_cli() {
             what: "restore while running",
             http: (
                 "POST",
-                format!("/projects/{id}/snapshots/no-such/restore"),
+                format!("/projects/{id}/snapshots/wire-r/restore"),
                 None,
             ),
-            bus: Some(format!("{p}.RestoreSnapshot string:no-such")),
-            cli: Some(format!("snapshot restore {id} no-such")),
+            bus: Some(format!("{p}.RestoreSnapshot string:wire-r")),
+            cli: Some(format!("snapshot restore {id} wire-r")),
             want: ErrorKind::ProjectRunning,
             anonymous: false,
         },
