@@ -616,6 +616,26 @@ mod tests {
         }
     }
 
+    /// Every code of the error table is documented, with its status.
+    #[test]
+    fn openapi_documents_every_error_code() {
+        let spec = include_str!("../../docs/openapi.yaml");
+        let start = spec.find("An error. Codes:").unwrap();
+        let text: String = spec[start..].lines().take(6).collect::<Vec<_>>().join(" ");
+        for k in ErrorKind::ALL {
+            // "code, code (status)": the code is listed in a group that ends with its status
+            let at = text
+                .find(&format!(" {}", k.code()))
+                .unwrap_or_else(|| panic!("{} is not documented", k.code()));
+            let status = text[at..].split('(').nth(1).unwrap_or_default();
+            assert!(
+                status.starts_with(&k.status().to_string()),
+                "{} documented with another status: {status}",
+                k.code()
+            );
+        }
+    }
+
     #[test]
     fn storage_routes() {
         let id: ProjectId = ID.parse().unwrap();

@@ -360,6 +360,14 @@ mod tests {
             let code = e.code();
             assert_eq!(WireError::from(e).kind.code(), code);
         }
+        for d in [
+            crate::auth::Denied::Missing,
+            crate::auth::Denied::Malformed("x"),
+            crate::auth::Denied::Invalid("x".into()),
+        ] {
+            let code = d.code();
+            assert_eq!(WireError::from(d).kind.code(), code);
+        }
         let e: WireError = "X".parse::<crate::project::ProjectId>().unwrap_err().into();
         assert_eq!(e.kind, ErrorKind::InvalidProjectId);
     }
