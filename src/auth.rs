@@ -1,4 +1,4 @@
-//! Who may call the HTTP API (an adapter concern: `http.rs` uses it, [`crate::host::Host`] never
+//! Who may call the HTTP API (an adapter concern: `http.rs` uses it, [`crate::core::Host`] never
 //! sees it). Every request but `GET /healthz` carries `Authorization: Bearer <token>`, one of:
 //!
 //! - an **admin token**: an opaque secret read at start from the systemd credential `admin-token`
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::project::ProjectId;
+use crate::domain::project::ProjectId;
 
 mod settings;
 pub use settings::{AuthFragment, AuthSettings};

@@ -4,11 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use cocalc_project_host::adapters::cli::{self as client, Action};
+use cocalc_project_host::adapters::{dbus, http};
 use cocalc_project_host::backends::btrfs;
-use cocalc_project_host::client::{self, Action};
 use cocalc_project_host::core::Host;
 use cocalc_project_host::domain::project::RunConfig;
-use cocalc_project_host::{activation, auth, config, dbus, http, logging};
+use cocalc_project_host::{activation, auth, config, logging};
 
 #[derive(Debug, Parser)]
 #[command(

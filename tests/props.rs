@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 use std::path::Path;
 
+use cocalc_project_host::adapters::http::{Route, route};
 use cocalc_project_host::auth::{self, Auth, Principal};
 use cocalc_project_host::config;
-use cocalc_project_host::http::{Route, route};
-use cocalc_project_host::project::{ProjectId, RunConfig};
+use cocalc_project_host::domain::project::{ProjectId, RunConfig};
 use hyper::Method;
 use proptest::prelude::*;
 use serde_json::json;

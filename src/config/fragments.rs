@@ -9,8 +9,8 @@ use serde::{Deserialize, Deserializer};
 
 use super::{ConfigError, ProjectSettings, Settings, SnapshotSettings, StorageSettings};
 use crate::auth::AuthFragment;
-use crate::limits::{Amount, LimitSettings, SliceSettings};
-use crate::project::NetworkMode;
+use crate::domain::limits::{Amount, LimitSettings, SliceSettings};
+use crate::domain::project::NetworkMode;
 use crate::units::{opt_duration, opt_size, parse_size};
 
 /// Where a merge reports the dotted keys it set.

@@ -21,8 +21,8 @@ pub use crate::units::{parse_duration, parse_size};
 pub use discovery::{DEFAULT_ROOTS, ROOTS_ENV, fragment_files, roots_from_env};
 pub use validate::ALLOWED_CAPABILITIES;
 
-use crate::limits::{LimitSettings, SliceSettings};
-use crate::project::NetworkMode;
+use crate::domain::limits::{LimitSettings, SliceSettings};
+use crate::domain::project::NetworkMode;
 
 /// Validated settings of the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +51,7 @@ pub struct SnapshotSettings {
     /// Whether the sweep takes and prunes rolling snapshots at all.
     pub enabled: bool,
     /// How many to keep per window.
-    pub retention: crate::snapshots::Retention,
+    pub retention: crate::domain::snapshots::Retention,
     /// Projects neither running nor touched for this long are skipped by the sweep.
     pub skip_untouched: Duration,
 }
@@ -136,7 +136,7 @@ impl Default for Settings {
             slice: SliceSettings::default(),
             snapshots: SnapshotSettings {
                 enabled: true,
-                retention: crate::snapshots::Retention::default(),
+                retention: crate::domain::snapshots::Retention::default(),
                 skip_untouched: Duration::from_secs(14 * 86_400),
             },
             auth: AuthSettings::default(),

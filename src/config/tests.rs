@@ -1,5 +1,5 @@
 use super::*;
-use crate::limits::Amount;
+use crate::domain::limits::Amount;
 
 fn m(frags: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     merge(frags.iter().map(|(p, t)| (Path::new(*p), *t)))

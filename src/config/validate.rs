@@ -1,7 +1,7 @@
 //! Ranges and cross-checks of the merged settings. Each check answers with the dotted key at
 //! fault; the loader adds the file that set it last.
 use super::Settings;
-use crate::limits::Amount;
+use crate::domain::limits::Amount;
 
 /// Capabilities a project container may be configured to keep: podman's default set (all
 /// harmless inside a user namespace) plus NET_RAW (ping). Anything else is refused.
@@ -41,14 +41,18 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
         (
             "storage.disk_quota",
             s.storage.disk_quota,
-            crate::project::MIN_DISK,
+            crate::domain::project::MIN_DISK,
         ),
         (
             "storage.scratch",
             s.storage.scratch,
-            crate::project::MIN_DISK,
+            crate::domain::project::MIN_DISK,
         ),
-        ("storage.tmp", s.storage.tmp, crate::project::MIN_TMP),
+        (
+            "storage.tmp",
+            s.storage.tmp,
+            crate::domain::project::MIN_TMP,
+        ),
     ] {
         if let Some(v) = v
             && v < min
@@ -66,7 +70,7 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
             "frequent, daily, weekly and monthly must each be at most 1000".into(),
         ));
     }
-    let image_ok = crate::project::RunConfig {
+    let image_ok = crate::domain::project::RunConfig {
         image: Some(s.projects.image.clone()),
         ..Default::default()
     };
@@ -132,7 +136,7 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
 
 /// Limit settings: each in the range a run config may ask for, defaults at most the maxima.
 fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
-    use crate::project::RunConfig;
+    use crate::domain::project::RunConfig;
     let (d, max) = (&s.limits.default, &s.limits.max);
     let as_config = |memory, cpu, pids, cpu_weight, io_weight| RunConfig {
         memory: Some(memory),
@@ -166,7 +170,7 @@ fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
     as_config(max.memory, max.cpu, max.pids, None, None)
         .validate()
         .map_err(|e| (key(true, e.field), e.reason))?;
-    crate::limits::check(d, max).map_err(|e| {
+    crate::domain::limits::check(d, max).map_err(|e| {
         (
             key(false, e.field),
             format!("{} (limits.max.{})", e.reason, e.field),

@@ -9,3 +9,4 @@ mod limits;
 mod spine;
 mod storage;
 mod tb;
+mod wire;

@@ -1,6 +1,6 @@
 //! Disk quotas, snapshots, restore, rolling snapshots, scratch and /tmp: real btrfs qgroups and
 //! subvolumes under real containers, behind the HTTP API.
-use cocalc_project_host::snapshots::{basic_iso, parse_basic_iso};
+use cocalc_project_host::domain::snapshots::{basic_iso, parse_basic_iso};
 use serde_json::Value;
 
 use crate::tb::{self, STORAGE, http, new_id, ok, sh, start, status, stop, wait_for};

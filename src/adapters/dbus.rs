@@ -2,18 +2,17 @@
 //! `org.freedesktop.systemd1`: a manager object plus one object per known project. A thin adapter
 //! over [`Host`]: every method is one core call; state changes made through any adapter come back
 //! from the core as events and are published here as signals.
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
 
+use zbus::names::OwnedErrorName;
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{Connection, OwnedObjectPath};
 
-use crate::host::SnapshotInfo;
-use crate::host::{self, Host, HostEvent};
-use crate::limits::{LimitsPatch, LimitsUpdate};
-use crate::project::{ProjectId, RunConfig, Status};
-use crate::snapshots::SnapshotName;
-use crate::systemd::bus_label_escape;
+use crate::api::{self, BusDict, ErrorKind, LimitsAnswer, SnapshotTuple, StatusAnswer, WireError};
+use crate::backends::systemd::bus_label_escape;
+use crate::core::{self, Host, HostEvent};
+use crate::domain::project::ProjectId;
 
 /// Well-known bus name.
 pub const BUS_NAME: &str = "com.cocalc.ProjectHost1";
@@ -30,225 +29,199 @@ pub fn project_path(id: &ProjectId) -> OwnedObjectPath {
         .unwrap_or_else(|_| OwnedObjectPath::from(zbus::ObjectPath::from_static_str_unchecked("/")))
 }
 
-/// Errors as D-Bus error names `com.cocalc.ProjectHost1.Error.*`.
-#[derive(Debug, zbus::DBusError)]
-#[zbus(prefix = "com.cocalc.ProjectHost1.Error")]
-pub enum Error {
-    /// Transport errors.
-    #[zbus(error)]
-    ZBus(zbus::Error),
-    /// The id is not a lowercase UUID.
-    InvalidProjectId(String),
-    /// The config JSON is malformed or has a bad value.
-    InvalidConfig(String),
-    /// No such project on this host.
-    NotFound(String),
-    /// The project could not be started.
-    StartFailed(String),
-    /// The project could not be stopped.
-    StopFailed(String),
-    /// New limits could not be applied; the project keeps its old ones.
-    UpdateFailed(String),
-    /// The snapshot name is not valid (or reserved for rolling snapshots).
-    InvalidSnapshotName(String),
-    /// No such snapshot.
-    NoSuchSnapshot(String),
-    /// A snapshot of that name exists.
-    SnapshotExists(String),
-    /// The operation needs the project stopped.
-    ProjectRunning(String),
-    /// systemd or the storage are not available.
-    Unavailable(String),
-    /// Anything else.
-    Failed(String),
+/// A method's failure on the bus: the error table's name for its kind, and its message.
+#[derive(Debug)]
+pub struct Error {
+    name: OwnedErrorName,
+    message: String,
 }
 
-impl From<host::Error> for Error {
-    fn from(e: host::Error) -> Error {
-        use host::Error as E;
-        let m = e.to_string();
-        match e {
-            E::InvalidProjectId(_) => Error::InvalidProjectId(m),
-            E::InvalidConfig(_) => Error::InvalidConfig(m),
-            E::StartFailed { .. } => Error::StartFailed(m),
-            E::StopFailed { .. } => Error::StopFailed(m),
-            E::UpdateFailed { .. } => Error::UpdateFailed(m),
-            E::NoSuchProject(_) => Error::NotFound(m),
-            E::InvalidSnapshotName(_) | E::ReservedSnapshotName(_) => Error::InvalidSnapshotName(m),
-            E::NoSuchSnapshot { .. } => Error::NoSuchSnapshot(m),
-            E::SnapshotExists { .. } => Error::SnapshotExists(m),
-            E::ProjectRunning(_) => Error::ProjectRunning(m),
-            E::Storage(_) | E::Systemd(_) => Error::Unavailable(m),
-            E::Store(_) => Error::Failed(m),
+impl Error {
+    /// The D-Bus error name.
+    pub fn error_name(&self) -> &str {
+        self.name.as_str()
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(e: WireError) -> Error {
+        let name = OwnedErrorName::try_from(e.kind.dbus_name())
+            // every name in the table is valid (a unit test checks): never taken
+            .unwrap_or_else(|_| {
+                OwnedErrorName::from(zbus::names::ErrorName::from_static_str_unchecked(
+                    "org.freedesktop.DBus.Error.Failed",
+                ))
+            });
+        Error {
+            name,
+            message: e.message,
         }
+    }
+}
+
+impl From<core::Error> for Error {
+    fn from(e: core::Error) -> Error {
+        Error::from(WireError::from(e))
+    }
+}
+
+/// What zbus itself fails with (a bad argument, a lost connection) keeps its own name.
+impl From<zbus::Error> for Error {
+    fn from(e: zbus::Error) -> Error {
+        let (name, message) = match &e {
+            zbus::Error::MethodError(name, desc, _) => {
+                (name.clone(), desc.clone().unwrap_or_default())
+            }
+            zbus::Error::FDO(f) => {
+                let f: &zbus::fdo::Error = f;
+                (
+                    zbus::DBusError::name(f).into(),
+                    zbus::DBusError::description(f)
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            }
+            _ => {
+                return Error::from(WireError::new(ErrorKind::Internal, e.to_string()));
+            }
+        };
+        Error { name, message }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl zbus::DBusError for Error {
+    fn create_reply(&self, call: &zbus::message::Header<'_>) -> zbus::Result<zbus::Message> {
+        zbus::Message::error(call, self.name.as_ref()).build(&self.message.as_str())
+    }
+
+    fn name(&self) -> zbus::names::ErrorName<'_> {
+        self.name.as_ref()
+    }
+
+    fn description(&self) -> Option<&str> {
+        Some(&self.message)
     }
 }
 
 fn parse_id(id: &str) -> Result<ProjectId, Error> {
-    id.parse()
-        .map_err(|e: crate::project::InvalidProjectId| Error::InvalidProjectId(e.to_string()))
+    Ok(api::parse_id(id)?)
 }
 
-fn parse_config(json: &str) -> Result<Option<RunConfig>, Error> {
-    if json.trim().is_empty() {
-        return Ok(None);
-    }
-    let c: Option<RunConfig> = serde_json::from_str(json)
-        .map_err(|e| Error::InvalidConfig(format!("invalid config JSON: {e}")))?;
-    Ok(c)
+/// The host, while the daemon serves. The bus objects and the publisher hold it weakly: the
+/// connection outliving the core (or holding it alive) would keep the core's loops running.
+fn upgrade(host: &Weak<Host>) -> Result<Arc<Host>, Error> {
+    host.upgrade().ok_or_else(|| {
+        Error::from(WireError::new(
+            ErrorKind::SystemdUnavailable,
+            "the daemon is shutting down",
+        ))
+    })
 }
 
-/// A status as `a{sv}`: the same fields as the HTTP API's status.
-pub fn status_dict(s: &Status) -> HashMap<String, OwnedVariant> {
-    let mut d = HashMap::new();
-    let mut put = |k: &str, v: Variant<'_>| {
-        if let Ok(v) = OwnedVariant::try_from(v) {
-            d.insert(k.to_string(), v);
-        }
-    };
-    put("state", Variant::from(s.state.as_str()));
-    put("server", Variant::from(s.server.as_str()));
-    put("unit", Variant::from(s.unit.as_str()));
-    if let Some(v) = &s.sub_state {
-        put("sub_state", Variant::from(v.as_str()));
-    }
-    if let Some(v) = s.main_pid {
-        put("main_pid", Variant::from(v));
-    }
-    if let Some(v) = s.memory_current {
-        put("memory_current", Variant::from(v));
-    }
-    if let Some(v) = s.started_at {
-        put("started_at", Variant::from(v));
-    }
-    d
-}
-
-fn parse_snapshot_name(name: &str) -> Result<SnapshotName, Error> {
-    name.parse()
-        .map_err(|e: crate::snapshots::InvalidSnapshotName| {
-            Error::InvalidSnapshotName(e.to_string())
-        })
-}
-
-/// A snapshot as `(name, kind, created ms, exclusive bytes, referenced bytes)`; 0 = unknown.
-type SnapshotTuple = (String, String, u64, u64, u64);
-
-fn snapshot_tuple(i: &SnapshotInfo) -> SnapshotTuple {
-    (
-        i.name.to_string(),
-        i.kind.to_string(),
-        i.created.unwrap_or(0),
-        i.exclusive.unwrap_or(0),
-        i.referenced.unwrap_or(0),
-    )
-}
-
-fn parse_limits(json: &str) -> Result<LimitsPatch, Error> {
-    serde_json::from_str(json)
-        .map_err(|e| Error::InvalidConfig(format!("invalid limits JSON: {e}")))
-}
-
-/// The result of a limits change as `a{sv}`: state, server, live, and the limits in force.
-pub fn limits_dict(u: &LimitsUpdate) -> HashMap<String, OwnedVariant> {
-    let mut d = HashMap::new();
-    let mut put = |k: &str, v: Variant<'_>| {
-        if let Ok(v) = OwnedVariant::try_from(v) {
-            d.insert(k.to_string(), v);
-        }
-    };
-    put("state", Variant::from(u.state.as_str()));
-    put("server", Variant::from(u.server.as_str()));
-    put("live", Variant::from(u.live));
-    put("memory", Variant::from(u.limits.memory));
-    put("swap", Variant::from(u.limits.swap));
-    put("cpu", Variant::from(u.limits.cpu));
-    put("pids", Variant::from(u.limits.pids));
-    put("cpu_weight", Variant::from(u.limits.cpu_weight));
-    put("io_weight", Variant::from(u.limits.io_weight));
-    d
+fn status(s: &crate::domain::project::Status) -> Result<BusDict, Error> {
+    Ok(StatusAnswer::from(s).to_bus()?)
 }
 
 /// `com.cocalc.ProjectHost1.Manager` on [`MANAGER_PATH`].
 #[derive(Debug)]
 pub struct Manager {
-    host: Arc<Host>,
+    host: Weak<Host>,
+}
+
+impl Manager {
+    fn host(&self) -> Result<Arc<Host>, Error> {
+        upgrade(&self.host)
+    }
+}
+
+/// A property of an object whose host is gone.
+fn prop_host(host: &Weak<Host>) -> zbus::fdo::Result<Arc<Host>> {
+    host.upgrade()
+        .ok_or_else(|| zbus::fdo::Error::Failed("the daemon is shutting down".into()))
 }
 
 #[zbus::interface(name = "com.cocalc.ProjectHost1.Manager")]
 impl Manager {
     /// Known projects: (id, state, last touched in ms since the epoch, object path), most
     /// recently touched first.
-    fn list_projects(&self) -> Vec<(String, String, u64, OwnedObjectPath)> {
-        self.host
+    fn list_projects(&self) -> Result<Vec<(String, String, u64, OwnedObjectPath)>, Error> {
+        let host = self.host()?;
+        Ok(host
             .list()
             .iter()
             .map(|&(id, last)| {
                 (
                     id.to_string(),
-                    self.host.peek_status(id).state.to_string(),
+                    host.peek_status(id).state.to_string(),
                     last,
                     project_path(&id),
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// The object path of a known project.
     fn get_project(&self, id: &str) -> Result<OwnedObjectPath, Error> {
         let id = parse_id(id)?;
-        if !self.host.is_known(id) {
-            return Err(Error::NotFound(format!(
-                "no such project on this host: {id}"
-            )));
+        if !self.host()?.is_known(id) {
+            return Err(WireError::new(
+                ErrorKind::NoSuchProject,
+                format!("no such project on this host: {id}"),
+            )
+            .into());
         }
         Ok(project_path(&id))
     }
 
     /// Status of a project (as `GET /projects/:id/status`; a never-seen project is `opened`).
-    fn get_project_status(&self, id: &str) -> Result<HashMap<String, OwnedVariant>, Error> {
-        Ok(status_dict(&self.host.status(parse_id(id)?)))
+    fn get_project_status(&self, id: &str) -> Result<BusDict, Error> {
+        status(&self.host()?.status(parse_id(id)?))
     }
 
     /// Starts a project; `config_json` is the start config as JSON (`""` = the stored one).
-    async fn start_project(
-        &self,
-        id: &str,
-        config_json: &str,
-    ) -> Result<HashMap<String, OwnedVariant>, Error> {
+    async fn start_project(&self, id: &str, config_json: &str) -> Result<BusDict, Error> {
         let id = parse_id(id)?;
-        let config = parse_config(config_json)?;
-        Ok(status_dict(&self.host.start(id, config).await?))
+        let config = api::parse_config_json(config_json)?;
+        status(&self.host()?.start(id, config).await?)
     }
 
     /// Stops a project; `force` kills it at once.
-    async fn stop_project(
-        &self,
-        id: &str,
-        force: bool,
-    ) -> Result<HashMap<String, OwnedVariant>, Error> {
-        Ok(status_dict(&self.host.stop(parse_id(id)?, force).await?))
+    async fn stop_project(&self, id: &str, force: bool) -> Result<BusDict, Error> {
+        status(&self.host()?.stop(parse_id(id)?, force).await?)
     }
 
     /// Changes a project's limits (`limits_json` as the body of `PATCH /projects/:id/config`):
     /// at once when it runs, and for its next start.
-    async fn set_project_limits(
-        &self,
-        id: &str,
-        limits_json: &str,
-    ) -> Result<HashMap<String, OwnedVariant>, Error> {
+    async fn set_project_limits(&self, id: &str, limits_json: &str) -> Result<BusDict, Error> {
         let id = parse_id(id)?;
-        Ok(limits_dict(
-            &self.host.set_limits(id, parse_limits(limits_json)?).await?,
-        ))
+        let patch = api::parse_limits_json(limits_json)?;
+        let u = self.host()?.set_limits(id, patch).await?;
+        Ok(LimitsAnswer::from(&u).to_bus()?)
     }
 
     /// Takes and prunes the rolling snapshots of every project now (what
     /// cocalc-project-host-snapshots.timer asks for); returns what it did as JSON.
     async fn sweep_snapshots(&self) -> Result<String, Error> {
-        let now = host::now_ms();
-        let outcomes = self.host.sweep_snapshots(Some(now), None).await?;
-        Ok(serde_json::json!({ "now": now, "projects": outcomes }).to_string())
+        let now = core::now_ms();
+        let outcomes = self.host()?.sweep_snapshots(Some(now), None).await?;
+        let answer = api::SweepAnswer {
+            now,
+            projects: outcomes.iter().map(api::SweepProject::from).collect(),
+        };
+        serde_json::to_string(&answer).map_err(|e| {
+            Error::from(WireError::new(
+                ErrorKind::Internal,
+                format!("cannot encode the answer: {e}"),
+            ))
+        })
     }
 
     /// Version of the daemon.
@@ -259,20 +232,20 @@ impl Manager {
 
     /// This host's id.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn host_id(&self) -> String {
-        self.host.host_id().to_string()
+    fn host_id(&self) -> zbus::fdo::Result<String> {
+        Ok(prop_host(&self.host)?.host_id().to_string())
     }
 
     /// Number of known projects.
     #[zbus(property)]
-    fn project_count(&self) -> u32 {
-        self.host.list().len() as u32
+    fn project_count(&self) -> zbus::fdo::Result<u32> {
+        Ok(prop_host(&self.host)?.list().len() as u32)
     }
 
     /// Number of projects whose unit is up (starting, running or stopping).
     #[zbus(property)]
-    fn running_count(&self) -> u32 {
-        self.host.running_count() as u32
+    fn running_count(&self) -> zbus::fdo::Result<u32> {
+        Ok(prop_host(&self.host)?.running_count() as u32)
     }
 
     /// A project's state changed (whichever adapter or outside event caused it).
@@ -303,42 +276,43 @@ impl Manager {
 /// `com.cocalc.ProjectHost1.Project`, one object per known project.
 #[derive(Debug)]
 pub struct Project {
-    host: Arc<Host>,
+    host: Weak<Host>,
     id: ProjectId,
+}
+
+impl Project {
+    fn host(&self) -> Result<Arc<Host>, Error> {
+        upgrade(&self.host)
+    }
 }
 
 #[zbus::interface(name = "com.cocalc.ProjectHost1.Project")]
 impl Project {
     /// Starts the project; `config_json` as for `Manager.StartProject`.
-    async fn start(&self, config_json: &str) -> Result<HashMap<String, OwnedVariant>, Error> {
-        let config = parse_config(config_json)?;
-        Ok(status_dict(&self.host.start(self.id, config).await?))
+    async fn start(&self, config_json: &str) -> Result<BusDict, Error> {
+        let config = api::parse_config_json(config_json)?;
+        status(&self.host()?.start(self.id, config).await?)
     }
 
     /// Stops the project; `force` kills it at once.
-    async fn stop(&self, force: bool) -> Result<HashMap<String, OwnedVariant>, Error> {
-        Ok(status_dict(&self.host.stop(self.id, force).await?))
+    async fn stop(&self, force: bool) -> Result<BusDict, Error> {
+        status(&self.host()?.stop(self.id, force).await?)
     }
 
     /// Changes the project's limits, as `Manager.SetProjectLimits`.
-    async fn set_limits(&self, limits_json: &str) -> Result<HashMap<String, OwnedVariant>, Error> {
-        Ok(limits_dict(
-            &self
-                .host
-                .set_limits(self.id, parse_limits(limits_json)?)
-                .await?,
-        ))
+    async fn set_limits(&self, limits_json: &str) -> Result<BusDict, Error> {
+        let patch = api::parse_limits_json(limits_json)?;
+        let u = self.host()?.set_limits(self.id, patch).await?;
+        Ok(LimitsAnswer::from(&u).to_bus()?)
     }
 
     /// The project's snapshots, oldest first: (name, kind `auto|manual`, created ms,
     /// exclusive bytes, referenced bytes); 0 where unknown.
     async fn list_snapshots(&self) -> Result<Vec<SnapshotTuple>, Error> {
-        Ok(self
-            .host
-            .snapshots(self.id)
-            .await?
+        let list = self.host()?.snapshots(self.id).await?;
+        Ok(list
             .iter()
-            .map(snapshot_tuple)
+            .map(|i| api::SnapshotAnswer::from(i).to_bus())
             .collect())
     }
 
@@ -347,33 +321,28 @@ impl Project {
         let name = if name.is_empty() {
             None
         } else {
-            Some(parse_snapshot_name(name)?)
+            Some(api::parse_snapshot_name(name)?)
         };
-        Ok(snapshot_tuple(
-            &self.host.create_snapshot(self.id, name).await?,
-        ))
+        let info = self.host()?.create_snapshot(self.id, name).await?;
+        Ok(api::SnapshotAnswer::from(&info).to_bus())
     }
 
     /// Deletes a snapshot.
     async fn delete_snapshot(&self, name: &str) -> Result<(), Error> {
-        Ok(self
-            .host
-            .delete_snapshot(self.id, &parse_snapshot_name(name)?)
-            .await?)
+        let name = api::parse_snapshot_name(name)?;
+        Ok(self.host()?.delete_snapshot(self.id, &name).await?)
     }
 
     /// Replaces the home with a snapshot, atomically; the project must be stopped.
     async fn restore_snapshot(&self, name: &str) -> Result<(), Error> {
-        Ok(self
-            .host
-            .restore_snapshot(self.id, &parse_snapshot_name(name)?)
-            .await?)
+        let name = api::parse_snapshot_name(name)?;
+        Ok(self.host()?.restore_snapshot(self.id, &name).await?)
     }
 
     /// Sets the disk quota in bytes (0: no limit), at once and for later starts.
     async fn set_disk_quota(&self, bytes: u64) -> Result<(), Error> {
         Ok(self
-            .host
+            .host()?
             .set_disk_quota(self.id, (bytes != 0).then_some(bytes))
             .await?)
     }
@@ -386,8 +355,11 @@ impl Project {
 
     /// `opened`, `starting`, `running` or `stopping`.
     #[zbus(property)]
-    fn state(&self) -> String {
-        self.host.peek_status(self.id).state.to_string()
+    fn state(&self) -> zbus::fdo::Result<String> {
+        Ok(prop_host(&self.host)?
+            .peek_status(self.id)
+            .state
+            .to_string())
     }
 
     /// The systemd unit running the project.
@@ -398,24 +370,30 @@ impl Project {
 
     /// PID of the unit's main process (0 when not running).
     #[zbus(property, name = "MainPID")]
-    fn main_pid(&self) -> u32 {
-        self.host.peek_status(self.id).main_pid.unwrap_or(0)
+    fn main_pid(&self) -> zbus::fdo::Result<u32> {
+        Ok(prop_host(&self.host)?
+            .peek_status(self.id)
+            .main_pid
+            .unwrap_or(0))
     }
 
     /// Last touched, ms since the epoch.
     #[zbus(property(emits_changed_signal = "false"))]
-    fn last_touched(&self) -> u64 {
-        self.host.last_touched(self.id).unwrap_or(0)
+    fn last_touched(&self) -> zbus::fdo::Result<u64> {
+        Ok(prop_host(&self.host)?.last_touched(self.id).unwrap_or(0))
     }
 }
 
 /// Connects to the system bus, exports the objects, takes the bus name and keeps the objects and
-/// signals in step with the core's events.
+/// signals in step with the core's events. Nothing here holds the core strongly: the publisher
+/// ends when the core (the sender of its events) is dropped, and a call that comes after that
+/// is answered `Unavailable`.
 pub async fn serve(host: Arc<Host>) -> zbus::Result<Connection> {
     // subscribe before exporting, so no event falls between the two
     let mut events = host.subscribe();
+    let weak = Arc::downgrade(&host);
     let conn = zbus::connection::Builder::system()
-        .serve_at(MANAGER_PATH, Manager { host: host.clone() })
+        .serve_at(MANAGER_PATH, Manager { host: weak.clone() })
         .build()
         .await?;
     let mut exported = HashSet::new();
@@ -424,20 +402,27 @@ pub async fn serve(host: Arc<Host>) -> zbus::Result<Connection> {
             .at(
                 project_path(&id),
                 Project {
-                    host: host.clone(),
+                    host: weak.clone(),
                     id,
                 },
             )
             .await?;
         exported.insert(id);
     }
+    // the publisher ends with the core's loops (it holds the core only by `Weak`)
+    let cancel = host.shutdown_token();
+    drop(host);
     conn.request_name(BUS_NAME).await?;
     let c = conn.clone();
     tokio::spawn(async move {
         loop {
-            match events.recv().await {
+            let ev = tokio::select! {
+                () = cancel.cancelled() => break,
+                ev = events.recv() => ev,
+            };
+            match ev {
                 Ok(ev) => {
-                    if let Err(e) = publish(&c, &host, &mut exported, ev).await {
+                    if let Err(e) = publish(&c, &weak, &mut exported, ev).await {
                         tracing::warn!(error = %e, "cannot publish a D-Bus signal");
                     }
                 }
@@ -456,7 +441,7 @@ pub async fn serve(host: Arc<Host>) -> zbus::Result<Connection> {
 
 async fn publish(
     conn: &Connection,
-    host: &Arc<Host>,
+    host: &Weak<Host>,
     exported: &mut HashSet<ProjectId>,
     ev: HostEvent,
 ) -> zbus::Result<()> {
@@ -521,13 +506,21 @@ mod tests {
     }
 
     #[test]
-    fn config_json_parses_or_names_the_problem() {
-        assert_eq!(parse_config("").unwrap(), None);
-        assert_eq!(parse_config("null").unwrap(), None);
-        assert!(parse_config(r#"{"memory":1048576000}"#).unwrap().is_some());
-        assert!(
-            matches!(parse_config(r#"{"imgae":"x"}"#), Err(Error::InvalidConfig(m)) if m.contains("imgae"))
+    fn errors_carry_the_tables_bus_names() {
+        let e = Error::from(api::parse_id("x").unwrap_err());
+        assert_eq!(
+            e.error_name(),
+            "com.cocalc.ProjectHost1.Error.InvalidProjectId"
         );
-        assert!(matches!(parse_id("x"), Err(Error::InvalidProjectId(_))));
+        let e = Error::from(api::parse_config_json("[\"busybox\"]").unwrap_err());
+        assert_eq!(
+            e.error_name(),
+            "com.cocalc.ProjectHost1.Error.InvalidConfig"
+        );
+        for k in ErrorKind::ALL {
+            let e = Error::from(WireError::new(k, "m"));
+            assert_eq!(e.error_name(), k.dbus_name());
+            assert_eq!(zbus::DBusError::description(&e), Some("m"));
+        }
     }
 }

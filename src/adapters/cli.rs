@@ -1,15 +1,20 @@
 //! The admin CLI's client side: `list`, `status`, `start`, `stop` over the D-Bus API, as
 //! `systemctl` is a client of systemd. Human output by default, `--json` for scripts; exit codes
 //! as systemctl: 0 ok, 1 failure, 2 usage, 4 no such project.
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use serde::Serialize;
 use serde_json::{Value, json};
-use zbus::{OwnedObjectPath, OwnedVariant};
+use zbus::OwnedObjectPath;
 
-use crate::dbus::{BUS_NAME, MANAGER_PATH};
-use crate::project::{ProjectId, RunConfig};
+use super::dbus::{BUS_NAME, MANAGER_PATH};
+use crate::api::{
+    self, BusDict, ErrorKind, LimitsAnswer, SnapshotAnswer, SnapshotTuple, StatusAnswer, WireError,
+};
+use crate::domain::project::{ProjectId, RunConfig};
+
+pub use crate::api::error::{EXIT_FAILURE, EXIT_NO_SUCH_PROJECT, EXIT_OK, EXIT_USAGE};
 
 #[zbus::proxy(
     interface = "com.cocalc.ProjectHost1.Manager",
@@ -19,18 +24,10 @@ use crate::project::{ProjectId, RunConfig};
 trait Manager {
     fn list_projects(&self) -> zbus::Result<Vec<(String, String, u64, OwnedObjectPath)>>;
     fn get_project(&self, id: &str) -> zbus::Result<OwnedObjectPath>;
-    fn get_project_status(&self, id: &str) -> zbus::Result<HashMap<String, OwnedVariant>>;
-    fn start_project(
-        &self,
-        id: &str,
-        config_json: &str,
-    ) -> zbus::Result<HashMap<String, OwnedVariant>>;
-    fn stop_project(&self, id: &str, force: bool) -> zbus::Result<HashMap<String, OwnedVariant>>;
-    fn set_project_limits(
-        &self,
-        id: &str,
-        limits_json: &str,
-    ) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn get_project_status(&self, id: &str) -> zbus::Result<BusDict>;
+    fn start_project(&self, id: &str, config_json: &str) -> zbus::Result<BusDict>;
+    fn stop_project(&self, id: &str, force: bool) -> zbus::Result<BusDict>;
+    fn set_project_limits(&self, id: &str, limits_json: &str) -> zbus::Result<BusDict>;
     fn sweep_snapshots(&self) -> zbus::Result<String>;
 }
 
@@ -39,21 +36,12 @@ trait Manager {
     default_service = "com.cocalc.ProjectHost1"
 )]
 trait Project {
-    fn list_snapshots(&self) -> zbus::Result<Vec<(String, String, u64, u64, u64)>>;
-    fn create_snapshot(&self, name: &str) -> zbus::Result<(String, String, u64, u64, u64)>;
+    fn list_snapshots(&self) -> zbus::Result<Vec<SnapshotTuple>>;
+    fn create_snapshot(&self, name: &str) -> zbus::Result<SnapshotTuple>;
     fn delete_snapshot(&self, name: &str) -> zbus::Result<()>;
     fn restore_snapshot(&self, name: &str) -> zbus::Result<()>;
     fn set_disk_quota(&self, bytes: u64) -> zbus::Result<()>;
 }
-
-/// Exit code: success.
-pub const EXIT_OK: u8 = 0;
-/// Exit code: the operation failed.
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit code: bad usage (invalid id, bad option value).
-pub const EXIT_USAGE: u8 = 2;
-/// Exit code: no such project.
-pub const EXIT_NO_SUCH_PROJECT: u8 = 4;
 
 /// A CLI failure: a one-line message and an exit code.
 #[derive(Debug)]
@@ -64,11 +52,11 @@ pub struct CliError {
     pub message: String,
 }
 
-impl CliError {
-    fn usage(m: impl Into<String>) -> CliError {
+impl From<WireError> for CliError {
+    fn from(e: WireError) -> CliError {
         CliError {
-            code: EXIT_USAGE,
-            message: m.into(),
+            code: e.kind.exit_code(),
+            message: e.message,
         }
     }
 }
@@ -77,12 +65,9 @@ impl From<zbus::Error> for CliError {
     fn from(e: zbus::Error) -> CliError {
         match &e {
             zbus::Error::MethodError(name, msg, _) => {
-                let short = name.as_str().rsplit('.').next().unwrap_or_default();
-                let code = match short {
-                    "NotFound" | "NoSuchSnapshot" => EXIT_NO_SUCH_PROJECT,
-                    "InvalidProjectId" | "InvalidConfig" | "InvalidSnapshotName" => EXIT_USAGE,
-                    _ => EXIT_FAILURE,
-                };
+                // the daemon's error table decides, as for HTTP's status
+                let code = ErrorKind::from_dbus_name(name.as_str())
+                    .map_or(EXIT_FAILURE, ErrorKind::exit_code);
                 let message = match (name.as_str(), msg) {
                     ("org.freedesktop.DBus.Error.AccessDenied", _) => {
                         "access denied: this needs root or membership in group cocalc-project-host"
@@ -114,38 +99,15 @@ impl From<zbus::Error> for CliError {
 
 /// Parses a project id given on the command line (usage error otherwise).
 pub fn parse_id(s: &str) -> Result<ProjectId, CliError> {
-    s.parse()
-        .map_err(|e: crate::project::InvalidProjectId| CliError::usage(e.to_string()))
+    Ok(api::parse_id(s)?)
 }
 
-fn variant_json(v: &OwnedVariant) -> Value {
-    if let Ok(s) = String::try_from(v.try_clone().unwrap_or_else(|_| OwnedVariant::from(0u8))) {
-        return Value::from(s);
-    }
-    if let Ok(n) = u64::try_from(v) {
-        return Value::from(n);
-    }
-    if let Ok(b) = bool::try_from(v) {
-        return Value::from(b);
-    }
-    if let Ok(f) = f64::try_from(v) {
-        return Value::from(f);
-    }
-    if let Ok(n) = u32::try_from(v) {
-        return Value::from(n);
-    }
-    Value::Null
-}
-
-/// A status dict as JSON, in the HTTP API's shape.
-pub fn status_json(d: &HashMap<String, OwnedVariant>) -> Value {
-    let mut m = serde_json::Map::new();
-    let mut keys: Vec<&String> = d.keys().collect();
-    keys.sort();
-    for k in keys {
-        m.insert(k.clone(), variant_json(&d[k]));
-    }
-    Value::Object(m)
+fn print_json<T: Serialize>(v: &T) -> Result<(), CliError> {
+    // as HTTP encodes it (through a JSON value: keys in the same order)
+    let v =
+        serde_json::to_value(v).map_err(|e| WireError::new(ErrorKind::Internal, e.to_string()))?;
+    println!("{v}");
+    Ok(())
 }
 
 /// `state` padded to `width`, coloured when writing to a terminal.
@@ -164,35 +126,39 @@ fn colour(state: &str, width: usize, tty: bool) -> String {
 }
 
 fn fmt_ms(ms: u64) -> String {
-    crate::snapshots::utc(ms)
+    crate::domain::snapshots::utc(ms)
         .strftime("%Y-%m-%d %H:%M:%S UTC")
         .to_string()
 }
 
-fn print_status(id: &ProjectId, v: &Value, json_out: bool) {
+fn print_status(id: &ProjectId, d: &BusDict, json_out: bool) -> Result<(), CliError> {
+    let st = StatusAnswer::from_bus(d)?;
     if json_out {
-        println!("{v}");
-        return;
+        return print_json(&st);
     }
     let tty = std::io::stdout().is_terminal();
-    let state = v["state"].as_str().unwrap_or("unknown");
-    println!("{id}: {}", colour(state, 0, tty));
-    for (label, key) in [
-        ("unit", "unit"),
-        ("sub-state", "sub_state"),
-        ("main pid", "main_pid"),
-        ("memory", "memory_current"),
-        ("server", "server"),
-    ] {
-        match &v[key] {
-            Value::Null => {}
-            Value::String(s) => println!("  {label:>10}: {s}"),
-            other => println!("  {label:>10}: {other}"),
-        }
+    println!("{id}: {}", colour(&st.state, 0, tty));
+    let line = |label: &str, v: &dyn std::fmt::Display| println!("  {label:>10}: {v}");
+    line("unit", &st.unit);
+    if let Some(v) = &st.sub_state {
+        line("sub-state", v);
     }
-    if let Some(t) = v["started_at"].as_u64() {
-        println!("  {:>10}: {}", "started", fmt_ms(t));
+    if let Some(v) = st.main_pid {
+        line("main pid", &v);
     }
+    if let Some(v) = st.memory_current {
+        line("memory", &v);
+    }
+    line("server", &st.server);
+    if let Some(t) = st.started_at {
+        line("started", &fmt_ms(t));
+    }
+    if let Some(d) = st.disk {
+        let used = d.used.map_or("-".to_string(), fmt_bytes);
+        let quota = d.quota.map_or("none".to_string(), fmt_bytes);
+        line("disk", &format!("{used} used, quota {quota}"));
+    }
+    Ok(())
 }
 
 async fn manager() -> Result<ManagerProxy<'static>, CliError> {
@@ -244,11 +210,6 @@ async fn project(
         .await?)
 }
 
-fn snapshot_json(t: &(String, String, u64, u64, u64)) -> Value {
-    let opt = |n: u64| if n == 0 { Value::Null } else { Value::from(n) };
-    json!({"name": t.0, "kind": t.1, "created": opt(t.2), "exclusive": opt(t.3), "referenced": opt(t.4)})
-}
-
 fn fmt_bytes(n: u64) -> String {
     match n {
         0 => "-".into(),
@@ -283,34 +244,39 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
         Action::Status(id) => {
             // systemctl-like: a project this host does not know is "no such project"
             m.get_project(&id.to_string()).await?;
-            let v = status_json(&m.get_project_status(&id.to_string()).await?);
-            print_status(&id, &v, json_out);
+            print_status(&id, &m.get_project_status(&id.to_string()).await?, json_out)?;
         }
         Action::Start(id, cfg) => {
             let cfg_json = if cfg == RunConfig::default() {
                 String::new()
             } else {
-                serde_json::to_string(&cfg).map_err(|e| CliError::usage(e.to_string()))?
+                serde_json::to_string(&cfg)
+                    .map_err(|e| WireError::new(ErrorKind::InvalidConfig, e.to_string()))?
             };
-            let v = status_json(&m.start_project(&id.to_string(), &cfg_json).await?);
-            print_status(&id, &v, json_out);
+            let d = m.start_project(&id.to_string(), &cfg_json).await?;
+            print_status(&id, &d, json_out)?;
         }
         Action::SetLimits(id, patch) => {
             let d = m
                 .set_project_limits(&id.to_string(), &patch.to_string())
                 .await?;
-            let v = status_json(&d);
+            let a = LimitsAnswer::from_bus(&d)?;
             if json_out {
-                println!("{v}");
+                print_json(&a)?;
             } else {
-                let when = if v["live"] == true {
-                    "now"
-                } else {
-                    "at its next start"
-                };
+                let l = &a.limits;
+                let when = if a.live { "now" } else { "at its next start" };
                 println!("{id}: limits in force {when}");
-                for k in ["memory", "swap", "cpu", "pids", "cpu_weight", "io_weight"] {
-                    println!("  {k:>10}: {}", v[k]);
+                let values: [(&str, &dyn std::fmt::Display); 6] = [
+                    ("memory", &l.memory),
+                    ("swap", &l.swap),
+                    ("cpu", &l.cpu),
+                    ("pids", &l.pids),
+                    ("cpu_weight", &l.cpu_weight),
+                    ("io_weight", &l.io_weight),
+                ];
+                for (k, v) in values {
+                    println!("  {k:>10}: {v}");
                 }
             }
         }
@@ -319,34 +285,32 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
                 .await?
                 .set_disk_quota(bytes.unwrap_or(0))
                 .await?;
-            let v = status_json(&m.get_project_status(&id.to_string()).await?);
-            print_status(&id, &v, json_out);
+            print_status(&id, &m.get_project_status(&id.to_string()).await?, json_out)?;
         }
         Action::SnapshotList(id) => {
-            let snaps = project(&m, &id).await?.list_snapshots().await?;
+            let snaps: Vec<SnapshotAnswer> = project(&m, &id)
+                .await?
+                .list_snapshots()
+                .await?
+                .iter()
+                .map(SnapshotAnswer::from_bus)
+                .collect();
             if json_out {
-                println!(
-                    "{}",
-                    json!({ "snapshots": snaps.iter().map(snapshot_json).collect::<Vec<_>>() })
-                );
+                print_json(&api::SnapshotList { snapshots: snaps })?;
             } else {
                 println!(
                     "{:<40}  {:<6}  {:<23}  {:>9}  {:>10}",
                     "NAME", "KIND", "CREATED", "EXCLUSIVE", "REFERENCED"
                 );
                 for t in &snaps {
-                    let created = if t.2 == 0 {
-                        "-".to_string()
-                    } else {
-                        fmt_ms(t.2)
-                    };
+                    let created = t.created.map_or("-".to_string(), fmt_ms);
                     println!(
                         "{:<40}  {:<6}  {:<23}  {:>9}  {:>10}",
-                        t.0,
-                        t.1,
+                        t.name,
+                        t.kind,
                         created,
-                        fmt_bytes(t.3),
-                        fmt_bytes(t.4)
+                        fmt_bytes(t.exclusive.unwrap_or(0)),
+                        fmt_bytes(t.referenced.unwrap_or(0))
                     );
                 }
                 println!("\n{} snapshot(s)", snaps.len());
@@ -357,16 +321,17 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
                 .await?
                 .create_snapshot(name.as_deref().unwrap_or(""))
                 .await?;
+            let t = SnapshotAnswer::from_bus(&t);
             if json_out {
-                println!("{}", snapshot_json(&t));
+                print_json(&t)?;
             } else {
-                println!("{id}: snapshot {} taken", t.0);
+                println!("{id}: snapshot {} taken", t.name);
             }
         }
         Action::SnapshotDelete(id, name) => {
             project(&m, &id).await?.delete_snapshot(&name).await?;
             if json_out {
-                println!("{}", json!({ "deleted": name }));
+                print_json(&api::SnapshotDone::Deleted(name))?;
             } else {
                 println!("{id}: snapshot {name} deleted");
             }
@@ -374,18 +339,22 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
         Action::SnapshotRestore(id, name) => {
             project(&m, &id).await?.restore_snapshot(&name).await?;
             if json_out {
-                println!("{}", json!({ "restored": name }));
+                print_json(&api::SnapshotDone::Restored(name))?;
             } else {
                 println!("{id}: home restored from snapshot {name}");
             }
         }
         Action::SnapshotSweep => {
             // always JSON: the timer's journal keeps it
-            println!("{}", m.sweep_snapshots().await?);
+            let a: api::SweepAnswer =
+                serde_json::from_str(&m.sweep_snapshots().await?).map_err(|e| {
+                    WireError::new(ErrorKind::Internal, format!("unexpected sweep answer: {e}"))
+                })?;
+            print_json(&a)?;
         }
         Action::Stop(id, force) => {
-            let v = status_json(&m.stop_project(&id.to_string(), force).await?);
-            print_status(&id, &v, json_out);
+            let d = m.stop_project(&id.to_string(), force).await?;
+            print_status(&id, &d, json_out)?;
         }
     }
     Ok(())

@@ -1,0 +1,5 @@
+//! The ways in: each adapter turns its transport's requests into core calls and the core's
+//! answers and errors into its transport's shapes, through the one wire schema in [`crate::api`].
+pub mod cli;
+pub mod dbus;
+pub mod http;
