@@ -45,13 +45,18 @@ def map_body(context, body):
 @schemathesis.hook
 def before_call(context, case, **kwargs):
     # the coverage and stateful phases do not pass their bodies through map_body
-    if _is_patch(case.operation) and isinstance(case.body, dict):
-        case.body = _floors(case.body)
+    # assign only a changed body: setting case.body re-derives the case's metadata, and a
+    # negative case whose body was left alone must stay one
+    body = case.body
+    if _is_patch(case.operation) and isinstance(body, dict):
+        body = _floors(body)
     if _is_start(case.operation):
-        case.body = _runnable(case.body)
+        body = _runnable(body)
         meta = case.meta
         if meta is not None and str(meta.generation.mode) == "positive":
-            case.body = _valid_env_names(case.body)
+            body = _valid_env_names(body)
+    if body != case.body:
+        case.body = body
 
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
