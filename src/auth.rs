@@ -829,23 +829,91 @@ mod tests {
         let p2 = forged.split('.').nth(1).unwrap();
         let e = a.verify(&format!("{h}.{p2}.{s}"), now).unwrap_err();
         assert!(e.to_string().contains("signature"), "{e}");
-        // signed by another key
+        // signed by another key: a well-formed EdDSA token whose signature does not verify
         let other = sign(&[9; 32], &claims(now)).unwrap();
-        assert!(a.verify(&other, now).is_err());
-        // alg none / HS256 headers
+        let e = a.verify(&other, now).unwrap_err();
+        assert_eq!(e.code(), "invalid_token");
+        assert!(e.to_string().ends_with(": bad signature"), "{e}");
+        // alg none / HS256 headers over the valid claims, with the real signature or none
+        let p = t.split('.').nth(1).unwrap();
         for header in [
             r#"{"alg":"none","typ":"JWT"}"#,
             r#"{"alg":"HS256","typ":"JWT"}"#,
         ] {
-            use base64::Engine as _;
-            let h = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header);
-            let p = t.split('.').nth(1).unwrap();
-            assert!(a.verify(&format!("{h}.{p}.{s}"), now).is_err(), "{header}");
-            assert!(a.verify(&format!("{h}.{p}."), now).is_err(), "{header}");
+            let h = b64(header.as_bytes());
+            for token in [format!("{h}.{p}.{s}"), format!("{h}.{p}.")] {
+                let e = a.verify(&token, now).unwrap_err();
+                assert_eq!(e.code(), "invalid_token", "{header}");
+                let want = if header.contains("none") {
+                    // not an algorithm jsonwebtoken knows: the header itself is refused
+                    "unknown variant `none`"
+                } else {
+                    "algorithm must be EdDSA"
+                };
+                assert!(e.to_string().contains(want), "{header}: {e} (want {want})");
+            }
+        }
+        // HS256 keyed with the public key, in each form it is published (raw, base64, PEM):
+        // the classic algorithm confusion; a correct HMAC, refused for its algorithm
+        use base64::Engine as _;
+        let raw = SigningKey::from_bytes(&SEED).verifying_key().to_bytes();
+        let b64_key = base64::engine::general_purpose::STANDARD.encode(raw);
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(
+                [
+                    &[
+                        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00
+                    ][..],
+                    &raw
+                ]
+                .concat()
+            )
+        );
+        assert!(parse_public_key(&pem).is_ok(), "the PEM form is the key's");
+        let h = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
+        for secret in [&raw[..], b64_key.as_bytes(), pem.as_bytes()] {
+            let mac = hmac_sha256(secret, format!("{h}.{p}").as_bytes());
+            let e = a
+                .verify(&format!("{h}.{p}.{}", b64(&mac)), now)
+                .unwrap_err();
+            assert_eq!(e.code(), "invalid_token");
+            assert!(e.to_string().ends_with(": algorithm must be EdDSA"), "{e}");
         }
         // no master keys: JWTs are refused outright
         let none = Auth::new(&[ADMIN.to_string()], vec![], HOST, 3600);
-        assert!(none.verify(&t, now).is_err());
+        let e = none.verify(&t, now).unwrap_err();
+        assert!(e.to_string().contains("no auth.master_public_keys"), "{e}");
+    }
+
+    fn b64(b: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    }
+
+    /// HMAC-SHA256 (RFC 2104), only to forge HS256 tokens here: the daemon has no HMAC at all.
+    fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut k = [0u8; 64];
+        if key.len() > 64 {
+            k[..32].copy_from_slice(&Sha256::digest(key));
+        } else {
+            k[..key.len()].copy_from_slice(key);
+        }
+        let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+        let inner = Sha256::digest([pad(0x36).as_slice(), msg].concat());
+        Sha256::digest([pad(0x5c).as_slice(), inner.as_slice()].concat()).to_vec()
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // test case 2 of RFC 4231: the forging helper above is a real HMAC
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

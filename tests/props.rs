@@ -128,7 +128,23 @@ proptest! {
         if let Ok(p) = auth().verify(&token, auth::now_secs()) {
             let is_master = matches!(p, Principal::Master { .. });
             prop_assert!(is_master);
-            prop_assert_eq!(c["aud"].as_str(), Some(HOST));
+            prop_assert!(aud_names_host(&c["aud"]), "accepted with aud {}", c["aud"]);
+        }
+    }
+
+    #[test]
+    fn an_aud_list_is_accepted_iff_it_holds_the_host(others in proptest::collection::vec(prop_oneof![uuid_like(), "[ -~]{0,12}"], 0..4), with_host in any::<bool>(), at in 0usize..4) {
+        // the rule (RFC 7519 4.1.3): aud is this host's id, or a list holding it
+        let now = auth::now_secs();
+        let mut aud = others;
+        if with_host {
+            aud.insert(at.min(aud.len()), HOST.to_string());
+        }
+        let c = json!({"aud": aud, "sub": "s", "exp": now + 60, "scope": {"projects": "*", "actions": ["status"]}});
+        let r = auth().verify(&auth::sign(&SEED, &c).unwrap(), now);
+        prop_assert_eq!(r.is_ok(), aud_names_host(&c["aud"]), "aud {}: {:?}", c["aud"], r);
+        if let Err(e) = r {
+            prop_assert!(e.to_string().contains("audience"), "{}", e);
         }
     }
 
@@ -167,6 +183,15 @@ proptest! {
     #[test]
     fn config_fragments_never_panic(text in "(\\[(auth|storage|projects)\\]\n)?([a-z_]{1,20} = (\"[ -~]{0,20}\"|[0-9]{1,12}|\\[\\])\n){0,4}") {
         let _ = config::merge([(Path::new("/etc/x/config.toml"), text.as_str())]);
+    }
+}
+
+/// Whether a token's `aud` claim names this host: its id, or a list holding it.
+fn aud_names_host(aud: &serde_json::Value) -> bool {
+    match aud {
+        serde_json::Value::String(s) => s == HOST,
+        serde_json::Value::Array(a) => a.iter().any(|v| v.as_str() == Some(HOST)),
+        _ => false,
     }
 }
 

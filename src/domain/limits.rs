@@ -172,12 +172,17 @@ pub fn unit_values(l: &Limits) -> Vec<(&'static str, u64)> {
     ]
 }
 
+/// memory+swap when swap is allowed: cgroup v1's "unlimited" (i64::MAX rounded down to a page).
+/// Not `-1`: `podman update --memory-swap=-1` leaves the old memsw limit in place, so swap stayed
+/// off and a later raise of memory above it failed (EINVAL, 500 update_failed).
+pub const SWAP_UNLIMITED: u64 = i64::MAX as u64 & !4095;
+
 /// The flags `podman update` can move live: memory and swap of the container's own cgroup.
 pub fn podman_update_flags(l: &Limits) -> Vec<String> {
     vec![
         format!("--memory={}", l.memory),
         if l.swap {
-            "--memory-swap=-1".to_string()
+            format!("--memory-swap={SWAP_UNLIMITED}")
         } else {
             // memory+swap = memory: no swap (cgroup v1's memsw, where MemorySwapMax does nothing)
             format!("--memory-swap={}", l.memory)
@@ -391,7 +396,7 @@ mod tests {
         );
         assert_eq!(
             podman_update_flags(&Limits { swap: true, ..l }),
-            ["--memory=67108864", "--memory-swap=-1"]
+            ["--memory=67108864", "--memory-swap=9223372036854771712"]
         );
         // CPU is the unit's alone (hierarchical CFS bandwidth)
         assert!(!podman_flags(&l, &max).iter().any(|f| f.contains("cpu")));

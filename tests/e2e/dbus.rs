@@ -96,7 +96,9 @@ fn a_start_over_http_emits_the_dbus_signals() {
     // a monitor on the bus while the project starts and stops over HTTP
     let out = ok(&format!(
         "timeout 20 busctl monitor --match 'type=signal,sender={DEST}' > /tmp/e2e-mon.$$ 2>&1 & m=$!
-         sleep 0.5
+         # busctl says so once it is a monitor on the bus (after BecomeMonitor): wait for that
+         for i in $(seq 100); do grep -q 'Monitoring bus message stream' /tmp/e2e-mon.$$ && break; sleep 0.05; done
+         grep -q 'Monitoring bus message stream' /tmp/e2e-mon.$$ || {{ echo 'the monitor never became ready' >&2; cat /tmp/e2e-mon.$$ >&2; exit 1; }}
          curl -sf {auth} -X POST http://127.0.0.1:9002/projects/{id}/start >/dev/null
          curl -sf {auth} -X POST http://127.0.0.1:9002/projects/{id}/stop >/dev/null
          sleep 0.5; kill $m; wait $m 2>/dev/null; cat /tmp/e2e-mon.$$; rm -f /tmp/e2e-mon.$$",
@@ -445,11 +447,23 @@ fn snapshots_and_quota_over_the_cli() {
     ok(&format!(
         "cocalc-project-host snapshot delete {id} before-change"
     ));
-    // quota through the CLI shows in the status
+    // quota through the CLI shows in the status, and btrfs holds it (the D-Bus/CLI status has
+    // no disk figures: the daemon's status over HTTP is where it shows)
     ok(&format!("cocalc-project-host set-quota {id} 64M"));
     let st: serde_json::Value =
         serde_json::from_str(&ok(&format!("cocalc-project-host status {id} --json"))).unwrap();
     assert_eq!(st["state"], "running", "{st}");
+    let st = crate::tb::status(&id);
+    assert_eq!(st["disk"]["quota"], 64u64 << 20, "{st}");
+    let q = ok(&format!(
+        "btrfs qgroup show --raw -re -f {}/project-{id} | tail -1",
+        crate::tb::STORAGE
+    ));
+    assert_eq!(
+        q.split_whitespace().nth(3),
+        Some((64u64 << 20).to_string().as_str()),
+        "{q}"
+    );
     // the sweep the timer runs, over the bus
     let sweep: serde_json::Value =
         serde_json::from_str(&ok("cocalc-project-host snapshot-sweep")).unwrap();

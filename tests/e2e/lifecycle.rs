@@ -259,14 +259,56 @@ fn concurrent_starts_and_stops_stay_consistent() {
 #[test]
 fn bad_input_is_refused_with_json_and_changes_nothing() {
     let id = new_id();
-    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
-        ("GET", "/projects/../status".into(), None, 404, "not_found"),
+    let other = new_id();
+    let bad_id = |p: String| ("GET", p, None, 400, "invalid_project_id");
+    // paths go to the daemon as written (tb::http sends them with --path-as-is): each traversal
+    // reaches the id or snapshot-name parser, not curl's or hyper's normalisation
+    let mut cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        bad_id("/projects/../status".into()),
+        bad_id("/projects/./status".into()),
+        bad_id("/projects/%2e%2e/status".into()),
+        bad_id("/projects/%2e%2e%2f/status".into()),
+        bad_id(format!("/projects/..%2f{id}/status")),
+        bad_id(format!("/projects/{id}%2f..%2f{other}/status")),
+        bad_id(format!("/projects/{id}%00/status")),
+        bad_id("/projects/%00/status".into()),
+        bad_id(format!("/projects/{id}%0a/status")),
+        // an encoded slash is no separator, an extra `..` segment is not resolved: no such
+        // endpoint, neither project touched
         (
             "GET",
-            "/projects/%2e%2e/status".into(),
+            format!("/projects/{id}%2fstatus"),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            format!("/projects/{other}/../{id}/start"),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            format!("/projects/{id}/snapshots/.."),
             None,
             400,
-            "invalid_project_id",
+            "invalid_snapshot_name",
+        ),
+        (
+            "POST",
+            format!("/projects/{id}/snapshots/..%2f..%2fetc/restore"),
+            None,
+            400,
+            "invalid_snapshot_name",
+        ),
+        (
+            "DELETE",
+            format!("/projects/{id}/snapshots/a%00b"),
+            None,
+            400,
+            "invalid_snapshot_name",
         ),
         (
             "GET",
@@ -312,27 +354,6 @@ fn bad_input_is_refused_with_json_and_changes_nothing() {
         ),
         (
             "POST",
-            format!("/projects/{id}/start"),
-            Some(r#"{"config":{"image":"--privileged"}}"#.into()),
-            400,
-            "invalid_config",
-        ),
-        (
-            "POST",
-            format!("/projects/{id}/start"),
-            Some(r#"{"config":{"env":{"A=B":"c"}}}"#.into()),
-            400,
-            "invalid_config",
-        ),
-        (
-            "POST",
-            format!("/projects/{id}/start"),
-            Some(r#"{"config":{"cpu":-1}}"#.into()),
-            400,
-            "invalid_config",
-        ),
-        (
-            "POST",
             format!("/projects/{id}/stop"),
             Some(r#"{"force":"yes"}"#.into()),
             400,
@@ -346,6 +367,45 @@ fn bad_input_is_refused_with_json_and_changes_nothing() {
             "method_not_allowed",
         ),
     ];
+    // flags smuggled in as the image, bad variable names, NUL in values and arguments: each one
+    // refused by the validator (400 invalid_config), none reaches podman's argv
+    for cfg in [
+        r#"{"image":"--privileged"}"#,
+        r#"{"image":"-v=/:/host"}"#,
+        r#"{"image":"--volume=/:/host"}"#,
+        r#"{"image":"-v"}"#,
+        r#"{"image":" --privileged"}"#,
+        r#"{"image":"localhost/x --privileged"}"#,
+        r#"{"image":"localhost/x\n--privileged"}"#,
+        r#"{"image":"localhost/x\u0000--privileged"}"#,
+        r#"{"image":""}"#,
+        r#"{"env":{"A=B":"c"}}"#,
+        r#"{"env":{"A\nB":"c"}}"#,
+        r#"{"env":{"-e":"c"}}"#,
+        r#"{"env":{"--privileged":"c"}}"#,
+        r#"{"env":{"A\u0000B":"c"}}"#,
+        r#"{"env":{"":"c"}}"#,
+        r#"{"env":{"A":"x\u0000--privileged"}}"#,
+        r#"{"env":{"HOME":"/"}}"#,
+        r#"{"env":{"COCALC_PROJECT_ID":"x"}}"#,
+        r#"{"cmd":["sh","-c\u0000x"]}"#,
+        r#"{"cmd":[]}"#,
+    ] {
+        cases.push((
+            "POST",
+            format!("/projects/{id}/start"),
+            Some(format!(r#"{{"config":{cfg}}}"#)),
+            400,
+            "invalid_config",
+        ));
+    }
+    cases.extend([(
+        "POST",
+        format!("/projects/{id}/start"),
+        Some(r#"{"config":{"cpu":-1}}"#.into()),
+        400,
+        "invalid_config",
+    )]);
     for (m, p, body, want, code) in &cases {
         let (s, v) = http(m, p, body.as_deref());
         assert_eq!(
@@ -371,11 +431,31 @@ fn bad_input_is_refused_with_json_and_changes_nothing() {
         (413, Some("body_too_large")),
         "{v}"
     );
-    // nothing was created for the id
-    ok(&format!("! test -e {STORAGE}/project-{id}"));
-    assert_eq!(unit_active(&id), "inactive");
-    let (_, list) = http("GET", "/projects", None);
-    assert!(!list.to_string().contains(&id), "{list}");
+    // nothing was created for either id
+    for id in [&id, &other] {
+        ok(&format!("! test -e {STORAGE}/project-{id}"));
+        assert_eq!(unit_active(id), "inactive");
+        let (_, list) = http("GET", "/projects", None);
+        assert!(!list.to_string().contains(id.as_str()), "{list}");
+    }
+
+    // newlines in a value are data, not argv or env-file structure: the host's variables hold
+    let id = new_id();
+    start(
+        &id,
+        Some(r#"{"env":{"A":"x\nCOCALC_PROJECT_ID=evil\nHOME=/\n--privileged"}}"#),
+    );
+    let env = ok(&format!(
+        "podman exec project-{id} sh -c 'echo \"$COCALC_PROJECT_ID|$HOME\"; printf %s \"$A\" | wc -l'"
+    ));
+    assert_eq!(env, format!("{id}|/home/user\n3"), "{env}");
+    assert_eq!(
+        ok(&format!(
+            "podman inspect -f '{{{{.HostConfig.Privileged}}}}' project-{id}"
+        )),
+        "false"
+    );
+    stop(&id, true);
 }
 
 #[test]

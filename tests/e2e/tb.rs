@@ -104,7 +104,7 @@ pub enum As<'a> {
 }
 
 /// An HTTP request to the daemon from inside the machine, with the admin token; returns status
-/// and JSON body.
+/// and JSON body. The path is sent as given (`--path-as-is`: curl does not squash `/../`).
 #[track_caller]
 pub fn http(method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     http_as(As::Admin, method, path, body)
@@ -119,7 +119,7 @@ pub fn http_as(who: As, method: &str, path: &str, body: Option<&str>) -> (u16, V
         As::Bearer(t) => format!("-H 'Authorization: Bearer {}'", t.replace('\'', "")),
     };
     let cmd = format!(
-        "curl -sS -m 120 {auth} -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
+        "curl -sS --path-as-is -m 120 {auth} -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
         if body.is_some() {
             "-H 'content-type: application/json' --data-binary @-"
         } else {
