@@ -317,6 +317,11 @@ struct MaxFragment {
     memory: Option<Size>,
     cpu: Option<Cores>,
     pids: Option<u64>,
+    disk: Option<Size>,
+    scratch: Option<Size>,
+    tmp: Option<Size>,
+    swap: Option<bool>,
+    network: Option<Vec<NetworkMode>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -605,6 +610,26 @@ pub fn merge<'a>(
             max.pids = v;
             set("limits.max.pids");
         }
+        for (v, slot, key) in [
+            (m.disk, &mut max.disk, "limits.max.disk"),
+            (m.scratch, &mut max.scratch, "limits.max.scratch"),
+            (m.tmp, &mut max.tmp, "limits.max.tmp"),
+        ] {
+            if let Some(v) = v {
+                *slot = v.0;
+                set(key);
+            }
+        }
+        if let Some(v) = m.swap {
+            max.swap = v;
+            set("limits.max.swap");
+        }
+        if let Some(v) = m.network {
+            max.network = v
+                .into_iter()
+                .fold(crate::limits::Networks::NONE, |n, m| n.with(m));
+            set("limits.max.network");
+        }
         if let Some(v) = f.slice.memory_max {
             s.slice.memory_max = v.0;
             set("slice.memory_max");
@@ -790,6 +815,7 @@ fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
             (false, "pids") => "limits.pids",
             (false, "cpu_weight") => "limits.cpu_weight",
             (false, "io_weight") => "limits.io_weight",
+            (false, "swap") => "limits.swap",
             (true, "memory") => "limits.max.memory",
             (true, "cpu") => "limits.max.cpu",
             _ => "limits.max.pids",
@@ -813,6 +839,31 @@ fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
             format!("{} (limits.max.{})", e.reason, e.field),
         )
     })?;
+    // the host's own defaults stay within its maxima
+    let st = &s.storage;
+    for (k, v, m, mk) in [
+        ("storage.disk_quota", st.disk_quota, max.disk, "disk"),
+        ("storage.scratch", st.scratch, max.scratch, "scratch"),
+        ("storage.tmp", st.tmp, max.tmp, "tmp"),
+    ] {
+        if let Some(v) = v
+            && v > m
+        {
+            return Err((k, format!("{v} is above limits.max.{mk} ({m})")));
+        }
+    }
+    if max.network == crate::limits::Networks::NONE {
+        return Err(("limits.max.network", "must allow at least one mode".into()));
+    }
+    if !max.network.contains(s.projects.network) {
+        return Err((
+            "limits.max.network",
+            format!(
+                "does not allow projects.network = {:?}",
+                s.projects.network.as_str()
+            ),
+        ));
+    }
     let sl = &s.slice;
     for (k, a, min) in [
         ("slice.memory_max", sl.memory_max, 64u64 << 20),
@@ -912,7 +963,7 @@ mod tests {
             ),
             (
                 "/etc/x/config.d/50.toml",
-                "[limits]\npids = 400\nswap = true\n[slice]\nmemory_max = \"8G\"\ntasks_max = \"50%\"\ncpu_weight = 20\n",
+                "[limits]\npids = 400\nswap = true\n[limits.max]\nswap = true\n[slice]\nmemory_max = \"8G\"\ntasks_max = \"50%\"\ncpu_weight = 20\n",
             ),
         ])
         .unwrap();
@@ -942,6 +993,26 @@ mod tests {
             err("[limits]\nmemory = \"64G\"\n")
         );
         assert!(err("[limits.max]\npids = 0\n").contains(": limits.max.pids: "));
+        // the defaults stay within the maxima; the maxima's own keys parse
+        assert!(err("[limits]\nswap = true\n").contains(": limits.swap: "));
+        assert!(
+            err("[storage]\ndisk_quota = \"2G\"\n[limits.max]\ndisk = \"1G\"\n")
+                .contains(": storage.disk_quota: 2147483648 is above limits.max.disk")
+        );
+        assert!(err("[limits.max]\nnetwork = []\n").contains(": limits.max.network: "));
+        assert!(
+            err("[limits.max]\nnetwork = [\"slirp4netns\"]\n")
+                .contains("does not allow projects.network = \"none\"")
+        );
+        assert!(err("[limits.max]\nnetwork = [\"host\"]\n").contains("host"));
+        let s = m(&[(
+            "/etc/x/a.toml",
+            "[limits.max]\ndisk = \"5G\"\nscratch = \"1G\"\ntmp = \"64M\"\nnetwork = [\"none\"]\n",
+        )])
+        .unwrap();
+        let mx = &s.limits.max;
+        assert_eq!((mx.disk, mx.scratch, mx.tmp), (5 << 30, 1 << 30, 64 << 20));
+        assert!(!mx.network.contains(NetworkMode::Slirp4netns));
         assert!(err("[limits]\nio_weight = 0\n").contains(": limits.io_weight: "));
         assert!(err("[slice]\nmemory_max = \"150%\"\n").contains(": slice.memory_max: "));
         assert!(err("[slice]\ncpu_weight = 0\n").contains(": slice.cpu_weight: "));

@@ -800,6 +800,8 @@ impl Host {
     fn limits_of(&self, cfg: &crate::project::RunConfig) -> Result<Limits, Error> {
         let l = limits::resolve(cfg, &self.settings.limits.default);
         limits::check(&l, &self.settings.limits.max)?;
+        let network = cfg.network.unwrap_or(self.settings.projects.network);
+        limits::check_config(cfg, network, &self.settings.limits.max)?;
         Ok(l)
     }
 

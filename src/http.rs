@@ -415,6 +415,29 @@ fn admit(auth: &Auth, req: &Request<Incoming>) -> Result<(Route, Option<Principa
     Ok((r, principal))
 }
 
+/// Refuses (403) a part of a request that needs `action` on `id` beyond what the route needed.
+fn require(
+    principal: Option<&Principal>,
+    action: Action,
+    id: ProjectId,
+    what: &str,
+) -> Result<(), ApiError> {
+    match principal {
+        Some(p) if !p.allows(action, Some(&id)) => {
+            tracing::info!(principal = p.name(), action = action.as_str(), project_id = %id, "request forbidden: {what}");
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "{what} needs the {} action: token does not allow it on project {id}",
+                    action.as_str()
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn dispatch(
     host: &Arc<Host>,
     auth: &Auth,
@@ -449,6 +472,16 @@ async fn dispatch(
         Route::Status(id) => ok(serde_json::to_value(host.status(id)).unwrap_or_default()),
         Route::Start(id) => {
             let body: StartBody = read_json(req).await?;
+            // a start-only token starts with the stored config; sending one replaces it (and
+            // whatever limits an admin stored), which is the `config` action's to do
+            if body.config.is_some() {
+                require(
+                    principal.as_ref(),
+                    Action::Config,
+                    id,
+                    "sending a start config",
+                )?;
+            }
             let st = host.start(id, body.config).await?;
             ok(serde_json::to_value(st).unwrap_or_default())
         }
@@ -490,6 +523,13 @@ async fn dispatch(
                     "body required: {\"disk\": <bytes> | null}",
                 )
             })?;
+            if body.disk.is_none() && principal.as_ref().is_some_and(|p| *p != Principal::Admin) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "only an admin token may lift a disk quota (disk: null)",
+                ));
+            }
             host.set_disk_quota(id, body.disk).await?;
             ok(serde_json::to_value(host.status(id)).unwrap_or_default())
         }

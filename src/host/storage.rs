@@ -175,6 +175,15 @@ impl Host {
                 ),
             }));
         }
+        let max = self.settings.limits.max.disk;
+        if let Some(b) = bytes
+            && b > max
+        {
+            return Err(Error::InvalidConfig(InvalidConfig {
+                field: "disk",
+                reason: format!("{b} bytes is above this host's maximum of {max}"),
+            }));
+        }
         let lock = self.lock(id);
         let _guard = lock.lock().await;
         let home = self.require_home(id)?;

@@ -1,0 +1,168 @@
+//! Who may decide what (issue 19, points 6-9), each tried as an attacker would: a start-only
+//! token sending config, values over the host's maxima, revoked and foreign-issuer tokens, local
+//! users reading the bus, one peer opening many connections, a project filling the storage.
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::tb::{self, As, http, http_as, new_id, ok, sh, start, status, stop};
+
+const DROP_IN: &str = "/etc/cocalc-project-host/config.d/90-e2e-authority.toml";
+const MIB: u64 = 1 << 20;
+
+fn now() -> u64 {
+    cocalc_project_host::auth::now_secs()
+}
+
+fn host_id() -> String {
+    let (s, v) = http("GET", &format!("/projects/{}/status", new_id()), None);
+    assert_eq!(s, 200, "{v}");
+    v["server"].as_str().unwrap().to_string()
+}
+
+/// A config drop-in (with a trusted master key) in force while this lives; the daemon is
+/// restarted to read it, and again when it is removed.
+struct Setup {
+    seed: [u8; 32],
+}
+
+impl Setup {
+    /// `extra`: more TOML after the `[auth]` table's keys (may open other tables).
+    fn install(auth_extra: &str, extra: &str) -> Setup {
+        let mut seed = [0u8; 32];
+        seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+        let text = format!(
+            "[auth]\nmaster_public_keys = [\"{b64}\"]\nmax_token_lifetime = 3600\n{auth_extra}\n{extra}\n"
+        );
+        tb::sh_in(&format!("cat > {DROP_IN}"), text.as_bytes());
+        ok("systemctl restart cocalc-project-host.service");
+        Setup { seed }
+    }
+
+    fn token(&self, claims: &Value) -> String {
+        cocalc_project_host::auth::sign(&self.seed, claims).unwrap()
+    }
+
+    /// A token for `projects` allowing `actions`, with the given extra claims.
+    fn scoped(&self, projects: Value, actions: &[&str], extra: Value) -> String {
+        let t = now();
+        let mut c = json!({"aud": host_id(), "sub": "account-e2e", "iat": t, "exp": t + 600,
+                           "scope": {"projects": projects, "actions": actions}});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        self.token(&c)
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        sh(&format!(
+            "rm -f {DROP_IN}; systemctl restart cocalc-project-host.service"
+        ));
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn a_start_only_token_cannot_change_config_and_maxima_bind_everyone() {
+    let setup = Setup::install("", "[limits.max]\nnetwork = [\"none\"]\n");
+    let id = new_id();
+    // an admin sets this project's limits and quota
+    start(
+        &id,
+        Some(&format!(
+            "{{\"memory\":{},\"disk\":{}}}",
+            128 * MIB,
+            64 * MIB
+        )),
+    );
+    stop(&id, false);
+    let starter = setup.scoped(json!([id]), &["start", "status", "stop"], json!({}));
+    let start_as =
+        |who: As, body: &str| http_as(who, "POST", &format!("/projects/{id}/start"), Some(body));
+    // the attacker's start-only token sends config: refused, nothing started or stored
+    for cfg in [
+        format!("{{\"disk\":{}}}", 100u64 << 30),
+        format!("{{\"memory\":{}}}", 8u64 << 30),
+        "{\"network\":\"slirp4netns\"}".to_string(),
+        "{}".to_string(),
+    ] {
+        let (s, v) = start_as(As::Bearer(&starter), &format!("{{\"config\":{cfg}}}"));
+        assert_eq!((s, code(&v)), (403, "forbidden"), "{cfg}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("config"), "{v}");
+    }
+    assert_eq!(status(&id)["state"], "opened");
+    // with the stored config it may start: the admin's limits and quota hold
+    for body in ["{}", "{\"config\":null}"] {
+        let (s, v) = start_as(As::Bearer(&starter), body);
+        assert_eq!(s, 200, "{body}: {v}");
+        assert_eq!(v["disk"]["quota"], 64 * MIB, "{v}");
+        stop(&id, false);
+    }
+    let (s, v) = http("GET", &format!("/projects/{id}/config"), None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["limits"]["memory"], 128 * MIB, "{v}");
+    assert_eq!(v["config"]["disk"], 64 * MIB, "{v}");
+
+    // a token with `config` may send config, but nobody gets more than the host's maxima
+    let configurer = setup.scoped(json!([id]), &["start", "config", "stop"], json!({}));
+    for who in [As::Bearer(&configurer), As::Admin] {
+        for (cfg, field) in [
+            (format!("{{\"disk\":{}}}", 101u64 << 30), "disk"),
+            (format!("{{\"scratch\":{}}}", 101u64 << 30), "scratch"),
+            (format!("{{\"tmp\":{}}}", 9u64 << 30), "tmp"),
+            ("{\"swap\":true}".to_string(), "swap"),
+            ("{\"network\":\"slirp4netns\"}".to_string(), "network"),
+            (format!("{{\"memory\":{}}}", 17u64 << 30), "memory"),
+        ] {
+            let (s, v) = start_as(who, &format!("{{\"config\":{cfg}}}"));
+            assert_eq!((s, code(&v)), (400, "invalid_config"), "{cfg}: {v}");
+            let msg = v["error"].as_str().unwrap();
+            assert!(msg.contains(&format!("config.{field}")), "{cfg}: {msg}");
+        }
+        let (s, v) = http_as(
+            who,
+            "PATCH",
+            &format!("/projects/{id}/config"),
+            Some("{\"swap\":true}"),
+        );
+        assert_eq!((s, code(&v)), (400, "invalid_config"), "{v}");
+        let (s, v) = http_as(
+            who,
+            "POST",
+            &format!("/projects/{id}/quota"),
+            Some(&format!("{{\"disk\":{}}}", 101u64 << 30)),
+        );
+        assert_eq!((s, code(&v)), (400, "invalid_config"), "{v}");
+    }
+    assert_eq!(status(&id)["state"], "opened");
+    ok(&format!("! systemctl is-active cocalc-project-{id}"));
+    // lifting a quota altogether is the admin's alone
+    let (s, v) = http_as(
+        As::Bearer(&configurer),
+        "POST",
+        &format!("/projects/{id}/quota"),
+        Some("{\"disk\":null}"),
+    );
+    assert_eq!((s, code(&v)), (403, "forbidden"), "{v}");
+    // within the maxima the config token works
+    let (s, v) = start_as(
+        As::Bearer(&configurer),
+        &format!(
+            "{{\"config\":{{\"memory\":{},\"disk\":{}}}}}",
+            96 * MIB,
+            80 * MIB
+        ),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["disk"]["quota"], 80 * MIB, "{v}");
+    stop(&id, false);
+}
