@@ -62,6 +62,8 @@ pub struct AuthSettings {
     pub master_public_keys: Vec<String>,
     /// Longest lifetime of a master token accepted (`exp` - now, and `exp` - `iat`), in seconds.
     pub max_token_lifetime_secs: u64,
+    /// The master's `iss`: when set, master tokens must carry exactly this issuer.
+    pub master_issuer: Option<String>,
 }
 
 /// Project storage settings.
@@ -151,6 +153,7 @@ impl Default for Settings {
                 admin_token_file: None,
                 master_public_keys: Vec::new(),
                 max_token_lifetime_secs: 24 * 3600,
+                master_issuer: None,
             },
         }
     }
@@ -273,6 +276,7 @@ struct AuthFragment {
     admin_token_file: Option<PathBuf>,
     master_public_keys: Option<Vec<String>>,
     max_token_lifetime: Option<u64>,
+    master_issuer: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -655,6 +659,10 @@ pub fn merge<'a>(
             s.auth.max_token_lifetime_secs = v;
             set("auth.max_token_lifetime");
         }
+        if let Some(v) = au.master_issuer {
+            s.auth.master_issuer = Some(v);
+            set("auth.master_issuer");
+        }
     }
     let invalid = |key: &'static str, message: String| ConfigError::Invalid {
         path: origin
@@ -786,6 +794,14 @@ pub fn merge<'a>(
                 format!("key {}: {e}", i + 1),
             ));
         }
+    }
+    if let Some(i) = &s.auth.master_issuer
+        && (i.is_empty() || i.len() > 256 || i.chars().any(char::is_control))
+    {
+        return Err(invalid(
+            "auth.master_issuer",
+            "must be 1 to 256 characters without control characters".into(),
+        ));
     }
     if !(60..=30 * 86400).contains(&s.auth.max_token_lifetime_secs) {
         return Err(invalid(
@@ -1067,6 +1083,7 @@ mod tests {
         (s.storage.disk_quota, s.storage.scratch, s.storage.tmp) = (None, None, None);
         s.auth.master_public_keys.clear();
         s.auth.admin_token_file = None;
+        s.auth.master_issuer = None;
         assert_eq!(s, Settings::default());
     }
 

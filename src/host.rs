@@ -279,6 +279,11 @@ impl Host {
         &self.host_id
     }
 
+    /// The store (for adapters' own tables, e.g. the token revocation list).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings

@@ -100,6 +100,8 @@ pub enum Route {
     SetQuota(ProjectId),
     /// `POST /snapshots/sweep` (admin: the snapshot timer's oneshot calls it)
     SweepSnapshots,
+    /// `POST /auth/revoked` (admin, or a master token with the `revoke` action)
+    Revoke,
 }
 
 fn parse_id(id: &str) -> Result<ProjectId, ApiError> {
@@ -163,6 +165,7 @@ impl Route {
             | Route::DeleteSnapshot(id, _)
             | Route::RestoreSnapshot(id, _) => Some((Action::Snapshot, Some(*id))),
             Route::SweepSnapshots => Some((Action::Admin, None)),
+            Route::Revoke => Some((Action::Revoke, None)),
         }
     }
 }
@@ -176,6 +179,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     let (want, r) = match segs.as_slice() {
         ["healthz"] => (Method::GET, Route::Health),
         ["projects"] => (Method::GET, Route::List),
+        ["auth", "revoked"] => (Method::POST, Route::Revoke),
         ["projects", id, "config"] => {
             let id: ProjectId = id.parse().map_err(|e: crate::project::InvalidProjectId| {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_project_id", e.to_string())
@@ -262,6 +266,14 @@ struct QuotaBody {
     /// required: bytes, or null for no limit
     #[serde(deserialize_with = "Option::deserialize")]
     disk: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    /// the token ids to revoke (required)
+    #[serde(default)]
+    jti: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -533,6 +545,38 @@ async fn dispatch(
             host.set_disk_quota(id, body.disk).await?;
             ok(serde_json::to_value(host.status(id)).unwrap_or_default())
         }
+        Route::Revoke => {
+            let body: RevokeBody = read_json(req).await?;
+            let ids = crate::revocation::parse_list(&body.jti).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("jti: {e}"))
+            })?;
+            let now = crate::auth::now_secs();
+            let until = now.saturating_add(auth.max_lifetime_secs());
+            let count = ids.len();
+            let kept = auth
+                .revocations()
+                .revoke(host.store(), ids, now, until)
+                .await
+                .map_err(|e| match e {
+                    crate::revocation::RevokeError::Full => ApiError::new(
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        "revocation_list_full",
+                        e.to_string(),
+                    ),
+                    crate::revocation::RevokeError::Store(e) => ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "store_failed",
+                        e.to_string(),
+                    ),
+                })?;
+            tracing::info!(
+                principal = principal.as_ref().map(Principal::name),
+                revoked = count,
+                kept,
+                "master tokens revoked"
+            );
+            ok(json!({ "revoked": count, "until": until, "kept": kept }))
+        }
         Route::SweepSnapshots => {
             let body: SweepBody = read_json(req).await?;
             let only = body
@@ -767,6 +811,7 @@ mod tests {
             Route::RestoreSnapshot(id, "snap-1".parse().unwrap()),
             Route::SetQuota(id),
             Route::SweepSnapshots,
+            Route::Revoke,
         ] {
             assert!(
                 documented

@@ -15,6 +15,7 @@ pub mod limits;
 pub mod logging;
 pub mod podman;
 pub mod project;
+pub mod revocation;
 pub mod seccomp;
 pub mod snapshots;
 pub mod store;

@@ -340,7 +340,15 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         let host = Host::new(settings).await?;
         let auth = std::sync::Arc::new(
             auth::Auth::load(&auth_settings, host.host_id())
-                .context("cannot load the API's tokens and keys")?,
+                .context("cannot load the API's tokens and keys")?
+                .with_revocations(
+                    cocalc_project_host::revocation::Revocations::load(
+                        host.store(),
+                        auth::now_secs(),
+                    )
+                    .await
+                    .context("cannot read the token revocation list")?,
+                ),
         );
         let (admin_tokens, master_keys) = auth.counts();
         if admin_tokens + master_keys == 0 {

@@ -166,3 +166,74 @@ fn a_start_only_token_cannot_change_config_and_maxima_bind_everyone() {
     assert_eq!(v["disk"]["quota"], 80 * MIB, "{v}");
     stop(&id, false);
 }
+
+#[test]
+fn revoked_and_foreign_issuer_tokens_are_refused_also_after_a_restart() {
+    let iss = "https://master.e2e.example";
+    let setup = Setup::install(&format!("master_issuer = \"{iss}\""), "");
+    let id = new_id();
+    let path = format!("/projects/{id}/status");
+    let jti = format!("e2e-{}", new_id());
+    let good = setup.scoped(json!([id]), &["status"], json!({"iss": iss, "jti": jti}));
+    let (s, v) = http_as(As::Bearer(&good), "GET", &path, None);
+    assert_eq!(s, 200, "{v}");
+    // the attacker's own or a stolen other master's tokens: no iss, another iss
+    for (extra, want) in [
+        (json!({}), "claim iss is missing"),
+        (json!({"iss": "https://evil.example"}), "wrong issuer"),
+    ] {
+        let t = setup.scoped(json!([id]), &["status"], extra);
+        let (s, v) = http_as(As::Bearer(&t), "GET", &path, None);
+        assert_eq!((s, code(&v)), (401, "invalid_token"), "{v}");
+        assert!(v["error"].as_str().unwrap().contains(want), "{v}");
+    }
+    // only admin or a token with `revoke` may push; bodies are bounded and validated
+    let revoke = |who: As, body: &str| http_as(who, "POST", "/auth/revoked", Some(body));
+    let body = json!({"jti": [jti]}).to_string();
+    let (s, v) = revoke(As::Bearer(&good), &body);
+    assert_eq!((s, code(&v)), (403, "forbidden"), "{v}");
+    let (s, v) = revoke(As::Nobody, &body);
+    assert_eq!(s, 401, "{v}");
+    let revoker = setup.scoped(json!([]), &["revoke"], json!({"iss": iss}));
+    let many: Vec<String> = (0..1001).map(|i| format!("j{i}")).collect();
+    for bad in [
+        json!({"jti": []}),
+        json!({"jti": ["has space"]}),
+        json!({"jti": ["x".repeat(257)]}),
+        json!({"jti": many}),
+        json!({"jti": "not-a-list"}),
+        json!({}),
+    ] {
+        let (s, v) = revoke(As::Bearer(&revoker), &bad.to_string());
+        assert_eq!((s, code(&v)), (400, "invalid_body"), "{v}");
+    }
+    assert_eq!(http_as(As::Bearer(&good), "GET", &path, None).0, 200);
+    let (s, v) = revoke(As::Bearer(&revoker), &body);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["revoked"], 1, "{v}");
+    assert!(v["until"].as_u64().unwrap() >= now() + 3600, "{v}");
+    let refused = || {
+        let (s, v) = http_as(As::Bearer(&good), "GET", &path, None);
+        assert_eq!((s, code(&v)), (401, "token_revoked"), "{v}");
+    };
+    refused();
+    // the admin may push too; a fresh token with another jti still works
+    let other = setup.scoped(
+        json!([id]),
+        &["status"],
+        json!({"iss": iss, "jti": "e2e-other"}),
+    );
+    assert_eq!(http_as(As::Bearer(&other), "GET", &path, None).0, 200);
+    let (s, v) = revoke(As::Admin, &json!({"jti": ["e2e-other"]}).to_string());
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(http_as(As::Bearer(&other), "GET", &path, None).0, 401);
+    // kept in the store: still revoked after a restart
+    ok("systemctl restart cocalc-project-host.service");
+    refused();
+    assert_eq!(
+        ok(&format!(
+            "python3 -c \"import sqlite3; print(sqlite3.connect('/var/lib/cocalc-project-host/state.db').execute(\\\"SELECT count(*) FROM revoked_tokens WHERE jti='{jti}'\\\").fetchone()[0])\""
+        )),
+        "1"
+    );
+}
