@@ -38,6 +38,15 @@ pub struct Settings {
     pub snapshots: SnapshotSettings,
     /// Who may call the HTTP API.
     pub auth: AuthSettings,
+    /// The HTTP server.
+    pub http: HttpSettings,
+}
+
+/// The HTTP server's own bounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// Most connections open at once from one peer address (more are closed unanswered).
+    pub max_connections_per_peer: usize,
 }
 
 /// Rolling snapshots: taken by the sweep that `cocalc-project-host-snapshots.timer` triggers.
@@ -155,6 +164,9 @@ impl Default for Settings {
                 max_token_lifetime_secs: 24 * 3600,
                 master_issuer: None,
             },
+            http: HttpSettings {
+                max_connections_per_peer: 64,
+            },
         }
     }
 }
@@ -207,6 +219,8 @@ struct Fragment {
     snapshots: SnapshotsFragment,
     #[serde(default)]
     auth: AuthFragment,
+    #[serde(default)]
+    http: HttpFragment,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +291,12 @@ struct AuthFragment {
     master_public_keys: Option<Vec<String>>,
     max_token_lifetime: Option<u64>,
     master_issuer: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpFragment {
+    max_connections_per_peer: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -663,6 +683,10 @@ pub fn merge<'a>(
             s.auth.master_issuer = Some(v);
             set("auth.master_issuer");
         }
+        if let Some(v) = f.http.max_connections_per_peer {
+            s.http.max_connections_per_peer = v;
+            set("http.max_connections_per_peer");
+        }
     }
     let invalid = |key: &'static str, message: String| ConfigError::Invalid {
         path: origin
@@ -794,6 +818,12 @@ pub fn merge<'a>(
                 format!("key {}: {e}", i + 1),
             ));
         }
+    }
+    if !(1..=4096).contains(&s.http.max_connections_per_peer) {
+        return Err(invalid(
+            "http.max_connections_per_peer",
+            "must be 1 to 4096".into(),
+        ));
     }
     if let Some(i) = &s.auth.master_issuer
         && (i.is_empty() || i.len() > 256 || i.chars().any(char::is_control))

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
@@ -59,8 +60,24 @@ pub enum Error {
     ProjectRunning(String),
     /// systemd or the storage are not available.
     Unavailable(String),
+    /// The caller may not read projects (not root nor in group cocalc-project-host).
+    AccessDenied(String),
     /// Anything else.
     Failed(String),
+}
+
+/// The daemon's own check behind the bus policy ([`crate::local_access`]).
+async fn operator(conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
+    crate::local_access::check(conn, Some(hdr))
+        .await
+        .map_err(Error::AccessDenied)
+}
+
+/// [`operator`] for property getters (no header: the daemon's own read for a change signal).
+async fn operator_prop(conn: &Connection, hdr: Option<Header<'_>>) -> zbus::fdo::Result<()> {
+    crate::local_access::check(conn, hdr.as_ref())
+        .await
+        .map_err(zbus::fdo::Error::AccessDenied)
 }
 
 impl From<host::Error> for Error {
@@ -179,8 +196,14 @@ pub struct Manager {
 impl Manager {
     /// Known projects: (id, state, last touched in ms since the epoch, object path), most
     /// recently touched first.
-    fn list_projects(&self) -> Vec<(String, String, u64, OwnedObjectPath)> {
-        self.host
+    async fn list_projects(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<(String, String, u64, OwnedObjectPath)>, Error> {
+        operator(conn, &hdr).await?;
+        Ok(self
+            .host
             .list()
             .iter()
             .map(|&(id, last)| {
@@ -191,11 +214,17 @@ impl Manager {
                     project_path(&id),
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// The object path of a known project.
-    fn get_project(&self, id: &str) -> Result<OwnedObjectPath, Error> {
+    async fn get_project(
+        &self,
+        id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, Error> {
+        operator(conn, &hdr).await?;
         let id = parse_id(id)?;
         if !self.host.is_known(id) {
             return Err(Error::NotFound(format!(
@@ -205,9 +234,17 @@ impl Manager {
         Ok(project_path(&id))
     }
 
-    /// Status of a project (as `GET /projects/:id/status`; a never-seen project is `opened`).
-    fn get_project_status(&self, id: &str) -> Result<HashMap<String, OwnedVariant>, Error> {
-        Ok(status_dict(&self.host.status(parse_id(id)?)))
+    /// Status of a project (as `GET /projects/:id/status`; a never-seen project is `opened`). A
+    /// read only: unlike an authenticated HTTP call it does not touch the project (a local reader
+    /// must not keep projects "active").
+    async fn get_project_status(
+        &self,
+        id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, OwnedVariant>, Error> {
+        operator(conn, &hdr).await?;
+        Ok(status_dict(&self.host.peek_status(parse_id(id)?)))
     }
 
     /// Starts a project; `config_json` is the start config as JSON (`""` = the stored one).
@@ -380,32 +417,57 @@ impl Project {
 
     /// The project id.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn id(&self) -> String {
-        self.id.to_string()
+    async fn id(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        operator_prop(conn, hdr).await?;
+        Ok(self.id.to_string())
     }
 
     /// `opened`, `starting`, `running` or `stopping`.
     #[zbus(property)]
-    fn state(&self) -> String {
-        self.host.peek_status(self.id).state.to_string()
+    async fn state(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        operator_prop(conn, hdr).await?;
+        Ok(self.host.peek_status(self.id).state.to_string())
     }
 
     /// The systemd unit running the project.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn unit(&self) -> String {
-        self.id.unit_name()
+    async fn unit(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        operator_prop(conn, hdr).await?;
+        Ok(self.id.unit_name())
     }
 
     /// PID of the unit's main process (0 when not running).
     #[zbus(property, name = "MainPID")]
-    fn main_pid(&self) -> u32 {
-        self.host.peek_status(self.id).main_pid.unwrap_or(0)
+    async fn main_pid(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u32> {
+        operator_prop(conn, hdr).await?;
+        Ok(self.host.peek_status(self.id).main_pid.unwrap_or(0))
     }
 
     /// Last touched, ms since the epoch.
     #[zbus(property(emits_changed_signal = "false"))]
-    fn last_touched(&self) -> u64 {
-        self.host.last_touched(self.id).unwrap_or(0)
+    async fn last_touched(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u64> {
+        operator_prop(conn, hdr).await?;
+        Ok(self.host.last_touched(self.id).unwrap_or(0))
     }
 }
 

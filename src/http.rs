@@ -637,13 +637,14 @@ pub async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = crate::connlimit::PeerLimiter::new(host.settings().http.max_connections_per_peer);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             () = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -654,6 +655,12 @@ pub async fn serve(
                 }
             },
             () = &mut shutdown => break,
+        };
+        // before reading a byte (before authentication): one address cannot take every slot
+        let Some(slot) = peers.admit(peer.ip()) else {
+            tracing::debug!(peer = %peer.ip(), "connection refused: too many from this address");
+            drop(stream);
+            continue;
         };
         let (host, auth) = (host.clone(), auth.clone());
         let svc = hyper::service::service_fn(move |req| handle(host.clone(), auth.clone(), req));
@@ -666,6 +673,7 @@ pub async fn serve(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(slot);
             drop(permit);
         });
     }

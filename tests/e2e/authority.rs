@@ -237,3 +237,138 @@ fn revoked_and_foreign_issuer_tokens_are_refused_also_after_a_restart() {
         "1"
     );
 }
+
+const DEST: &str = "com.cocalc.ProjectHost1";
+const MANAGER: &str = "/com/cocalc/ProjectHost1";
+const READER: &str = "setpriv --reuid=e2e-reader --regid=e2e-reader --init-groups";
+const OPEN_POLICY: &str = "/etc/dbus-1/system.d/zz-e2e-open-cocalc.conf";
+
+fn last_touched(id: &str) -> String {
+    ok(&format!(
+        "busctl get-property {DEST} {} com.cocalc.ProjectHost1.Project LastTouched",
+        crate::dbus::path(id)
+    ))
+}
+
+#[test]
+fn local_users_outside_the_group_see_only_version_and_counts() {
+    ok("getent passwd e2e-reader >/dev/null || useradd --no-create-home --user-group e2e-reader");
+    ok("! id -nG e2e-reader | grep -qw cocalc-project-host");
+    let id = new_id();
+    start(&id, None);
+    let p = crate::dbus::path(&id);
+    let reads = [
+        format!("call {DEST} {MANAGER} com.cocalc.ProjectHost1.Manager ListProjects"),
+        format!("call {DEST} {MANAGER} com.cocalc.ProjectHost1.Manager GetProject s {id}"),
+        format!("call {DEST} {MANAGER} com.cocalc.ProjectHost1.Manager GetProjectStatus s {id}"),
+        format!("get-property {DEST} {p} com.cocalc.ProjectHost1.Project State"),
+        format!("get-property {DEST} {p} com.cocalc.ProjectHost1.Project Id"),
+        format!(
+            "call {DEST} {p} org.freedesktop.DBus.Properties GetAll s com.cocalc.ProjectHost1.Project"
+        ),
+        format!("introspect {DEST} {p}"),
+        format!("introspect {DEST} {MANAGER}/project"),
+    ];
+    for who in [READER, crate::dbus::NOBODY] {
+        for r in &reads {
+            let o = sh(&format!("{who} busctl {r}"));
+            assert_ne!(o.code, 0, "{who} {r}: {}", o.stdout);
+            assert!(
+                o.stderr.contains("Access denied"),
+                "{who} {r}: {}",
+                o.stderr
+            );
+            assert!(!o.stdout.contains(&id), "{who} {r}: {}", o.stdout);
+        }
+        for prop in ["Version", "ProjectCount", "RunningCount"] {
+            ok(&format!(
+                "{who} busctl get-property {DEST} {MANAGER} com.cocalc.ProjectHost1.Manager {prop}"
+            ));
+        }
+        let tree = ok(&format!("{who} busctl introspect {DEST} {MANAGER}"));
+        assert!(tree.contains(".Version"), "{tree}");
+    }
+    // root (and the group) may read it all
+    for r in &reads {
+        ok(&format!("busctl {r}"));
+    }
+    // behind the policy, the daemon checks the caller itself: with the bus opened to everyone
+    ok(&format!(
+        "printf '%s' '<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN\" \"https://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\"><busconfig><policy context=\"default\"><allow send_destination=\"{DEST}\"/></policy></busconfig>' > {OPEN_POLICY}
+         busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig"
+    ));
+    let o = sh(&format!(
+        "{READER} busctl call {DEST} {MANAGER} com.cocalc.ProjectHost1.Manager GetProjectStatus s {id}"
+    ));
+    let o2 = sh(&format!(
+        "{READER} busctl get-property {DEST} {p} com.cocalc.ProjectHost1.Project State"
+    ));
+    ok(&format!(
+        "rm -f {OPEN_POLICY}; busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig"
+    ));
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    assert!(
+        o.stderr
+            .contains("reading projects needs root or membership"),
+        "{}",
+        o.stderr
+    );
+    assert_ne!(o2.code, 0, "{}", o2.stdout);
+    assert!(!o2.stdout.contains("running"), "{}", o2.stdout);
+
+    // reads never write: a D-Bus status read does not keep the project "active"
+    let before = last_touched(&id);
+    for _ in 0..3 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        ok(&format!(
+            "busctl call {DEST} {MANAGER} com.cocalc.ProjectHost1.Manager GetProjectStatus s {id}"
+        ));
+        ok(&format!(
+            "busctl call {DEST} {MANAGER} com.cocalc.ProjectHost1.Manager ListProjects"
+        ));
+    }
+    assert_eq!(last_touched(&id), before);
+    // while an authenticated HTTP status does (so the check above could fail)
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    status(&id);
+    assert_ne!(last_touched(&id), before);
+    stop(&id, false);
+}
+
+#[test]
+fn connections_per_peer_are_capped_before_authentication() {
+    let _setup = Setup::install("", "[http]\nmax_connections_per_peer = 4\n");
+    // 4 idle connections from 127.0.0.1 (no request, no token) take that address's slots; a
+    // fifth from it is closed unanswered while 127.0.0.2 is served; a freed slot comes back
+    let script = r#"
+import socket, time
+def conn(src):
+    s = socket.socket(); s.settimeout(5); s.bind((src, 0)); s.connect(("127.0.0.1", 9002)); return s
+def get(s):
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return s.recv(100).split(b"\r\n")[0].decode() or "closed"
+    except OSError as e:
+        return "error " + type(e).__name__
+idle = [conn("127.0.0.1") for _ in range(4)]
+time.sleep(0.5)
+print("fifth:", get(conn("127.0.0.1")))
+print("other:", get(conn("127.0.0.2")))
+idle[0].close(); time.sleep(0.5)
+print("freed:", get(conn("127.0.0.1")))
+"#;
+    let o = tb::sh_in("python3 -", script.as_bytes());
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let line = |k: &str| {
+        o.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {}", o.stdout))
+            .trim()
+            .to_string()
+    };
+    let fifth = line("fifth:");
+    assert!(fifth == "closed" || fifth.starts_with("error"), "{fifth}");
+    assert_eq!(line("other:"), "HTTP/1.1 200 OK");
+    assert_eq!(line("freed:"), "HTTP/1.1 200 OK");
+}
