@@ -19,6 +19,8 @@ const BTRFS: &str = "/usr/bin/btrfs";
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The root directory of a btrfs subvolume always has this inode number.
 const SUBVOLUME_ROOT_INO: u64 = 256;
+/// Free space left to the host beyond a new storage image's full size (`storage-setup`).
+const IMAGE_MARGIN: u64 = 1 << 30;
 /// Magic of a btrfs superblock, at 64 KiB + 0x40.
 const SUPER_MAGIC: &[u8; 8] = b"_BHRfS_M";
 
@@ -159,6 +161,15 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
     std::fs::create_dir_all(&settings.state_dir).map_err(io(&settings.state_dir))?;
     std::fs::create_dir_all(&mount).map_err(io(&mount))?;
     if !image.exists() {
+        // the image is sparse: refuse one that could grow past the host's free space unnoticed
+        let available = crate::reserve::space(&settings.state_dir)
+            .map_err(io(&settings.state_dir))?
+            .available;
+        crate::reserve::check_image_fits(available, settings.storage.image_size, IMAGE_MARGIN)
+            .map_err(|m| StorageError::Io {
+                path: image.clone(),
+                source: std::io::Error::other(m),
+            })?;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

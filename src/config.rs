@@ -82,8 +82,12 @@ pub struct StorageSettings {
     pub mount: Option<PathBuf>,
     /// Size of the loop image (bytes, sparse).
     pub image_size: u64,
-    /// Default disk quota of a project (bytes; `None`: no limit). A start config's `disk` wins.
+    /// Default disk quota of a project (bytes; `None`: no limit, only when the config says
+    /// `"unlimited"`). A start config's `disk` wins.
     pub disk_quota: Option<u64>,
+    /// Free space kept on the project storage: below it, cold starts and quota raises are
+    /// refused (`storage_full`).
+    pub reserve: Amount,
     /// Default size of a project's /scratch (bytes; `None`: no /scratch).
     pub scratch: Option<u64>,
     /// Default size of a project's /tmp tmpfs (bytes; `None`: /tmp of the image).
@@ -137,7 +141,8 @@ impl Default for Settings {
             storage: StorageSettings {
                 mount: None,
                 image_size: 20 << 30,
-                disk_quota: None,
+                disk_quota: Some(10 << 30),
+                reserve: Amount::Percent(5),
                 scratch: None,
                 tmp: None,
             },
@@ -304,7 +309,8 @@ struct HttpFragment {
 struct StorageFragment {
     mount: Option<PathBuf>,
     image_size: Option<Size>,
-    disk_quota: Option<Size>,
+    disk_quota: Option<QuotaSpec>,
+    reserve: Option<AmountSpec>,
     scratch: Option<Size>,
     tmp: Option<Size>,
 }
@@ -416,6 +422,28 @@ impl<'de> Deserialize<'de> for AmountSpec {
                 },
             };
         Ok(AmountSpec(a))
+    }
+}
+
+/// A disk quota: a [`Size`], or `"unlimited"` (only ever by an admin's explicit word).
+#[derive(Debug, Clone, Copy)]
+struct QuotaSpec(Option<u64>);
+
+impl<'de> Deserialize<'de> for QuotaSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(QuotaSpec(Some(n))),
+            Raw::S(s) if s.trim() == "unlimited" => Ok(QuotaSpec(None)),
+            Raw::S(s) => parse_size(&s)
+                .map(|n| QuotaSpec(Some(n)))
+                .map_err(|e| serde::de::Error::custom(format!("{e} (or \"unlimited\")"))),
+        }
     }
 }
 
@@ -535,8 +563,12 @@ pub fn merge<'a>(
             set("storage.image_size");
         }
         if let Some(v) = f.storage.disk_quota {
-            s.storage.disk_quota = Some(v.0);
+            s.storage.disk_quota = v.0;
             set("storage.disk_quota");
+        }
+        if let Some(v) = f.storage.reserve {
+            s.storage.reserve = v.0;
+            set("storage.reserve");
         }
         if let Some(v) = f.storage.scratch {
             s.storage.scratch = Some(v.0);
@@ -728,6 +760,11 @@ pub fn merge<'a>(
         {
             return Err(invalid(key, format!("must be at least {min} bytes")));
         }
+    }
+    if let Amount::Percent(p) = s.storage.reserve
+        && p > 50
+    {
+        return Err(invalid("storage.reserve", format!("{p}% is more than 50%")));
     }
     let r = &s.snapshots.retention;
     if [r.frequent, r.daily, r.weekly, r.monthly]
@@ -1053,11 +1090,11 @@ mod tests {
         assert!(err("[limits.max]\nnetwork = [\"host\"]\n").contains("host"));
         let s = m(&[(
             "/etc/x/a.toml",
-            "[limits.max]\ndisk = \"5G\"\nscratch = \"1G\"\ntmp = \"64M\"\nnetwork = [\"none\"]\n",
+            "[limits.max]\ndisk = \"50G\"\nscratch = \"1G\"\ntmp = \"64M\"\nnetwork = [\"none\"]\n",
         )])
         .unwrap();
         let mx = &s.limits.max;
-        assert_eq!((mx.disk, mx.scratch, mx.tmp), (5 << 30, 1 << 30, 64 << 20));
+        assert_eq!((mx.disk, mx.scratch, mx.tmp), (50 << 30, 1 << 30, 64 << 20));
         assert!(!mx.network.contains(NetworkMode::Slirp4netns));
         assert!(err("[limits]\nio_weight = 0\n").contains(": limits.io_weight: "));
         assert!(err("[slice]\nmemory_max = \"150%\"\n").contains(": slice.memory_max: "));
@@ -1110,7 +1147,7 @@ mod tests {
         // the example values that are not defaults
         s.storage.mount = None;
         s.projects.cmd = None;
-        (s.storage.disk_quota, s.storage.scratch, s.storage.tmp) = (None, None, None);
+        (s.storage.scratch, s.storage.tmp) = (None, None);
         s.auth.master_public_keys.clear();
         s.auth.admin_token_file = None;
         s.auth.master_issuer = None;
@@ -1131,6 +1168,25 @@ mod tests {
         assert_eq!(s.snapshots.retention.frequent, 4);
         assert_eq!(s.snapshots.skip_untouched_secs, 14 * 86_400);
         assert!(s.snapshots.enabled);
+        // a fresh install has a quota and a reserve; no limit only when said so
+        let d = Settings::default();
+        assert_eq!(d.storage.disk_quota, Some(10 << 30));
+        assert_eq!(d.storage.reserve, Amount::Percent(5));
+        let s = m(&[(
+            "/etc/x/a.toml",
+            "[storage]\ndisk_quota = \"unlimited\"\nreserve = \"1G\"\n",
+        )])
+        .unwrap();
+        assert_eq!(s.storage.disk_quota, None);
+        assert_eq!(s.storage.reserve, Amount::Absolute(1 << 30));
+        let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = \"none\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unlimited"), "{e}");
+        let e = m(&[("/etc/x/a.toml", "[storage]\nreserve = \"60%\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.reserve: 60% is more than 50%"), "{e}");
         let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = 5\n")])
             .unwrap_err()
             .to_string();

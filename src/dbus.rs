@@ -60,6 +60,8 @@ pub enum Error {
     ProjectRunning(String),
     /// systemd or the storage are not available.
     Unavailable(String),
+    /// The project storage is below its reserve: no new starts or quota raises.
+    StorageFull(String),
     /// The caller may not read projects (not root nor in group cocalc-project-host).
     AccessDenied(String),
     /// Anything else.
@@ -95,6 +97,7 @@ impl From<host::Error> for Error {
             E::NoSuchSnapshot { .. } => Error::NoSuchSnapshot(m),
             E::SnapshotExists { .. } => Error::SnapshotExists(m),
             E::ProjectRunning(_) => Error::ProjectRunning(m),
+            E::StorageFull { .. } => Error::StorageFull(m),
             E::Storage(_) | E::Systemd(_) => Error::Unavailable(m),
             E::Store(_) => Error::Failed(m),
         }

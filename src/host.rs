@@ -99,6 +99,16 @@ pub enum Error {
     /// The operation needs the project stopped.
     #[error("project {0} is running: stop it before restoring a snapshot")]
     ProjectRunning(ProjectId),
+    /// The project storage has less free space than its reserve (`storage.reserve`).
+    #[error(
+        "project storage is full: {free} bytes free, below the reserve of {reserve} (storage.reserve); running projects go on, new starts and quota raises wait for space"
+    )]
+    StorageFull {
+        /// bytes available
+        free: u64,
+        /// bytes the reserve keeps
+        reserve: u64,
+    },
 }
 
 impl Error {
@@ -120,6 +130,7 @@ impl Error {
             Error::NoSuchSnapshot { .. } => "no_such_snapshot",
             Error::SnapshotExists { .. } => "snapshot_exists",
             Error::ProjectRunning(_) => "project_running",
+            Error::StorageFull { .. } => "storage_full",
         }
     }
 }
@@ -584,6 +595,7 @@ impl Host {
             Some(c) => c,
             None => self.stored_config(id).await?,
         };
+        self.check_reserve(id, "start")?;
         let home = self.storage.ensure_home(&id).await?;
         let limits = self.limits_of(&config)?;
         let mut argv = podman::run_argv(&id, &self.settings, &config, &home);

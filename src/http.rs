@@ -66,6 +66,7 @@ impl From<host::Error> for ApiError {
             E::InvalidSnapshotName(_) | E::ReservedSnapshotName(_) => StatusCode::BAD_REQUEST,
             E::NoSuchProject(_) | E::NoSuchSnapshot { .. } => StatusCode::NOT_FOUND,
             E::SnapshotExists { .. } | E::ProjectRunning(_) => StatusCode::CONFLICT,
+            E::StorageFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         };
         ApiError::new(status, e.code(), e.to_string())
     }

@@ -17,6 +17,7 @@ pub mod local_access;
 pub mod logging;
 pub mod podman;
 pub mod project;
+pub mod reserve;
 pub mod revocation;
 pub mod seccomp;
 pub mod snapshots;

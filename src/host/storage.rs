@@ -70,6 +70,24 @@ impl Host {
         }
     }
 
+    /// Refuses (`StorageFull`) when the project storage has less free space than its reserve.
+    pub(super) fn check_reserve(&self, id: ProjectId, what: &'static str) -> Result<(), Error> {
+        // unreadable storage is reported by whatever uses it next
+        let Ok(space) = crate::reserve::space(&self.settings.storage_mount()) else {
+            return Ok(());
+        };
+        if let Err((free, reserve)) = crate::reserve::check(space, self.settings.storage.reserve) {
+            tracing::warn!(
+                project_id = %id,
+                free,
+                reserve,
+                "{what} refused: the project storage is below its reserve (storage.reserve)"
+            );
+            return Err(Error::StorageFull { free, reserve });
+        }
+        Ok(())
+    }
+
     /// The disk quota in force for a config (its own, else the host default).
     fn disk_limit(&self, config: &RunConfig) -> Option<u64> {
         config.disk.or(self.settings.storage.disk_quota)
@@ -187,6 +205,19 @@ impl Host {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
         let home = self.require_home(id)?;
+        let current = self
+            .read_entries()
+            .get(&id)
+            .and_then(|e| e.disk)
+            .and_then(|d| d.quota);
+        let raise = match (bytes, current) {
+            (Some(b), Some(c)) => b > c,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        if raise {
+            self.check_reserve(id, "quota raise")?;
+        }
         if bytes.is_some() {
             self.storage.ensure_quotas().await?;
         }

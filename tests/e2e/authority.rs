@@ -372,3 +372,115 @@ print("freed:", get(conn("127.0.0.1")))
     assert_eq!(line("other:"), "HTTP/1.1 200 OK");
     assert_eq!(line("freed:"), "HTTP/1.1 200 OK");
 }
+
+/// Removes the fill file when dropped (also when the test fails).
+struct Fill(String);
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        sh(&format!(
+            "rm -f {}; sync; btrfs filesystem sync {}",
+            self.0,
+            tb::STORAGE
+        ));
+    }
+}
+
+/// (available, total) bytes of the project storage.
+fn storage_space() -> (u64, u64) {
+    let out = ok(&format!("stat -f -c '%a %b %S' {}", tb::STORAGE));
+    let n: Vec<u64> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    (n[0] * n[2], n[1] * n[2])
+}
+
+#[test]
+fn a_full_storage_refuses_new_starts_and_fresh_projects_get_the_default_quota() {
+    // a fresh install's default quota, with no config at all
+    let a = new_id();
+    let v = start(&a, None);
+    assert_eq!(v["disk"]["quota"], 10u64 << 30, "{v}");
+    let (s, cfg) = http("GET", &format!("/projects/{a}/config"), None);
+    assert_eq!(s, 200, "{cfg}");
+
+    // an admin file fills the storage to below the 5% reserve
+    let (avail, total) = storage_space();
+    let reserve = total / 20;
+    assert!(
+        avail > reserve,
+        "the testbed storage is already below its reserve: {avail} of {total}"
+    );
+    let fill = Fill(format!("{}/e2e-fill", tb::STORAGE));
+    ok(&format!(
+        "fallocate -l {} {} && sync && btrfs filesystem sync {}",
+        avail - reserve / 2,
+        fill.0,
+        tb::STORAGE
+    ));
+    tb::wait_for("free space below the reserve", 30, || {
+        (storage_space().0 < reserve).then_some(())
+    });
+    let since = ok("date +%s");
+    // a new start is refused with a clear error; nothing of it is made
+    let b = new_id();
+    let (s, v) = http("POST", &format!("/projects/{b}/start"), None);
+    assert_eq!((s, code(&v)), (507, "storage_full"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("storage.reserve"),
+        "{v}"
+    );
+    ok(&format!("! test -e {}/project-{b}", tb::STORAGE));
+    // a quota raise too; a lower quota is fine
+    let quota = |bytes: u64| {
+        http(
+            "POST",
+            &format!("/projects/{a}/quota"),
+            Some(&format!("{{\"disk\":{bytes}}}")),
+        )
+    };
+    let (s, v) = quota(20u64 << 30);
+    assert_eq!((s, code(&v)), (507, "storage_full"), "{v}");
+    let (s, v) = quota(5u64 << 30);
+    assert_eq!(s, 200, "{v}");
+    // the running project goes on
+    assert_eq!(
+        ok(&format!("systemctl is-active cocalc-project-{a}")),
+        "active"
+    );
+    ok(&format!("podman exec project-{a} true"));
+    // and the refusal is in the journal
+    let log = ok(&format!(
+        "journalctl -u cocalc-project-host.service --since @{since} -o cat --no-pager"
+    ));
+    assert!(log.contains("below its reserve"), "{log}");
+
+    // space back: starts work again
+    drop(fill);
+    tb::wait_for("free space above the reserve", 60, || {
+        (storage_space().0 > reserve).then_some(())
+    });
+    let v = start(&b, None);
+    assert_eq!(v["state"], "running", "{v}");
+    stop(&b, false);
+    stop(&a, false);
+}
+
+#[test]
+fn storage_setup_refuses_an_image_bigger_than_the_free_space() {
+    let dir = "/tmp/e2e-small-state";
+    ok(&format!(
+        "mkdir -p {dir} {dir}.conf && mount -t tmpfs -o size=64m tmpfs {dir} &&
+         printf 'state_dir = \"{dir}\"\\n[storage]\\nimage_size = \"1G\"\\n' > {dir}.conf/config.toml"
+    ));
+    let o = sh(&format!(
+        "COCALC_PROJECT_HOST_CONFIG_DIRS={dir}.conf cocalc-project-host storage-setup"
+    ));
+    let left = sh(&format!("ls -A {dir}"));
+    sh(&format!("umount {dir}; rm -rf {dir} {dir}.conf"));
+    assert_ne!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("storage.image_size"), "{}", o.stderr);
+    assert!(
+        !left.stdout.contains("projects.img"),
+        "no image made: {}",
+        left.stdout
+    );
+}
