@@ -239,7 +239,7 @@ impl Manager {
 
     /// Status of a project (as `GET /projects/:id/status`; a never-seen project is `opened`). A
     /// read only: unlike an authenticated HTTP call it does not touch the project (a local reader
-    /// must not keep projects "active").
+    /// must not keep projects active).
     async fn get_project_status(
         &self,
         id: &str,
