@@ -375,7 +375,7 @@ impl Project {
     async fn list_snapshots(&self) -> Result<Vec<SnapshotTuple>, Error> {
         Ok(self
             .host
-            .snapshots(self.id)
+            .snapshot_list(self.id)
             .await?
             .iter()
             .map(snapshot_tuple)

@@ -10,10 +10,10 @@ use rusqlite::params;
 
 use crate::store::{Store, StoreError};
 
-/// Most `jti`s one push may carry.
-pub const MAX_PER_PUSH: usize = 1000;
+/// Most `jti`s one push may carry (a full push of the longest ids fits the 64 KiB body limit).
+pub const MAX_PER_PUSH: usize = 200;
 /// Longest `jti` accepted (bytes).
-pub const MAX_JTI_LEN: usize = 256;
+pub const MAX_JTI_LEN: usize = 128;
 /// Most entries kept at once (a master revoking more within one token lifetime is refused).
 pub const MAX_ENTRIES: usize = 1_000_000;
 
@@ -167,14 +167,14 @@ mod tests {
     fn jti_lists_are_bounded_and_validated() {
         let l = |v: &[&str]| parse_list(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(l(&["b", "a", "b"]).unwrap().len(), 2);
-        assert!(l(&[]).unwrap_err().contains("1 to 1000"));
+        assert!(l(&[]).unwrap_err().contains("1 to 200"));
         assert!(l(&["ok", ""]).unwrap_err().contains("printable"));
         assert!(l(&["with space"]).unwrap_err().contains("printable"));
         assert!(l(&["é"]).unwrap_err().contains("printable"));
         let long = "x".repeat(MAX_JTI_LEN + 1);
-        assert!(l(&[&long]).unwrap_err().contains("256"));
+        assert!(l(&[&long]).unwrap_err().contains("128"));
         let many: Vec<String> = (0..=MAX_PER_PUSH).map(|i| i.to_string()).collect();
-        assert!(parse_list(&many).unwrap_err().contains("1001"));
+        assert!(parse_list(&many).unwrap_err().contains("201"));
     }
 
     #[tokio::test]

@@ -238,10 +238,16 @@ impl Host {
         Ok(())
     }
 
-    /// A project's snapshots, oldest first.
+    /// A project's snapshots, oldest first; touches the project (an API client's interest).
     pub async fn snapshots(&self, id: ProjectId) -> Result<Vec<SnapshotInfo>, Error> {
         self.require_home(id)?;
         self.touch(id);
+        self.snapshot_list(id).await
+    }
+
+    /// A project's snapshots, oldest first, without touching it (a local reader's look).
+    pub async fn snapshot_list(&self, id: ProjectId) -> Result<Vec<SnapshotInfo>, Error> {
+        self.require_home(id)?;
         let subs = self.storage.subvolumes(true).await?;
         let sizes: HashMap<String, (u64, u64)> = if self.storage.quota_mode().await.is_some() {
             self.storage

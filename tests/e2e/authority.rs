@@ -195,11 +195,11 @@ fn revoked_and_foreign_issuer_tokens_are_refused_also_after_a_restart() {
     let (s, v) = revoke(As::Nobody, &body);
     assert_eq!(s, 401, "{v}");
     let revoker = setup.scoped(json!([]), &["revoke"], json!({"iss": iss}));
-    let many: Vec<String> = (0..1001).map(|i| format!("j{i}")).collect();
+    let many: Vec<String> = (0..201).map(|i| format!("j{i}")).collect();
     for bad in [
         json!({"jti": []}),
         json!({"jti": ["has space"]}),
-        json!({"jti": ["x".repeat(257)]}),
+        json!({"jti": ["x".repeat(129)]}),
         json!({"jti": many}),
         json!({"jti": "not-a-list"}),
         json!({}),
