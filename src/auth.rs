@@ -8,7 +8,10 @@
 //! - a **master token**: a JWT signed with Ed25519 (`alg: EdDSA`) by the master, verified locally
 //!   against `auth.master_public_keys`. Claims: `aud` = this host's id, `sub`, `exp` (at most
 //!   `auth.max_token_lifetime` ahead), optional `iat`/`nbf`/`iss`/`jti`, and
-//!   `scope: {projects: [ids] | "*", actions: ["list"|"status"|"start"|"stop", …]}`. A claim or
+//!   `scope: {projects: [ids] | "*", actions: ["list"|"status"|"start"|"stop", …]}`. When
+//!   `auth.master_issuer` is set, `iss` must equal it (a token without `iss` is refused). A token
+//!   whose `jti` the master revoked (`POST /auth/revoked`, [`crate::auth::revocation`]) is refused with
+//!   `token_revoked`. A claim or
 //!   scope field this host does not know makes the token invalid (it might be a restriction); an
 //!   action name it does not know grants nothing.
 //!
@@ -32,6 +35,7 @@ use subtle::ConstantTimeEq;
 
 use crate::domain::project::ProjectId;
 
+pub mod revocation;
 mod settings;
 pub use settings::{AuthFragment, AuthSettings};
 
@@ -59,6 +63,8 @@ pub enum Action {
     Config,
     /// `…/snapshots…` (list, create, delete, restore a project's snapshots)
     Snapshot,
+    /// `POST /auth/revoked` (push revoked token ids; host-wide, no project)
+    Revoke,
     /// host-wide operations (`POST /snapshots/sweep`): admin tokens only, never in a scope
     Admin,
 }
@@ -66,13 +72,14 @@ pub enum Action {
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 6] = [
+    pub const ALL: [Action; 7] = [
         Action::List,
         Action::Status,
         Action::Start,
         Action::Stop,
         Action::Config,
         Action::Snapshot,
+        Action::Revoke,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -84,6 +91,7 @@ impl Action {
             Action::Stop => "stop",
             Action::Config => "config",
             Action::Snapshot => "snapshot",
+            Action::Revoke => "revoke",
             Action::Admin => "admin",
         }
     }
@@ -135,7 +143,7 @@ impl Principal {
                 scope.actions.contains(&action)
                     && match project {
                         Some(id) => covers(&scope.projects, id),
-                        None => action == Action::List,
+                        None => matches!(action, Action::List | Action::Revoke),
                     }
             }
         }
@@ -177,6 +185,9 @@ pub enum Denied {
     /// The token is not valid here.
     #[error("invalid token: {0}")]
     Invalid(String),
+    /// The master revoked this token (its `jti`).
+    #[error("token revoked: its jti is on this host's revocation list")]
+    Revoked,
 }
 
 impl Denied {
@@ -185,6 +196,7 @@ impl Denied {
         match self {
             Denied::Missing | Denied::Malformed(_) => "unauthorized",
             Denied::Invalid(_) => "invalid_token",
+            Denied::Revoked => "token_revoked",
         }
     }
 }
@@ -225,11 +237,11 @@ struct Claims {
     #[serde(default)]
     #[allow(dead_code)]
     nbf: Option<u64>,
+    /// checked by jsonwebtoken (`Validation::set_issuer`) when `auth.master_issuer` is set
     #[serde(default)]
     #[allow(dead_code)]
     iss: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     jti: Option<String>,
     scope: RawScope,
 }
@@ -302,6 +314,7 @@ pub struct Auth {
     keys: Vec<DecodingKey>,
     validation: Validation,
     max_lifetime: u64,
+    revoked: crate::auth::revocation::Revocations,
 }
 
 impl fmt::Debug for Auth {
@@ -345,7 +358,35 @@ impl Auth {
             keys: master_keys,
             validation,
             max_lifetime: max_lifetime_secs,
+            revoked: crate::auth::revocation::Revocations::default(),
         }
+    }
+
+    /// Accepts master tokens only with `iss` = `issuer` (none: `iss` is not checked).
+    pub fn with_issuer(mut self, issuer: Option<&str>) -> Auth {
+        if let Some(iss) = issuer {
+            self.validation.set_issuer(&[iss]);
+            self.validation
+                .set_required_spec_claims(&["exp", "aud", "sub", "iss"]);
+        }
+        self
+    }
+
+    /// Refuses master tokens whose `jti` is on `revoked` (shared: later pushes count).
+    pub fn with_revocations(mut self, revoked: crate::auth::revocation::Revocations) -> Auth {
+        self.revoked = revoked;
+        self
+    }
+
+    /// The revocation list this verifier consults.
+    pub fn revocations(&self) -> &crate::auth::revocation::Revocations {
+        &self.revoked
+    }
+
+    /// The longest lifetime of a token accepted (seconds), [`LEEWAY_SECS`] included: how long a
+    /// revoked id must be kept.
+    pub fn max_lifetime_secs(&self) -> u64 {
+        self.max_lifetime.saturating_add(LEEWAY_SECS)
     }
 
     /// Loads the admin tokens (credential `admin-token` in `$CREDENTIALS_DIRECTORY`, then
@@ -377,7 +418,8 @@ impl Auth {
             keys,
             host_id,
             settings.max_token_lifetime.as_secs(),
-        ))
+        )
+        .with_issuer(settings.master_issuer.as_deref()))
     }
 
     /// How many admin tokens and master keys are configured (for the startup log line).
@@ -418,6 +460,11 @@ impl Auth {
                     let c = data.claims;
                     check_lifetime(c.exp, c.iat, now, self.max_lifetime)
                         .map_err(Denied::Invalid)?;
+                    if let Some(j) = &c.jti
+                        && self.revoked.is_revoked(j, now)
+                    {
+                        return Err(Denied::Revoked);
+                    }
                     let scope = scope_of(c.scope).map_err(Denied::Invalid)?;
                     return Ok(Principal::Master { sub: c.sub, scope });
                 }
@@ -437,6 +484,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         ErrorKind::ExpiredSignature => "expired".into(),
         ErrorKind::ImmatureSignature => "not valid yet (nbf)".into(),
         ErrorKind::InvalidAudience => "wrong audience (aud is not this host's id)".into(),
+        ErrorKind::InvalidIssuer => "wrong issuer (iss is not auth.master_issuer)".into(),
         ErrorKind::InvalidSignature => "bad signature".into(),
         ErrorKind::InvalidAlgorithm => "algorithm must be EdDSA".into(),
         ErrorKind::MissingRequiredClaim(c) => format!("claim {c} is missing"),
@@ -962,6 +1010,80 @@ mod tests {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_token_file(&f, true).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_issuer_is_checked_when_configured() {
+        let now = now_secs();
+        let a = auth().with_issuer(Some("https://master.example"));
+        let mut c = claims(now);
+        c["iss"] = json!("https://master.example");
+        assert!(a.verify(&tok(&c), now).is_ok());
+        c["iss"] = json!("https://other.example");
+        let e = a.verify(&tok(&c), now).unwrap_err();
+        assert_eq!(
+            e,
+            Denied::Invalid("wrong issuer (iss is not auth.master_issuer)".into())
+        );
+        assert_eq!(e.code(), "invalid_token");
+        let e = a.verify(&tok(&claims(now)), now).unwrap_err();
+        assert_eq!(e, Denied::Invalid("claim iss is missing".into()));
+        // unset: any iss, or none
+        assert!(auth().verify(&tok(&c), now).is_ok());
+        assert!(
+            auth()
+                .with_issuer(None)
+                .verify(&tok(&claims(now)), now)
+                .is_ok()
+        );
+        // admin tokens have no claims
+        assert_eq!(a.verify(ADMIN, now), Ok(Principal::Admin));
+    }
+
+    #[tokio::test]
+    async fn revoked_jtis_are_refused_with_their_own_code() {
+        let now = now_secs();
+        let dir = std::env::temp_dir().join(format!("cph-auth-revoke-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let _ = std::fs::remove_file(&path);
+        let store = crate::backends::sqlite::Store::open(&path).unwrap();
+        let revoked = crate::auth::revocation::Revocations::load(store, now)
+            .await
+            .unwrap();
+        let a = auth().with_revocations(revoked.clone());
+        let mut c = claims(now);
+        c["jti"] = json!("tok-1");
+        let t1 = tok(&c);
+        c["jti"] = json!("tok-2");
+        let t2 = tok(&c);
+        assert!(a.verify(&t1, now).is_ok());
+        let ids = crate::auth::revocation::parse_list(&["tok-1".into()]).unwrap();
+        revoked
+            .revoke(ids, now, now + a.max_lifetime_secs())
+            .await
+            .unwrap();
+        let e = a.verify(&t1, now).unwrap_err();
+        assert_eq!(e, Denied::Revoked);
+        assert_eq!(e.code(), "token_revoked");
+        assert!(a.verify(&t2, now).is_ok(), "another jti");
+        assert!(a.verify(&tok(&claims(now)), now).is_ok(), "no jti");
+        assert_eq!(a.verify(ADMIN, now), Ok(Principal::Admin));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn revoke_is_a_host_wide_action() {
+        let now = now_secs();
+        let mut c = claims(now);
+        c["scope"] = json!({"projects": [], "actions": ["revoke"]});
+        let p = auth().verify(&tok(&c), now).unwrap();
+        assert!(p.allows(Action::Revoke, None));
+        assert!(!p.allows(Action::List, None));
+        assert!(!p.allows(Action::Admin, None));
+        let p = auth().verify(&tok(&claims(now)), now).unwrap();
+        assert!(!p.allows(Action::Revoke, None), "not granted");
+        assert_eq!(Action::parse("revoke"), Some(Action::Revoke));
     }
 
     #[test]

@@ -344,10 +344,16 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
     let rt = runtime()?;
     let auth_settings = settings.auth.clone();
     rt.block_on(async move {
-        let host = Host::new(settings).await?;
+        let store = Host::open_store(&settings)?;
+        let host = Host::new(settings, store.clone()).await?;
         let auth = std::sync::Arc::new(
             auth::Auth::load(&auth_settings, host.host_id())
-                .context("cannot load the API's tokens and keys")?,
+                .context("cannot load the API's tokens and keys")?
+                .with_revocations(
+                    auth::revocation::Revocations::load(store, auth::now_secs())
+                        .await
+                        .context("cannot read the token revocation list")?,
+                ),
         );
         let (admin_tokens, master_keys) = auth.counts();
         if admin_tokens + master_keys == 0 {

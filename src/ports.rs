@@ -153,6 +153,8 @@ pub trait Storage: Send + Sync + Debug {
     async fn set_home_limit(&self, id: ProjectId, bytes: Option<u64>) -> Result<(), StorageError>;
     /// Quota and usage of every home.
     async fn home_usage(&self) -> Result<HashMap<ProjectId, Usage>, StorageError>;
+    /// Free space and size of the filesystem holding the homes (for `storage.reserve`).
+    fn space(&self) -> Result<crate::domain::reserve::Space, StorageError>;
     /// Makes sure the project's snapshots directory exists; its path.
     fn ensure_snapshots_dir(&self, id: ProjectId) -> Result<PathBuf, StorageError>;
     /// Moves aside what keeps `~/.snapshots` from taking the snapshots' mount.

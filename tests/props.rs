@@ -80,6 +80,7 @@ proptest! {
                 prop_assert!(p.contains(&id.to_string()));
             }
             Ok(Route::SweepSnapshots) => prop_assert_eq!(p.as_str(), "/snapshots/sweep"),
+            Ok(Route::Revoke) => prop_assert_eq!(p.as_str(), "/auth/revoked"),
             Ok(Route::Health) => prop_assert_eq!(p.as_str(), "/healthz"),
             Ok(Route::List) => prop_assert_eq!(p.as_str(), "/projects"),
             Err(e) => prop_assert!([400, 404, 405].contains(&e.status.as_u16()), "{:?}", e),

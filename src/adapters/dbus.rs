@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 
+use zbus::message::Header;
 use zbus::names::OwnedErrorName;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath};
@@ -111,6 +112,21 @@ impl zbus::DBusError for Error {
     }
 }
 
+/// The daemon's own check behind the bus policy ([`super::local_access`]): a refusal is the
+/// table's `Forbidden` (D-Bus `AccessDenied`).
+async fn operator(conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
+    super::local_access::check(conn, Some(hdr))
+        .await
+        .map_err(|m| Error::from(WireError::new(ErrorKind::Forbidden, m)))
+}
+
+/// [`operator`] for property getters (no header: the daemon's own read for a change signal).
+async fn operator_prop(conn: &Connection, hdr: Option<Header<'_>>) -> zbus::fdo::Result<()> {
+    super::local_access::check(conn, hdr.as_ref())
+        .await
+        .map_err(zbus::fdo::Error::AccessDenied)
+}
+
 fn parse_id(id: &str) -> Result<ProjectId, Error> {
     Ok(api::parse_id(id)?)
 }
@@ -152,7 +168,12 @@ fn prop_host(host: &Weak<Host>) -> zbus::fdo::Result<Arc<Host>> {
 impl Manager {
     /// Known projects: (id, state, last touched in ms since the epoch, object path), most
     /// recently touched first.
-    fn list_projects(&self) -> Result<Vec<(String, String, u64, OwnedObjectPath)>, Error> {
+    async fn list_projects(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<(String, String, u64, OwnedObjectPath)>, Error> {
+        operator(conn, &hdr).await?;
         let host = self.host()?;
         Ok(host
             .list()
@@ -169,7 +190,13 @@ impl Manager {
     }
 
     /// The object path of a known project.
-    fn get_project(&self, id: &str) -> Result<OwnedObjectPath, Error> {
+    async fn get_project(
+        &self,
+        id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, Error> {
+        operator(conn, &hdr).await?;
         let id = parse_id(id)?;
         if !self.host()?.is_known(id) {
             return Err(WireError::new(
@@ -181,9 +208,17 @@ impl Manager {
         Ok(project_path(&id))
     }
 
-    /// Status of a project (as `GET /projects/:id/status`; a never-seen project is `opened`).
-    fn get_project_status(&self, id: &str) -> Result<BusDict, Error> {
-        status(&self.host()?.status(parse_id(id)?))
+    /// Status of a project (as `GET /projects/:id/status`; a never-seen project is `opened`). A
+    /// read only: unlike an authenticated HTTP call it does not touch the project (a local reader
+    /// must not keep projects active).
+    async fn get_project_status(
+        &self,
+        id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<BusDict, Error> {
+        operator(conn, &hdr).await?;
+        status(&self.host()?.peek_status(parse_id(id)?))
     }
 
     /// Starts a project; `config_json` is the start config as JSON (`""` = the stored one).
@@ -309,7 +344,7 @@ impl Project {
     /// The project's snapshots, oldest first: (name, kind `auto|manual`, created ms,
     /// exclusive bytes, referenced bytes); 0 where unknown.
     async fn list_snapshots(&self) -> Result<Vec<SnapshotTuple>, Error> {
-        let list = self.host()?.snapshots(self.id).await?;
+        let list = self.host()?.snapshot_list(self.id).await?;
         Ok(list
             .iter()
             .map(|i| api::SnapshotAnswer::from(i).to_bus())
@@ -349,13 +384,23 @@ impl Project {
 
     /// The project id.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn id(&self) -> String {
-        self.id.to_string()
+    async fn id(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        operator_prop(conn, hdr).await?;
+        Ok(self.id.to_string())
     }
 
     /// `opened`, `starting`, `running` or `stopping`.
     #[zbus(property)]
-    fn state(&self) -> zbus::fdo::Result<String> {
+    async fn state(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        operator_prop(conn, hdr).await?;
         Ok(prop_host(&self.host)?
             .peek_status(self.id)
             .state
@@ -364,13 +409,23 @@ impl Project {
 
     /// The systemd unit running the project.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn unit(&self) -> String {
-        self.id.unit_name()
+    async fn unit(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        operator_prop(conn, hdr).await?;
+        Ok(self.id.unit_name())
     }
 
     /// PID of the unit's main process (0 when not running).
     #[zbus(property, name = "MainPID")]
-    fn main_pid(&self) -> zbus::fdo::Result<u32> {
+    async fn main_pid(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u32> {
+        operator_prop(conn, hdr).await?;
         Ok(prop_host(&self.host)?
             .peek_status(self.id)
             .main_pid
@@ -379,7 +434,12 @@ impl Project {
 
     /// Last touched, ms since the epoch.
     #[zbus(property(emits_changed_signal = "false"))]
-    fn last_touched(&self) -> zbus::fdo::Result<u64> {
+    async fn last_touched(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u64> {
+        operator_prop(conn, hdr).await?;
         Ok(prop_host(&self.host)?.last_touched(self.id).unwrap_or(0))
     }
 }

@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::api::{self, ErrorKind, StatusAnswer, WireError};
+use crate::auth::revocation;
 use crate::auth::{Action, Auth, Principal};
 use crate::core::{self, Host};
 use crate::domain::limits::LimitsPatch;
@@ -97,6 +98,8 @@ pub enum Route {
     SetQuota(ProjectId),
     /// `POST /snapshots/sweep` (admin: the snapshot timer's oneshot calls it)
     SweepSnapshots,
+    /// `POST /auth/revoked` (admin, or a master token with the `revoke` action)
+    Revoke,
 }
 
 fn parse_id(id: &str) -> Result<ProjectId, ApiError> {
@@ -150,6 +153,7 @@ impl Route {
             | Route::DeleteSnapshot(id, _)
             | Route::RestoreSnapshot(id, _) => Some((Action::Snapshot, Some(*id))),
             Route::SweepSnapshots => Some((Action::Admin, None)),
+            Route::Revoke => Some((Action::Revoke, None)),
         }
     }
 }
@@ -163,6 +167,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     let (want, r) = match segs.as_slice() {
         ["healthz"] => (Method::GET, Route::Health),
         ["projects"] => (Method::GET, Route::List),
+        ["auth", "revoked"] => (Method::POST, Route::Revoke),
         ["projects", id, "config"] => {
             let id = parse_id(id)?;
             return match *method {
@@ -294,6 +299,28 @@ fn admit(auth: &Auth, req: &Request<Incoming>) -> Result<(Route, Option<Principa
     Ok((r, principal))
 }
 
+/// Refuses (403) a part of a request that needs `action` on `id` beyond what the route needed.
+fn require(
+    principal: Option<&Principal>,
+    action: Action,
+    id: ProjectId,
+    what: &str,
+) -> Result<(), ApiError> {
+    match principal {
+        Some(p) if !p.allows(action, Some(&id)) => {
+            tracing::info!(principal = p.name(), action = action.as_str(), project_id = %id, "request forbidden: {what}");
+            Err(ApiError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "{what} needs the {} action: token does not allow it on project {id}",
+                    action.as_str()
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn dispatch(
     host: &Arc<Host>,
     auth: &Auth,
@@ -327,6 +354,16 @@ async fn dispatch(
         Route::Status(id) => answer(StatusCode::OK, &StatusAnswer::from(&host.status(id))),
         Route::Start(id) => {
             let body: api::StartRequest = read_json(req).await?;
+            // a start-only token starts with the stored config; sending one replaces it (and
+            // whatever limits an admin stored), which is the `config` action's to do
+            if body.config.is_some() {
+                require(
+                    principal.as_ref(),
+                    Action::Config,
+                    id,
+                    "sending a start config",
+                )?;
+            }
             let st = host.start(id, body.config).await?;
             answer(StatusCode::OK, &StatusAnswer::from(&st))
         }
@@ -377,8 +414,48 @@ async fn dispatch(
                     "body required: {\"disk\": <bytes> | null}",
                 )
             })?;
+            if body.disk.is_none() && principal.as_ref().is_some_and(|p| *p != Principal::Admin) {
+                return Err(ApiError::new(
+                    ErrorKind::Forbidden,
+                    "only an admin token may lift a disk quota (disk: null)",
+                ));
+            }
             host.set_disk_quota(id, body.disk).await?;
             answer(StatusCode::OK, &StatusAnswer::from(&host.status(id)))
+        }
+        Route::Revoke => {
+            let body: api::RevokeRequest = read_json(req).await?;
+            let ids = revocation::parse_list(&body.jti)
+                .map_err(|e| ApiError::new(ErrorKind::InvalidBody, format!("jti: {e}")))?;
+            let now = crate::auth::now_secs();
+            let until = now.saturating_add(auth.max_lifetime_secs());
+            let count = ids.len();
+            let kept = auth
+                .revocations()
+                .revoke(ids, now, until)
+                .await
+                .map_err(|e| match e {
+                    revocation::RevokeError::Full => {
+                        ApiError::new(ErrorKind::RevocationListFull, e.to_string())
+                    }
+                    revocation::RevokeError::Store(e) => {
+                        ApiError::new(ErrorKind::StoreFailed, e.to_string())
+                    }
+                })?;
+            tracing::info!(
+                principal = principal.as_ref().map(Principal::name),
+                revoked = count,
+                kept,
+                "master tokens revoked"
+            );
+            answer(
+                StatusCode::OK,
+                &api::RevokeAnswer {
+                    revoked: count,
+                    until,
+                    kept,
+                },
+            )
         }
         Route::SweepSnapshots => {
             let body: api::SweepRequest = read_json(req).await?;
@@ -451,13 +528,14 @@ pub async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = super::connlimit::PeerLimiter::new(host.settings().http.max_connections_per_peer);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             () = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -468,6 +546,12 @@ pub async fn serve(
                 }
             },
             () = &mut shutdown => break,
+        };
+        // before reading a byte (before authentication): one address cannot take every slot
+        let Some(slot) = peers.admit(peer.ip()) else {
+            tracing::debug!(peer = %peer.ip(), "connection refused: too many from this address");
+            drop(stream);
+            continue;
         };
         let (host, auth) = (host.clone(), auth.clone());
         let svc = hyper::service::service_fn(move |req| handle(host.clone(), auth.clone(), req));
@@ -480,6 +564,7 @@ pub async fn serve(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(slot);
             drop(permit);
         });
     }
@@ -606,6 +691,7 @@ mod tests {
             Route::RestoreSnapshot(id, "snap-1".parse().unwrap()),
             Route::SetQuota(id),
             Route::SweepSnapshots,
+            Route::Revoke,
         ] {
             assert!(
                 documented

@@ -1,5 +1,7 @@
 //! The ways in: each adapter turns its transport's requests into core calls and the core's
 //! answers and errors into its transport's shapes, through the one wire schema in [`crate::api`].
 pub mod cli;
+pub mod connlimit;
 pub mod dbus;
 pub mod http;
+pub mod local_access;

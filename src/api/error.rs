@@ -48,6 +48,9 @@ pub enum ErrorKind {
     UpdateFailed,
     /// Project storage is not usable.
     StorageUnavailable,
+    /// The project storage is below its reserve (`storage.reserve`): no cold starts or quota
+    /// raises until space is freed; running projects go on.
+    StorageFull,
     /// systemd could not be reached or refused.
     SystemdUnavailable,
     /// The store failed.
@@ -56,6 +59,10 @@ pub enum ErrorKind {
     Unauthorized,
     /// The token is not valid here.
     InvalidToken,
+    /// The master revoked the token (its `jti` is on the revocation list).
+    TokenRevoked,
+    /// The revocation list is full (a push would exceed its bound): nothing was revoked.
+    RevocationListFull,
     /// The credential does not allow this.
     Forbidden,
     /// No such endpoint.
@@ -81,7 +88,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 23] = [
+    pub const ALL: [ErrorKind; 26] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -97,10 +104,13 @@ impl ErrorKind {
         ErrorKind::StopFailed,
         ErrorKind::UpdateFailed,
         ErrorKind::StorageUnavailable,
+        ErrorKind::StorageFull,
         ErrorKind::SystemdUnavailable,
         ErrorKind::StoreFailed,
         ErrorKind::Unauthorized,
         ErrorKind::InvalidToken,
+        ErrorKind::TokenRevoked,
+        ErrorKind::RevocationListFull,
         ErrorKind::Forbidden,
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
@@ -156,10 +166,13 @@ impl ErrorKind {
             K::StopFailed => r(500, "stop_failed", "StopFailed", EXIT_FAILURE),
             K::UpdateFailed => r(500, "update_failed", "UpdateFailed", EXIT_FAILURE),
             K::StorageUnavailable => r(503, "storage_unavailable", "Unavailable", EXIT_FAILURE),
+            K::StorageFull => r(507, "storage_full", "StorageFull", EXIT_FAILURE),
             K::SystemdUnavailable => r(503, "systemd_unavailable", "Unavailable", EXIT_FAILURE),
             K::StoreFailed => r(500, "store_failed", "Failed", EXIT_FAILURE),
             K::Unauthorized => r(401, "unauthorized", DENIED, EXIT_FAILURE),
             K::InvalidToken => r(401, "invalid_token", DENIED, EXIT_FAILURE),
+            K::TokenRevoked => r(401, "token_revoked", DENIED, EXIT_FAILURE),
+            K::RevocationListFull => r(507, "revocation_list_full", "Failed", EXIT_FAILURE),
             K::Forbidden => r(403, "forbidden", DENIED, EXIT_FAILURE),
             K::NotFound => r(404, "not_found", UNKNOWN, EXIT_FAILURE),
             K::MethodNotAllowed => r(405, "method_not_allowed", UNKNOWN, EXIT_FAILURE),
@@ -243,6 +256,7 @@ impl From<core::Error> for WireError {
             E::NoSuchSnapshot { .. } => ErrorKind::NoSuchSnapshot,
             E::SnapshotExists { .. } => ErrorKind::SnapshotExists,
             E::ProjectRunning(_) => ErrorKind::ProjectRunning,
+            E::StorageFull { .. } => ErrorKind::StorageFull,
         };
         WireError::new(kind, e.to_string())
     }
@@ -267,6 +281,7 @@ impl From<crate::auth::Denied> for WireError {
                 ErrorKind::Unauthorized
             }
             crate::auth::Denied::Invalid(_) => ErrorKind::InvalidToken,
+            crate::auth::Denied::Revoked => ErrorKind::TokenRevoked,
         };
         WireError::new(kind, e.to_string())
     }
@@ -318,7 +333,8 @@ mod tests {
         assert_eq!(ErrorKind::from_dbus_name("org.example.Nope"), None);
     }
 
-    /// The bus names clients have seen since the first release stay.
+    /// The bus names clients have seen since the first release stay (plus StorageFull, new with
+    /// the storage reserve).
     #[test]
     fn bus_names_are_the_published_ones() {
         let ours: HashSet<String> = ErrorKind::ALL
@@ -339,6 +355,7 @@ mod tests {
             "SnapshotExists",
             "ProjectRunning",
             "Unavailable",
+            "StorageFull",
             "Failed",
         ]
         .map(str::to_string)
@@ -357,6 +374,10 @@ mod tests {
                 id,
                 reason: "x".into(),
             },
+            core::Error::StorageFull {
+                free: 1,
+                reserve: 2,
+            },
         ] {
             let code = e.code();
             assert_eq!(WireError::from(e).kind.code(), code);
@@ -365,6 +386,7 @@ mod tests {
             crate::auth::Denied::Missing,
             crate::auth::Denied::Malformed("x"),
             crate::auth::Denied::Invalid("x".into()),
+            crate::auth::Denied::Revoked,
         ] {
             let code = d.code();
             assert_eq!(WireError::from(d).kind.code(), code);

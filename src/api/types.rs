@@ -391,6 +391,26 @@ pub struct SweepRequest {
     pub projects: Option<Vec<String>>,
 }
 
+/// `POST /auth/revoked`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// the token ids to revoke (required; checked by `auth::revocation::parse_list`)
+    #[serde(default)]
+    pub jti: Vec<String>,
+}
+
+/// The answer of `POST /auth/revoked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeAnswer {
+    /// how many distinct ids this push revoked
+    pub revoked: usize,
+    /// unix seconds until which they are kept (no token accepted here lives longer)
+    pub until: u64,
+    /// how many entries the list holds now
+    pub kept: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,8 @@ pub struct AuthSettings {
     pub master_public_keys: Vec<String>,
     /// Longest lifetime of a master token accepted (`exp` - now, and `exp` - `iat`).
     pub max_token_lifetime: Duration,
+    /// The master's `iss`: when set, master tokens must carry exactly this issuer.
+    pub master_issuer: Option<String>,
 }
 
 impl Default for AuthSettings {
@@ -25,6 +27,7 @@ impl Default for AuthSettings {
             admin_token_file: None,
             master_public_keys: Vec::new(),
             max_token_lifetime: Duration::from_secs(24 * 3600),
+            master_issuer: None,
         }
     }
 }
@@ -38,6 +41,7 @@ pub struct AuthFragment {
     master_public_keys: Option<Vec<String>>,
     #[serde(default, deserialize_with = "crate::units::opt_duration")]
     max_token_lifetime: Option<Duration>,
+    master_issuer: Option<String>,
 }
 
 impl AuthSettings {
@@ -56,6 +60,10 @@ impl AuthSettings {
             self.max_token_lifetime = v;
             mark("auth.max_token_lifetime");
         }
+        if let Some(v) = f.master_issuer {
+            self.master_issuer = Some(v);
+            mark("auth.master_issuer");
+        }
     }
 
     /// Checks the merged settings: `Err((dotted key, what is wrong))`.
@@ -69,6 +77,14 @@ impl AuthSettings {
             if let Err(e) = super::parse_public_key(k) {
                 return Err(("auth.master_public_keys", format!("key {}: {e}", i + 1)));
             }
+        }
+        if let Some(i) = &self.master_issuer
+            && (i.is_empty() || i.len() > 256 || i.chars().any(char::is_control))
+        {
+            return Err((
+                "auth.master_issuer",
+                "must be 1 to 256 characters without control characters".into(),
+            ));
         }
         if !(60..=30 * 86400).contains(&self.max_token_lifetime.as_secs()) {
             return Err((

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::core::Backends;
 use crate::domain::limits::{Limits, SliceSettings};
 use crate::domain::project::{ActiveState, ProjectId, ProjectState, RunConfig, UnitInfo};
+use crate::domain::reserve::Space;
 use crate::domain::snapshots::SnapshotName;
 use crate::ports::{
     self, Helper, ProjectRow, QuotaMode, Role, StartError, StartPlan, StorageError, StoreError,
@@ -261,9 +262,15 @@ pub struct SimStorage {
     next_id: AtomicU64,
     generation: AtomicU64,
     quotas: Mutex<bool>,
+    /// free space set by a test (`None`: 1 TiB free of 2 TiB)
+    space: Mutex<Option<Space>>,
 }
 
 impl SimStorage {
+    /// Sets the filesystem's free space (`available` of `total` bytes).
+    pub fn set_space(&self, available: u64, total: u64) {
+        *lock(&self.space) = Some(Space { available, total });
+    }
     /// Makes a home exist (as one left from before).
     pub fn add_home(&self, id: ProjectId) {
         let sub = self.next_id.fetch_add(1, Ordering::Relaxed) + 256;
@@ -302,6 +309,12 @@ impl ports::Storage for SimStorage {
     async fn set_home_limit(&self, id: ProjectId, bytes: Option<u64>) -> Result<(), StorageError> {
         lock(&self.limits).insert(id, bytes);
         Ok(())
+    }
+    fn space(&self) -> Result<Space, StorageError> {
+        Ok(lock(&self.space).unwrap_or(Space {
+            available: 1 << 40,
+            total: 2 << 40,
+        }))
     }
     async fn home_usage(&self) -> Result<HashMap<ProjectId, Usage>, StorageError> {
         let limits = lock(&self.limits);

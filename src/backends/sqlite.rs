@@ -54,6 +54,8 @@ CREATE TABLE IF NOT EXISTS projects (
     created INTEGER NOT NULL,
     last_touched INTEGER NOT NULL
 );
+-- revoked master tokens (crate::auth::revocation): kept until `until` (unix seconds)
+CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, until INTEGER NOT NULL);
 ";
 
 fn select_projects(
@@ -114,7 +116,7 @@ impl Store {
         Ok(Store { tx })
     }
 
-    async fn call<T: Send + 'static>(
+    pub(crate) async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {

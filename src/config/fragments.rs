@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{ConfigError, ProjectSettings, Settings, SnapshotSettings, StorageSettings};
+use super::{
+    ConfigError, HttpSettings, ProjectSettings, Settings, SnapshotSettings, StorageSettings,
+};
 use crate::auth::AuthFragment;
-use crate::domain::limits::{Amount, LimitSettings, SliceSettings};
+use crate::domain::limits::{Amount, LimitSettings, Networks, SliceSettings};
 use crate::domain::project::NetworkMode;
 use crate::units::{opt_duration, opt_size, parse_size};
 
@@ -42,6 +44,8 @@ pub(super) struct Fragment {
     snapshots: SnapshotsFragment,
     #[serde(default)]
     auth: AuthFragment,
+    #[serde(default)]
+    http: HttpFragment,
 }
 
 impl Fragment {
@@ -63,6 +67,24 @@ impl Fragment {
         self.slice.apply(&mut s.slice, mark);
         self.snapshots.apply(&mut s.snapshots, mark);
         s.auth.merge(self.auth, mark);
+        self.http.apply(&mut s.http, mark);
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpFragment {
+    max_connections_per_peer: Option<usize>,
+}
+
+impl HttpFragment {
+    fn apply(self, h: &mut HttpSettings, mark: Mark<'_>) {
+        put(
+            &mut h.max_connections_per_peer,
+            self.max_connections_per_peer,
+            "http.max_connections_per_peer",
+            mark,
+        );
     }
 }
 
@@ -72,8 +94,11 @@ struct StorageFragment {
     mount: Option<PathBuf>,
     #[serde(default, deserialize_with = "opt_size")]
     image_size: Option<u64>,
-    #[serde(default, deserialize_with = "opt_size")]
-    disk_quota: Option<u64>,
+    /// a size, or `"unlimited"` (only ever by an admin's explicit word)
+    #[serde(default, deserialize_with = "opt_quota")]
+    disk_quota: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "opt_amount")]
+    reserve: Option<Amount>,
     #[serde(default, deserialize_with = "opt_size")]
     scratch: Option<u64>,
     #[serde(default, deserialize_with = "opt_size")]
@@ -91,10 +116,11 @@ impl StorageFragment {
         );
         put(
             &mut s.disk_quota,
-            self.disk_quota.map(Some),
+            self.disk_quota,
             "storage.disk_quota",
             mark,
         );
+        put(&mut s.reserve, self.reserve, "storage.reserve", mark);
         put(
             &mut s.scratch,
             self.scratch.map(Some),
@@ -195,6 +221,14 @@ struct MaxFragment {
     #[serde(default, deserialize_with = "opt_cores")]
     cpu: Option<f64>,
     pids: Option<u64>,
+    #[serde(default, deserialize_with = "opt_size")]
+    disk: Option<u64>,
+    #[serde(default, deserialize_with = "opt_size")]
+    scratch: Option<u64>,
+    #[serde(default, deserialize_with = "opt_size")]
+    tmp: Option<u64>,
+    swap: Option<bool>,
+    network: Option<Vec<NetworkMode>>,
 }
 
 impl LimitsFragment {
@@ -215,6 +249,14 @@ impl LimitsFragment {
         put(&mut max.memory, m.memory, "limits.max.memory", mark);
         put(&mut max.cpu, m.cpu, "limits.max.cpu", mark);
         put(&mut max.pids, m.pids, "limits.max.pids", mark);
+        put(&mut max.disk, m.disk, "limits.max.disk", mark);
+        put(&mut max.scratch, m.scratch, "limits.max.scratch", mark);
+        put(&mut max.tmp, m.tmp, "limits.max.tmp", mark);
+        put(&mut max.swap, m.swap, "limits.max.swap", mark);
+        let network = m
+            .network
+            .map(|v| v.into_iter().fold(Networks::NONE, Networks::with));
+        put(&mut max.network, network, "limits.max.network", mark);
     }
 }
 
@@ -247,6 +289,24 @@ fn opt_cores<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     Ok(Some(match Raw::deserialize(d)? {
         Raw::I(n) => f64::from(n),
         Raw::F(f) => f,
+    }))
+}
+
+/// A disk quota: a size, or `"unlimited"` (`Some(None)`).
+fn opt_quota<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    Ok(Some(match Raw::deserialize(d)? {
+        Raw::N(n) => Some(n),
+        Raw::S(s) if s.trim() == "unlimited" => None,
+        Raw::S(s) => Some(
+            parse_size(&s)
+                .map_err(|e| serde::de::Error::custom(format!("{e} (or \"unlimited\")")))?,
+        ),
     }))
 }
 

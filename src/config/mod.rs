@@ -21,7 +21,7 @@ pub use crate::units::{parse_duration, parse_size};
 pub use discovery::{DEFAULT_ROOTS, ROOTS_ENV, fragment_files, roots_from_env};
 pub use validate::ALLOWED_CAPABILITIES;
 
-use crate::domain::limits::{LimitSettings, SliceSettings};
+use crate::domain::limits::{Amount, LimitSettings, SliceSettings};
 use crate::domain::project::NetworkMode;
 
 /// Validated settings of the host.
@@ -43,6 +43,15 @@ pub struct Settings {
     pub snapshots: SnapshotSettings,
     /// Who may call the HTTP API (owned by `crate::auth`).
     pub auth: AuthSettings,
+    /// The HTTP server.
+    pub http: HttpSettings,
+}
+
+/// The HTTP server's own bounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// Most connections open at once from one peer address (more are closed unanswered).
+    pub max_connections_per_peer: usize,
 }
 
 /// Rolling snapshots: taken by the sweep that `cocalc-project-host-snapshots.timer` triggers.
@@ -63,8 +72,12 @@ pub struct StorageSettings {
     pub mount: Option<PathBuf>,
     /// Size of the loop image (bytes, sparse).
     pub image_size: u64,
-    /// Default disk quota of a project (bytes; `None`: no limit). A start config's `disk` wins.
+    /// Default disk quota of a project (bytes; `None`: no limit, only when the config says
+    /// `"unlimited"`). A start config's `disk` wins.
     pub disk_quota: Option<u64>,
+    /// Free space kept on the project storage: below it, cold starts and quota raises are
+    /// refused (`storage_full`).
+    pub reserve: Amount,
     /// Default size of a project's /scratch (bytes; `None`: no /scratch).
     pub scratch: Option<u64>,
     /// Default size of a project's /tmp tmpfs (bytes; `None`: /tmp of the image).
@@ -118,7 +131,8 @@ impl Default for Settings {
             storage: StorageSettings {
                 mount: None,
                 image_size: 20 << 30,
-                disk_quota: None,
+                disk_quota: Some(10 << 30),
+                reserve: Amount::Percent(5),
                 scratch: None,
                 tmp: None,
             },
@@ -140,6 +154,9 @@ impl Default for Settings {
                 skip_untouched: Duration::from_secs(14 * 86_400),
             },
             auth: AuthSettings::default(),
+            http: HttpSettings {
+                max_connections_per_peer: 64,
+            },
         }
     }
 }

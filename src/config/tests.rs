@@ -1,5 +1,6 @@
 use super::*;
 use crate::domain::limits::Amount;
+use crate::domain::project::NetworkMode;
 
 fn m(frags: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     merge(frags.iter().map(|(p, t)| (Path::new(*p), *t)))
@@ -62,7 +63,7 @@ fn limits_and_slice_merge_and_validate() {
         ),
         (
             "/etc/x/config.d/50.toml",
-            "[limits]\npids = 400\nswap = true\n[slice]\nmemory_max = \"8G\"\ntasks_max = \"50%\"\ncpu_weight = 20\n",
+            "[limits]\npids = 400\nswap = true\n[limits.max]\nswap = true\n[slice]\nmemory_max = \"8G\"\ntasks_max = \"50%\"\ncpu_weight = 20\n",
         ),
     ])
     .unwrap();
@@ -92,6 +93,26 @@ fn limits_and_slice_merge_and_validate() {
         err("[limits]\nmemory = \"64G\"\n")
     );
     assert!(err("[limits.max]\npids = 0\n").contains(": limits.max.pids: "));
+    // the defaults stay within the maxima; the maxima's own keys parse
+    assert!(err("[limits]\nswap = true\n").contains(": limits.swap: "));
+    assert!(
+        err("[storage]\ndisk_quota = \"2G\"\n[limits.max]\ndisk = \"1G\"\n")
+            .contains(": storage.disk_quota: 2147483648 is above limits.max.disk")
+    );
+    assert!(err("[limits.max]\nnetwork = []\n").contains(": limits.max.network: "));
+    assert!(
+        err("[limits.max]\nnetwork = [\"slirp4netns\"]\n")
+            .contains("does not allow projects.network = \"none\"")
+    );
+    assert!(err("[limits.max]\nnetwork = [\"host\"]\n").contains("host"));
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[limits.max]\ndisk = \"50G\"\nscratch = \"1G\"\ntmp = \"64M\"\nnetwork = [\"none\"]\n",
+    )])
+    .unwrap();
+    let mx = &s.limits.max;
+    assert_eq!((mx.disk, mx.scratch, mx.tmp), (50 << 30, 1 << 30, 64 << 20));
+    assert!(!mx.network.contains(NetworkMode::Slirp4netns));
     assert!(err("[limits]\nio_weight = 0\n").contains(": limits.io_weight: "));
     assert!(err("[slice]\nmemory_max = \"150%\"\n").contains(": slice.memory_max: "));
     assert!(err("[slice]\ncpu_weight = 0\n").contains(": slice.cpu_weight: "));
@@ -141,9 +162,10 @@ fn the_shipped_config_is_the_defaults() {
     // the example values that are not defaults
     s.storage.mount = None;
     s.projects.cmd = None;
-    (s.storage.disk_quota, s.storage.scratch, s.storage.tmp) = (None, None, None);
+    (s.storage.scratch, s.storage.tmp) = (None, None);
     s.auth.master_public_keys.clear();
     s.auth.admin_token_file = None;
+    s.auth.master_issuer = None;
     assert_eq!(s, Settings::default());
 }
 
@@ -161,6 +183,29 @@ fn storage_and_snapshot_settings_merge_and_validate() {
     assert_eq!(s.snapshots.retention.frequent, 4);
     assert_eq!(s.snapshots.skip_untouched, Duration::from_secs(14 * 86_400));
     assert!(s.snapshots.enabled);
+    // a fresh install has a quota and a reserve; no limit only when said so
+    let d = Settings::default();
+    assert_eq!(d.storage.disk_quota, Some(10 << 30));
+    assert_eq!(d.storage.reserve, Amount::Percent(5));
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[storage]\ndisk_quota = \"unlimited\"\nreserve = \"1G\"\n",
+    )])
+    .unwrap();
+    assert_eq!(s.storage.disk_quota, None);
+    assert_eq!(s.storage.reserve, Amount::Absolute(1 << 30));
+    let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = \"none\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unlimited"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[storage]\nreserve = \"60%\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("storage.reserve: 60% is more than 50%"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[http]\nmax_connections_per_peer = 0\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("http.max_connections_per_peer"), "{e}");
     let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = 5\n")])
         .unwrap_err()
         .to_string();
@@ -201,6 +246,16 @@ fn auth_keys_are_checked_at_load() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("auth.admin_token_file"), "{e}");
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[auth]\nmaster_issuer = \"https://m.example\"\n",
+    )])
+    .unwrap();
+    assert_eq!(s.auth.master_issuer.as_deref(), Some("https://m.example"));
+    let e = m(&[("/etc/x/a.toml", "[auth]\nmaster_issuer = \"\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("auth.master_issuer"), "{e}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Ranges and cross-checks of the merged settings. Each check answers with the dotted key at
 //! fault; the loader adds the file that set it last.
 use super::Settings;
-use crate::domain::limits::Amount;
+use crate::domain::limits::{Amount, Networks};
 
 /// Capabilities a project container may be configured to keep: podman's default set (all
 /// harmless inside a user namespace) plus NET_RAW (ping). Anything else is refused.
@@ -59,6 +59,14 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
         {
             return Err((key, format!("must be at least {min} bytes")));
         }
+    }
+    if let Amount::Percent(p) = s.storage.reserve
+        && p > 50
+    {
+        return Err(("storage.reserve", format!("{p}% is more than 50%")));
+    }
+    if !(1..=4096).contains(&s.http.max_connections_per_peer) {
+        return Err(("http.max_connections_per_peer", "must be 1 to 4096".into()));
     }
     let r = &s.snapshots.retention;
     if [r.frequent, r.daily, r.weekly, r.monthly]
@@ -153,6 +161,7 @@ fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
             (false, "pids") => "limits.pids",
             (false, "cpu_weight") => "limits.cpu_weight",
             (false, "io_weight") => "limits.io_weight",
+            (false, "swap") => "limits.swap",
             (true, "memory") => "limits.max.memory",
             (true, "cpu") => "limits.max.cpu",
             _ => "limits.max.pids",
@@ -176,6 +185,31 @@ fn validate_limits(s: &Settings) -> Result<(), (&'static str, String)> {
             format!("{} (limits.max.{})", e.reason, e.field),
         )
     })?;
+    // the host's own defaults stay within its maxima
+    let st = &s.storage;
+    for (k, v, m, mk) in [
+        ("storage.disk_quota", st.disk_quota, max.disk, "disk"),
+        ("storage.scratch", st.scratch, max.scratch, "scratch"),
+        ("storage.tmp", st.tmp, max.tmp, "tmp"),
+    ] {
+        if let Some(v) = v
+            && v > m
+        {
+            return Err((k, format!("{v} is above limits.max.{mk} ({m})")));
+        }
+    }
+    if max.network == Networks::NONE {
+        return Err(("limits.max.network", "must allow at least one mode".into()));
+    }
+    if !max.network.contains(s.projects.network) {
+        return Err((
+            "limits.max.network",
+            format!(
+                "does not allow projects.network = {:?}",
+                s.projects.network.as_str()
+            ),
+        ));
+    }
     let sl = &s.slice;
     for (k, a, min) in [
         ("slice.memory_max", sl.memory_max, 64u64 << 20),

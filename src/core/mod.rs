@@ -101,6 +101,16 @@ pub enum Error {
     /// The operation needs the project stopped.
     #[error("project {0} is running: stop it before restoring a snapshot")]
     ProjectRunning(ProjectId),
+    /// The project storage has less free space than its reserve (`storage.reserve`).
+    #[error(
+        "project storage is full: {free} bytes free, below the reserve of {reserve} (storage.reserve); running projects go on, new starts and quota raises wait for space"
+    )]
+    StorageFull {
+        /// bytes available
+        free: u64,
+        /// bytes the reserve keeps
+        reserve: u64,
+    },
 }
 
 impl Error {
@@ -122,6 +132,7 @@ impl Error {
             Error::NoSuchSnapshot { .. } => "no_such_snapshot",
             Error::SnapshotExists { .. } => "snapshot_exists",
             Error::ProjectRunning(_) => "project_running",
+            Error::StorageFull { .. } => "storage_full",
         }
     }
 }
@@ -224,9 +235,9 @@ pub fn now_ms() -> u64 {
 }
 
 impl Host {
-    /// Opens the store, connects to systemd, starts watching project units and reconciles the
-    /// picture from systemd and the store (adopting projects that kept running).
-    pub async fn new(settings: Settings) -> anyhow::Result<Arc<Host>> {
+    /// Creates the state directory and opens the store in it (the daemon shares this handle
+    /// with the token revocation list, which talks to the store directly).
+    pub fn open_store(settings: &Settings) -> anyhow::Result<crate::backends::sqlite::Store> {
         use anyhow::Context as _;
         std::fs::create_dir_all(&settings.state_dir).with_context(|| {
             format!(
@@ -234,8 +245,17 @@ impl Host {
                 settings.state_dir.display()
             )
         })?;
-        let store = crate::backends::sqlite::Store::open(&settings.state_dir.join("state.db"))
-            .context("cannot open the store")?;
+        crate::backends::sqlite::Store::open(&settings.state_dir.join("state.db"))
+            .context("cannot open the store")
+    }
+
+    /// Connects to systemd, starts watching project units and reconciles the picture from
+    /// systemd and `store` (from [`Host::open_store`]), adopting projects that kept running.
+    pub async fn new(
+        settings: Settings,
+        store: crate::backends::sqlite::Store,
+    ) -> anyhow::Result<Arc<Host>> {
+        use anyhow::Context as _;
         let units = crate::backends::units::SystemdUnits::connect(settings.clone())
             .await
             .context("cannot connect to systemd on the system bus")?;
@@ -624,6 +644,7 @@ impl Host {
             Some(c) => c,
             None => self.stored_config(id).await?,
         };
+        self.check_reserve(id, "start")?;
         let home = self.storage.ensure_home(id).await?;
         let limits = self.limits_of(&config)?;
         let (snapshots, scratch, tmp) = self.prepare_storage(id, &config).await?;
@@ -776,6 +797,8 @@ impl Host {
     fn limits_of(&self, cfg: &RunConfig) -> Result<Limits, Error> {
         let l = limits::resolve(cfg, &self.settings.limits.default);
         limits::check(&l, &self.settings.limits.max)?;
+        let network = cfg.network.unwrap_or(self.settings.projects.network);
+        limits::check_config(cfg, network, &self.settings.limits.max)?;
         Ok(l)
     }
 

@@ -68,6 +68,26 @@ impl Host {
         }
     }
 
+    /// Refuses (`StorageFull`) when the project storage has less free space than its reserve.
+    pub(super) fn check_reserve(&self, id: ProjectId, what: &'static str) -> Result<(), Error> {
+        // unreadable storage is reported by whatever uses it next
+        let Ok(space) = self.storage.space() else {
+            return Ok(());
+        };
+        if let Err((free, reserve)) =
+            crate::domain::reserve::check(space, self.settings.storage.reserve)
+        {
+            tracing::warn!(
+                project_id = %id,
+                free,
+                reserve,
+                "{what} refused: the project storage is below its reserve (storage.reserve)"
+            );
+            return Err(Error::StorageFull { free, reserve });
+        }
+        Ok(())
+    }
+
     /// The disk quota in force for a config (its own, else the host default).
     fn disk_limit(&self, config: &RunConfig) -> Option<u64> {
         config.disk.or(self.settings.storage.disk_quota)
@@ -136,9 +156,31 @@ impl Host {
                 reason: format!("{b} bytes is not in {MIN_DISK}..={MAX_BYTES}"),
             }));
         }
+        let max = self.settings.limits.max.disk;
+        if let Some(b) = bytes
+            && b > max
+        {
+            return Err(Error::InvalidConfig(InvalidConfig {
+                field: "disk",
+                reason: format!("{b} bytes is above this host's maximum of {max}"),
+            }));
+        }
         let lock = self.lock(id);
         let _guard = lock.lock().await;
         self.require_home(id)?;
+        let current = self
+            .read_entries()
+            .get(&id)
+            .and_then(|e| e.disk)
+            .and_then(|d| d.quota);
+        let raise = match (bytes, current) {
+            (Some(b), Some(c)) => b > c,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
+        if raise {
+            self.check_reserve(id, "quota raise")?;
+        }
         if bytes.is_some() {
             self.storage.ensure_quotas().await?;
         }
@@ -159,10 +201,16 @@ impl Host {
         Ok(())
     }
 
-    /// A project's snapshots, oldest first.
+    /// A project's snapshots, oldest first; touches the project (an API client's interest).
     pub async fn snapshots(&self, id: ProjectId) -> Result<Vec<SnapshotInfo>, Error> {
         self.require_home(id)?;
         self.touch(id);
+        self.snapshot_list(id).await
+    }
+
+    /// A project's snapshots, oldest first, without touching it (a local reader's look).
+    pub async fn snapshot_list(&self, id: ProjectId) -> Result<Vec<SnapshotInfo>, Error> {
+        self.require_home(id)?;
         let subs = self.storage.subvolumes(true).await?;
         let sizes: HashMap<u64, (u64, u64)> = if self.storage.quota_mode().await.is_some() {
             self.storage.sizes().await?

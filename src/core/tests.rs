@@ -349,3 +349,91 @@ async fn a_drain_is_bounded() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert!(h.tasks.loops.is_empty());
 }
+
+#[tokio::test]
+async fn below_the_reserve_cold_starts_and_quota_raises_are_refused() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    let (p, q) = (id(0x51), id(0x52));
+    h.start(p, None).await.expect("start p");
+    h.stop(p, false).await.expect("stop p");
+    h.set_disk_quota(p, Some(2 << 30)).await.expect("quota");
+    h.start(q, None).await.expect("start q");
+    let starts = sim.units.starts.load(std::sync::atomic::Ordering::SeqCst);
+    // 1 byte free of 1000: below the default reserve of 5% (50 bytes)
+    sim.storage.set_space(1, 1000);
+    match h.start(p, None).await {
+        Err(Error::StorageFull { free, reserve }) => assert_eq!((free, reserve), (1, 50)),
+        other => panic!("a cold start below the reserve: {other:?}"),
+    }
+    assert_eq!(
+        sim.units.starts.load(std::sync::atomic::Ordering::SeqCst),
+        starts,
+        "no unit was started"
+    );
+    assert_eq!(sim.units.state(p), None);
+    // a running project goes on, and its start is the idempotent answer
+    assert_eq!(
+        h.start(q, None).await.expect("q runs").state,
+        ProjectState::Running
+    );
+    // lowering a quota frees nothing but harms nothing; raising or lifting one waits
+    h.set_disk_quota(p, Some(1 << 30)).await.expect("lower");
+    for raise in [Some(3 << 30), None] {
+        assert!(
+            matches!(
+                h.set_disk_quota(p, raise).await,
+                Err(Error::StorageFull { .. })
+            ),
+            "{raise:?}"
+        );
+    }
+    // space freed: starts again
+    sim.storage.set_space(1000, 1000);
+    assert_eq!(
+        h.start(p, None).await.expect("start after freeing").state,
+        ProjectState::Running
+    );
+}
+
+#[tokio::test]
+async fn the_host_maxima_bind_start_configs_and_quota_changes() {
+    use crate::domain::project::{NetworkMode, RunConfig};
+    let mut settings = Settings::default();
+    settings.limits.max.network = crate::domain::limits::Networks::NONE.with(NetworkMode::None);
+    let sim = Sim::new();
+    let h = Host::with_backends(settings, sim.backends())
+        .await
+        .expect("host");
+    let p = id(0x53);
+    for (cfg, field) in [
+        (
+            RunConfig {
+                disk: Some(101 << 30),
+                ..Default::default()
+            },
+            "disk",
+        ),
+        (
+            RunConfig {
+                network: Some(NetworkMode::Slirp4netns),
+                ..Default::default()
+            },
+            "network",
+        ),
+    ] {
+        match h.start(p, Some(cfg)).await {
+            Err(Error::InvalidConfig(e)) => assert_eq!(e.field, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        sim.units.starts.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    h.start(p, None).await.expect("start within the maxima");
+    assert!(matches!(
+        h.set_disk_quota(p, Some(101 << 30)).await,
+        Err(Error::InvalidConfig(_))
+    ));
+}

@@ -21,7 +21,7 @@
 //!   `update` cannot change it, which is why it is the ceiling, not the project's value.
 use serde::{Deserialize, Serialize};
 
-use super::project::{InvalidConfig, RunConfig};
+use super::project::{InvalidConfig, NetworkMode, RunConfig};
 
 /// The limits in force for one project.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -53,7 +53,8 @@ impl Default for Limits {
     }
 }
 
-/// The most a project may be given on this host.
+/// The most a project may be given on this host: what a start config, a limits change or a
+/// quota change may ask for (the caller is not trusted to be modest, whatever its token).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Maxima {
     /// bytes
@@ -62,6 +63,16 @@ pub struct Maxima {
     pub cpu: f64,
     /// tasks
     pub pids: u64,
+    /// disk quota of the home, bytes
+    pub disk: u64,
+    /// size of /scratch, bytes
+    pub scratch: u64,
+    /// size of /tmp, bytes
+    pub tmp: u64,
+    /// whether a project may be allowed to swap at all
+    pub swap: bool,
+    /// the network modes a project may ask for
+    pub network: Networks,
 }
 
 impl Default for Maxima {
@@ -70,7 +81,46 @@ impl Default for Maxima {
             memory: 16 << 30,
             cpu: 8.0,
             pids: 16_384,
+            disk: 100 << 30,
+            scratch: 100 << 30,
+            tmp: 8 << 30,
+            swap: false,
+            network: Networks::ALL,
         }
+    }
+}
+
+/// A set of [`NetworkMode`]s (the allowlist `limits.max.network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Networks(u8);
+
+impl Networks {
+    /// No mode at all.
+    pub const NONE: Networks = Networks(0);
+    /// Every mode.
+    pub const ALL: Networks = Networks(0b11);
+
+    fn bit(m: NetworkMode) -> u8 {
+        match m {
+            NetworkMode::None => 1,
+            NetworkMode::Slirp4netns => 2,
+        }
+    }
+    /// This set with `m` added.
+    pub fn with(self, m: NetworkMode) -> Networks {
+        Networks(self.0 | Self::bit(m))
+    }
+    /// Whether `m` is in the set.
+    pub fn contains(self, m: NetworkMode) -> bool {
+        self.0 & Self::bit(m) != 0
+    }
+    /// The modes in the set, in wire spelling.
+    pub fn names(self) -> Vec<&'static str> {
+        [NetworkMode::None, NetworkMode::Slirp4netns]
+            .into_iter()
+            .filter(|m| self.contains(*m))
+            .map(NetworkMode::as_str)
+            .collect()
     }
 }
 
@@ -150,6 +200,46 @@ pub fn check(l: &Limits, max: &Maxima) -> Result<(), InvalidConfig> {
     }
     if l.pids > max.pids {
         return over("pids", l.pids.to_string(), max.pids.to_string());
+    }
+    if l.swap && !max.swap {
+        return Err(InvalidConfig {
+            field: "swap",
+            reason: "projects may not swap on this host (limits.max.swap)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a run config's storage sizes above the host's maxima and a network mode outside its
+/// allowlist (`network` is the mode the config resolves to: its own, else the host default).
+pub fn check_config(
+    cfg: &RunConfig,
+    network: NetworkMode,
+    max: &Maxima,
+) -> Result<(), InvalidConfig> {
+    for (field, v, m) in [
+        ("disk", cfg.disk, max.disk),
+        ("scratch", cfg.scratch, max.scratch),
+        ("tmp", cfg.tmp, max.tmp),
+    ] {
+        if let Some(v) = v
+            && v > m
+        {
+            return Err(InvalidConfig {
+                field,
+                reason: format!("{v} bytes is above this host's maximum of {m}"),
+            });
+        }
+    }
+    if !max.network.contains(network) {
+        return Err(InvalidConfig {
+            field: "network",
+            reason: format!(
+                "{} is not allowed on this host (allowed: {})",
+                network.as_str(),
+                max.network.names().join(", ")
+            ),
+        });
     }
     Ok(())
 }
@@ -353,6 +443,68 @@ mod tests {
             assert_eq!(e.field, field);
             assert!(e.reason.contains("maximum"), "{e}");
         }
+    }
+
+    #[test]
+    fn storage_maxima_and_network_allowlist_name_the_field() {
+        let max = Maxima {
+            network: Networks::NONE.with(NetworkMode::None),
+            ..Maxima::default()
+        };
+        let none = NetworkMode::None;
+        assert_eq!(check_config(&RunConfig::default(), none, &max), Ok(()));
+        let at = RunConfig {
+            disk: Some(max.disk),
+            scratch: Some(max.scratch),
+            tmp: Some(max.tmp),
+            ..Default::default()
+        };
+        assert_eq!(check_config(&at, none, &max), Ok(()));
+        for (cfg, field) in [
+            (
+                RunConfig {
+                    disk: Some(max.disk + 1),
+                    ..at.clone()
+                },
+                "disk",
+            ),
+            (
+                RunConfig {
+                    scratch: Some(max.scratch + 1),
+                    ..at.clone()
+                },
+                "scratch",
+            ),
+            (
+                RunConfig {
+                    tmp: Some(max.tmp + 1),
+                    ..at.clone()
+                },
+                "tmp",
+            ),
+        ] {
+            let e = check_config(&cfg, none, &max).unwrap_err();
+            assert_eq!(e.field, field);
+            assert!(e.reason.contains("maximum"), "{e}");
+        }
+        let e = check_config(&at, NetworkMode::Slirp4netns, &max).unwrap_err();
+        assert_eq!(e.field, "network");
+        assert!(e.reason.contains("allowed: none"), "{e}");
+        assert!(check_config(&at, NetworkMode::Slirp4netns, &Maxima::default()).is_ok());
+        // swap is refused unless the host allows it
+        let swapping = Limits {
+            swap: true,
+            ..Limits::default()
+        };
+        assert_eq!(
+            check(&swapping, &Maxima::default()).unwrap_err().field,
+            "swap"
+        );
+        let allow = Maxima {
+            swap: true,
+            ..Maxima::default()
+        };
+        assert_eq!(check(&swapping, &allow), Ok(()));
     }
 
     #[test]

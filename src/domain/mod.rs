@@ -2,4 +2,5 @@
 //! configs, limits, snapshot names and retention).
 pub mod limits;
 pub mod project;
+pub mod reserve;
 pub mod snapshots;

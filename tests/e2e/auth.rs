@@ -372,15 +372,17 @@ fn slow_clients_do_not_starve_a_normal_one() {
     let pid = main_pid();
     // 50 clients trickle a request head, 50 send a head and trickle a body (a byte a second);
     // meanwhile a normal client is served at once, and the server drops the slow ones after its
-    // timeouts (10 s head, 10 s body) with a JSON 408 for the bodies.
+    // timeouts (10 s head, 10 s body) with a JSON 408 for the bodies. (Each group from an address
+    // of its own, within http.max_connections_per_peer; authority::connections_per_peer_… tests
+    // the cap.)
     let script = r#"
 import json, socket, time, urllib.request
 token = open("/etc/cocalc-project-host/admin-token").read().strip()
 heads, bodies = [], []
 for i in range(50):
-    s = socket.create_connection(("127.0.0.1", 9002)); s.sendall(b"GET /projects HTTP/1.1\r\nHost: x\r\n"); heads.append(s)
+    s = socket.create_connection(("127.0.0.1", 9002), source_address=("127.0.0.3", 0)); s.sendall(b"GET /projects HTTP/1.1\r\nHost: x\r\n"); heads.append(s)
 for i in range(50):
-    s = socket.create_connection(("127.0.0.1", 9002))
+    s = socket.create_connection(("127.0.0.1", 9002), source_address=("127.0.0.4", 0))
     s.sendall(("POST /projects/00000000-0000-4000-8000-%012d/stop HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{" % (i, token)).encode())
     bodies.append(s)
 for s in heads + bodies: s.setblocking(False)

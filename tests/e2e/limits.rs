@@ -173,6 +173,13 @@ fn cpu_quota_caps_a_busy_loop() {
 
 #[test]
 fn live_update_changes_limits_without_a_restart() {
+    // swap is a host decision (limits.max.swap, off by default): this host allows it
+    const SWAP: &str = "/etc/cocalc-project-host/config.d/70-e2e-swap.toml";
+    let _cleanup = ConfigFiles(vec![SWAP]);
+    ok(&format!(
+        "mkdir -p $(dirname {SWAP}) && printf '[limits.max]\\nswap = true\\n' > {SWAP} && \
+         systemctl restart cocalc-project-host.service"
+    ));
     let id = new_id();
     start(&id, Some(r#"{"memory":67108864,"pids":100,"cpu":1}"#));
     let pid = main_pid(&id);

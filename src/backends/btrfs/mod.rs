@@ -20,6 +20,8 @@ const BTRFS: &str = "/usr/bin/btrfs";
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// The root directory of a btrfs subvolume always has this inode number.
 const SUBVOLUME_ROOT_INO: u64 = 256;
+/// Free space left to the host beyond a new storage image's full size (`storage-setup`).
+const IMAGE_MARGIN: u64 = 1 << 30;
 /// Magic of a btrfs superblock, at 64 KiB + 0x40.
 const SUPER_MAGIC: &[u8; 8] = b"_BHRfS_M";
 
@@ -58,6 +60,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
 pub fn is_btrfs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BTRFS_SUPER_MAGIC)
+}
+
+/// Free space of the filesystem holding `path` (statvfs).
+pub fn space(path: &Path) -> std::io::Result<crate::domain::reserve::Space> {
+    let v = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    let frsize = v.fragment_size();
+    Ok(crate::domain::reserve::Space {
+        available: v.blocks_available().saturating_mul(frsize),
+        total: v.blocks().saturating_mul(frsize),
+    })
 }
 
 /// Whether `path` is a mount point (its device differs from its parent's).
@@ -160,6 +172,19 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
     std::fs::create_dir_all(&settings.state_dir).map_err(io(&settings.state_dir))?;
     std::fs::create_dir_all(&mount).map_err(io(&mount))?;
     if !image.exists() {
+        // the image is sparse: refuse one that could grow past the host's free space unnoticed
+        let available = space(&settings.state_dir)
+            .map_err(io(&settings.state_dir))?
+            .available;
+        crate::domain::reserve::check_image_fits(
+            available,
+            settings.storage.image_size,
+            IMAGE_MARGIN,
+        )
+        .map_err(|m| StorageError::Io {
+            path: image.clone(),
+            source: std::io::Error::other(m),
+        })?;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -225,6 +250,9 @@ impl crate::ports::Storage for Storage {
                 (id, u)
             })
             .collect())
+    }
+    fn space(&self) -> Result<crate::domain::reserve::Space, StorageError> {
+        space(&self.root).map_err(io(&self.root))
     }
     fn ensure_snapshots_dir(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
         Storage::ensure_snapshots_dir(self, &id)
@@ -303,6 +331,13 @@ impl crate::ports::Storage for Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn space_of_the_root_filesystem() {
+        let s = space(Path::new("/")).unwrap();
+        assert!(s.total > 0 && s.available <= s.total, "{s:?}");
+        assert!(space(Path::new("/no/such/path")).is_err());
+    }
 
     #[test]
     fn superblock_detection() {
