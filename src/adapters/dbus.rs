@@ -113,11 +113,11 @@ impl zbus::DBusError for Error {
 }
 
 /// The daemon's own check behind the bus policy ([`super::local_access`]): a refusal is the
-/// table's `Forbidden` (D-Bus `AccessDenied`).
+/// table's `AccessDenied`.
 async fn operator(conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> {
     super::local_access::check(conn, Some(hdr))
         .await
-        .map_err(|m| Error::from(WireError::new(ErrorKind::Forbidden, m)))
+        .map_err(|m| Error::from(WireError::new(ErrorKind::AccessDenied, m)))
 }
 
 /// [`operator`] for property getters (no header: the daemon's own read for a change signal).

@@ -65,6 +65,9 @@ pub enum ErrorKind {
     RevocationListFull,
     /// The credential does not allow this.
     Forbidden,
+    /// A local D-Bus caller that is neither root nor in group `cocalc-project-host` (the
+    /// daemon's own check behind the bus policy; never an HTTP answer).
+    AccessDenied,
     /// No such endpoint.
     NotFound,
     /// The endpoint does not take this method.
@@ -88,7 +91,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 26] = [
+    pub const ALL: [ErrorKind; 27] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -112,6 +115,7 @@ impl ErrorKind {
         ErrorKind::TokenRevoked,
         ErrorKind::RevocationListFull,
         ErrorKind::Forbidden,
+        ErrorKind::AccessDenied,
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
         ErrorKind::Internal,
@@ -174,6 +178,7 @@ impl ErrorKind {
             K::TokenRevoked => r(401, "token_revoked", DENIED, EXIT_FAILURE),
             K::RevocationListFull => r(507, "revocation_list_full", "Failed", EXIT_FAILURE),
             K::Forbidden => r(403, "forbidden", DENIED, EXIT_FAILURE),
+            K::AccessDenied => r(403, "access_denied", "AccessDenied", EXIT_FAILURE),
             K::NotFound => r(404, "not_found", UNKNOWN, EXIT_FAILURE),
             K::MethodNotAllowed => r(405, "method_not_allowed", UNKNOWN, EXIT_FAILURE),
             K::Internal => r(500, "internal", "Failed", EXIT_FAILURE),
@@ -333,8 +338,8 @@ mod tests {
         assert_eq!(ErrorKind::from_dbus_name("org.example.Nope"), None);
     }
 
-    /// The bus names clients have seen since the first release stay (plus StorageFull, new with
-    /// the storage reserve).
+    /// The bus names clients have seen since the first release stay (plus StorageFull and
+    /// AccessDenied, new with the storage reserve and the D-Bus readers' check).
     #[test]
     fn bus_names_are_the_published_ones() {
         let ours: HashSet<String> = ErrorKind::ALL
@@ -356,6 +361,7 @@ mod tests {
             "ProjectRunning",
             "Unavailable",
             "StorageFull",
+            "AccessDenied",
             "Failed",
         ]
         .map(str::to_string)
