@@ -80,7 +80,10 @@ impl From<zbus::Error> for CliError {
                 let short = name.as_str().rsplit('.').next().unwrap_or_default();
                 let code = match short {
                     "NotFound" | "NoSuchSnapshot" => EXIT_NO_SUCH_PROJECT,
-                    "InvalidProjectId" | "InvalidConfig" | "InvalidSnapshotName" => EXIT_USAGE,
+                    "InvalidProjectId"
+                    | "InvalidConfig"
+                    | "InvalidSnapshotName"
+                    | "ImageNotAllowed" => EXIT_USAGE,
                     _ => EXIT_FAILURE,
                 };
                 let message = match (name.as_str(), msg) {

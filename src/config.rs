@@ -98,6 +98,14 @@ pub struct ProjectSettings {
     pub user_uid: u32,
     /// Capabilities the container keeps (all others are dropped); names without `CAP_`.
     pub capabilities: Vec<String>,
+    /// Images a start config may name: glob patterns over plain references (`images.rs`).
+    /// Empty: only `image`.
+    pub images: Vec<String>,
+    /// journald's rate limit of each project unit: at most `log_rate_limit_burst` lines per
+    /// `log_rate_limit_interval_secs`; a flooding project loses its own lines only.
+    pub log_rate_limit_interval_secs: u64,
+    /// See `log_rate_limit_interval_secs`.
+    pub log_rate_limit_burst: u32,
 }
 
 impl Settings {
@@ -139,6 +147,9 @@ impl Default for Settings {
                 uid_count: 65_536,
                 user_uid: 1000,
                 capabilities: Vec::new(),
+                images: Vec::new(),
+                log_rate_limit_interval_secs: 30,
+                log_rate_limit_burst: 10_000,
             },
             limits: LimitSettings::default(),
             slice: SliceSettings::default(),
@@ -296,6 +307,9 @@ struct ProjectsFragment {
     uid_count: Option<u32>,
     user_uid: Option<u32>,
     capabilities: Option<Vec<String>>,
+    images: Option<Vec<String>>,
+    log_rate_limit_interval: Option<u64>,
+    log_rate_limit_burst: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -568,6 +582,18 @@ pub fn merge<'a>(
             s.projects.capabilities = v;
             set("projects.capabilities");
         }
+        if let Some(v) = pr.images {
+            s.projects.images = v;
+            set("projects.images");
+        }
+        if let Some(v) = pr.log_rate_limit_interval {
+            s.projects.log_rate_limit_interval_secs = v;
+            set("projects.log_rate_limit_interval");
+        }
+        if let Some(v) = pr.log_rate_limit_burst {
+            s.projects.log_rate_limit_burst = v;
+            set("projects.log_rate_limit_burst");
+        }
         let (l, d) = (f.limits, &mut s.limits.default);
         if let Some(v) = l.memory {
             d.memory = v.0;
@@ -688,6 +714,18 @@ pub fn merge<'a>(
     };
     if let Err(e) = image_ok.validate() {
         return Err(invalid("projects.image", e.reason));
+    }
+    if let Err(e) = crate::images::Allowlist::new(&s.projects.image, &[]) {
+        return Err(invalid("projects.image", e));
+    }
+    if let Err(e) = crate::images::Allowlist::new(&s.projects.image, &s.projects.images) {
+        return Err(invalid("projects.images", e));
+    }
+    if s.projects.log_rate_limit_interval_secs > 3600 {
+        return Err(invalid(
+            "projects.log_rate_limit_interval",
+            "must be at most 3600 seconds".into(),
+        ));
     }
     if let Some(cmd) = &s.projects.cmd
         && cmd.is_empty()
@@ -993,6 +1031,7 @@ mod tests {
         // the example values that are not defaults
         s.storage.mount = None;
         s.projects.cmd = None;
+        s.projects.images.clear();
         (s.storage.disk_quota, s.storage.scratch, s.storage.tmp) = (None, None, None);
         s.auth.master_public_keys.clear();
         s.auth.admin_token_file = None;

@@ -41,6 +41,8 @@ pub enum Error {
     InvalidProjectId(String),
     /// The config JSON is malformed or has a bad value.
     InvalidConfig(String),
+    /// The image is not a plain reference the host allows.
+    ImageNotAllowed(String),
     /// No such project on this host.
     NotFound(String),
     /// The project could not be started.
@@ -70,6 +72,7 @@ impl From<host::Error> for Error {
         match e {
             E::InvalidProjectId(_) => Error::InvalidProjectId(m),
             E::InvalidConfig(_) => Error::InvalidConfig(m),
+            E::ImageNotAllowed(_) => Error::ImageNotAllowed(m),
             E::StartFailed { .. } => Error::StartFailed(m),
             E::StopFailed { .. } => Error::StopFailed(m),
             E::UpdateFailed { .. } => Error::UpdateFailed(m),

@@ -99,6 +99,9 @@ pub enum Error {
     /// The operation needs the project stopped.
     #[error("project {0} is running: stop it before restoring a snapshot")]
     ProjectRunning(ProjectId),
+    /// The image is not a plain reference, or not one the host allows.
+    #[error(transparent)]
+    ImageNotAllowed(#[from] crate::images::ImageError),
 }
 
 impl Error {
@@ -120,6 +123,7 @@ impl Error {
             Error::NoSuchSnapshot { .. } => "no_such_snapshot",
             Error::SnapshotExists { .. } => "snapshot_exists",
             Error::ProjectRunning(_) => "project_running",
+            Error::ImageNotAllowed(_) => "image_not_allowed",
         }
     }
 }
@@ -549,9 +553,20 @@ impl Host {
         }
     }
 
+    /// The image a config runs, when it is a plain reference the host allows (nothing else may
+    /// reach podman: it would import archives and directories whatever `--pull` says).
+    fn image_of(&self, cfg: &RunConfig) -> Result<crate::images::ImageRef, Error> {
+        let p = &self.settings.projects;
+        let allow = crate::images::Allowlist::new(&p.image, &p.images).map_err(|e| {
+            crate::images::ImageError::NotAllowed(format!("(config projects.images: {e})"))
+        })?;
+        Ok(allow.resolve(cfg.image.as_deref())?)
+    }
+
     async fn start_now(&self, id: ProjectId, config: Option<RunConfig>) -> Result<Status, Error> {
         if let Some(c) = &config {
             c.validate()?;
+            self.image_of(c)?;
             self.limits_of(c)?;
         }
         let lock = self.lock(id);
@@ -579,9 +594,10 @@ impl Host {
             Some(c) => c,
             None => self.stored_config(id).await?,
         };
+        let image = self.image_of(&config)?;
         let home = self.storage.ensure_home(&id).await?;
         let limits = self.limits_of(&config)?;
-        let mut argv = podman::run_argv(&id, &self.settings, &config, &home);
+        let mut argv = podman::run_argv(&id, &self.settings, &config, &image, &home);
         let storage_options = self.prepare_storage(id, &config, &home).await?;
         podman::insert_options(&mut argv, storage_options);
         let mut props =

@@ -57,7 +57,9 @@ impl From<host::Error> for ApiError {
     fn from(e: host::Error) -> ApiError {
         use host::Error as E;
         let status = match &e {
-            E::InvalidProjectId(_) | E::InvalidConfig(_) => StatusCode::BAD_REQUEST,
+            E::InvalidProjectId(_) | E::InvalidConfig(_) | E::ImageNotAllowed(_) => {
+                StatusCode::BAD_REQUEST
+            }
             E::Storage(_) | E::Systemd(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::StartFailed { .. } | E::StopFailed { .. } | E::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

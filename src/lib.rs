@@ -11,6 +11,7 @@ pub mod config;
 pub mod dbus;
 pub mod host;
 pub mod http;
+pub mod images;
 pub mod limits;
 pub mod logging;
 pub mod podman;

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::config::Settings;
+use crate::images::ImageRef;
 use crate::limits;
 use crate::project::{ProjectId, RunConfig};
 
@@ -24,7 +25,13 @@ pub const HOME: &str = "/home/user";
 /// (see `limits`). The security flags: a user namespace onto the reserved range, every
 /// capability dropped but the configured ones (none by default), no-new-privileges; the only
 /// host path inside is the project's own home; podman mounts /sys, /proc/sys and cgroups read-only.
-pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Path) -> Vec<String> {
+pub fn run_argv(
+    id: &ProjectId,
+    settings: &Settings,
+    cfg: &RunConfig,
+    image: &ImageRef,
+    home: &Path,
+) -> Vec<String> {
     let p = &settings.projects;
     let map = format!("0:{}:{}", p.uid_base, p.uid_count);
     let mut a: Vec<String> = vec![
@@ -58,7 +65,7 @@ pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Pat
     a.extend(limits::podman_flags(&lim, &settings.limits.max));
     // `--` ends podman's options: neither the image nor the command can be read as a flag
     a.push("--".into());
-    a.push(cfg.image.clone().unwrap_or_else(|| p.image.clone()));
+    a.push(image.to_string());
     if let Some(cmd) = cfg.cmd.as_ref().or(p.cmd.as_ref()) {
         a.extend(cmd.iter().cloned());
     }
@@ -156,6 +163,14 @@ mod tests {
     use super::*;
     use crate::project::NetworkMode;
 
+    fn img(s: &str) -> ImageRef {
+        s.parse().unwrap()
+    }
+
+    fn default_image() -> ImageRef {
+        img("localhost/cocalc-project:latest")
+    }
+
     fn id() -> ProjectId {
         "6f1c2d3e-0000-4000-8000-000000000001".parse().unwrap()
     }
@@ -167,6 +182,7 @@ mod tests {
             &id(),
             &s,
             &RunConfig::default(),
+            &default_image(),
             Path::new("/srv/p/project-x"),
         );
         let has = |x: &str| a.iter().any(|y| y == x);
@@ -206,7 +222,13 @@ mod tests {
     fn configured_capabilities_are_the_only_ones_kept() {
         let mut s = Settings::default();
         s.projects.capabilities = vec!["NET_RAW".into()];
-        let a = run_argv(&id(), &s, &RunConfig::default(), Path::new("/h"));
+        let a = run_argv(
+            &id(),
+            &s,
+            &RunConfig::default(),
+            &default_image(),
+            Path::new("/h"),
+        );
         let caps: Vec<&String> = a.iter().filter(|x| x.starts_with("--cap-")).collect();
         assert_eq!(caps, ["--cap-drop=all", "--cap-add=NET_RAW"]);
     }
@@ -241,7 +263,7 @@ mod tests {
             pids: Some(50),
             ..Default::default()
         };
-        let a = run_argv(&id(), &s, &cfg, Path::new("/h"));
+        let a = run_argv(&id(), &s, &cfg, &img("localhost/other:2"), Path::new("/h"));
         let has = |x: &str| a.iter().any(|y| y == x);
         for f in [
             "--env=A=b c",
@@ -273,6 +295,7 @@ mod tests {
             &id(),
             &Settings::default(),
             &RunConfig::default(),
+            &default_image(),
             Path::new("/h"),
         );
         let n = a.len();
