@@ -1,6 +1,6 @@
 //! Tenant isolation (issue 19): each test tries what a hostile project user (or a start config
 //! naming a hostile image) would, and asserts it fails while the ordinary thing still works.
-use crate::tb::{http, new_id, ok, sh, start, stop};
+use crate::tb::{self, http, new_id, ok, sh, start, stop};
 
 const DEST: &str = "com.cocalc.ProjectHost1";
 const MANAGER: &str = "/com/cocalc/ProjectHost1";
@@ -75,4 +75,109 @@ fn only_allowed_plain_images_run() {
     stop(&id, true);
     ok("podman rmi -f localhost/iso-evil:latest >/dev/null; \
         rm -rf /var/tmp/iso-evil.tar /var/tmp/iso-evil-oci.tar /var/tmp/iso-evil-dir");
+}
+
+/// Builds a static helper from tests/e2e/<name>.c on the host.
+fn helper(name: &str) -> std::path::PathBuf {
+    let out = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let src = format!("{}/tests/e2e/{name}.c", env!("CARGO_MANIFEST_DIR"));
+    let o = std::process::Command::new("cc")
+        .args(["-static", "-O2", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        o.status.success(),
+        "cc -static {src}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// Puts a host file into a running project's home as the project user's file.
+fn push_home(id: &str, file: &std::path::Path, name: &str) {
+    let home = format!("{}/project-{id}", tb::STORAGE);
+    tb::push(file, &format!("{home}/{name}"));
+    ok(&format!(
+        "chown $(stat -c %u:%g {home}) {home}/{name} && chmod 755 {home}/{name}"
+    ));
+}
+
+/// `podman exec` in a project as `user` (uid), returning the whole output.
+fn exec_as(id: &str, user: &str, cmd: &str) -> tb::Out {
+    sh(&format!(
+        "podman exec -u {user} project-{id} sh -c '{}' 2>&1",
+        cmd.replace('\'', r"'\''")
+    ))
+}
+
+#[test]
+fn nested_namespaces_are_refused_and_fork_and_threads_work() {
+    let bin = helper("ns_escape");
+    let id = new_id();
+    start(&id, Some(r#"{"tmp":16777216}"#));
+    push_home(&id, &bin, "ns_escape");
+    // the home is the user's (0750): container root, without capabilities, runs a copy in /tmp
+    let o = exec_as(
+        &id,
+        "1000",
+        "cp /home/user/ns_escape /tmp/ && chmod 755 /tmp/ns_escape",
+    );
+    assert_eq!(o.code, 0, "{o:?}");
+    for user in ["1000", "0"] {
+        let o = exec_as(&id, user, "/tmp/ns_escape");
+        assert_eq!(o.code, 0, "as {user}: {o:?}");
+        let lines: std::collections::HashMap<&str, &str> =
+            o.stdout.lines().filter_map(|l| l.split_once(' ')).collect();
+        let want = |what: &str, result: &str| {
+            assert_eq!(
+                lines.get(what).copied(),
+                Some(result),
+                "as {user}: {what}\n{}",
+                o.stdout
+            );
+        };
+        for ok_ in ["unshare-files", "clone-plain", "fork", "threads"] {
+            want(ok_, "ok");
+        }
+        for ns in [
+            "NEWUSER",
+            "NEWNS",
+            "NEWNET",
+            "NEWPID",
+            "NEWIPC",
+            "NEWUTS",
+            "NEWCGROUP",
+        ] {
+            want(&format!("unshare-{ns}"), "errno=1");
+            want(&format!("clone-{ns}"), "errno=1");
+            want(&format!("clone3-{ns}"), "errno=38");
+        }
+        want("unshare-NEWTIME", "errno=1");
+        want("clone3-plain", "errno=38");
+        want("setns", "errno=1");
+        want("mount", "errno=1");
+        // the tools a tenant would reach for first
+        let o = exec_as(&id, user, "unshare -Ur id; echo rc=$?");
+        assert!(
+            o.stdout.contains("rc=1") && !o.stdout.contains("uid=0"),
+            "as {user}: unshare -Ur id: {o:?}"
+        );
+        assert!(o.stdout.contains("Operation not permitted"), "{o:?}");
+        let o = exec_as(&id, user, "unshare -n true; echo rc=$?");
+        assert!(o.stdout.contains("rc=1"), "as {user}: unshare -n: {o:?}");
+        let o = exec_as(&id, user, "nsenter -t 1 -n true; echo rc=$?");
+        assert!(o.stdout.contains("rc=1"), "as {user}: nsenter: {o:?}");
+        // ordinary shell work: subshells, background jobs, pipes
+        let o = exec_as(
+            &id,
+            user,
+            "for i in 1 2 3; do (sleep 0.1 &) ; done; wait; echo a b | wc -w; echo done",
+        );
+        assert_eq!(o.code, 0, "{o:?}");
+        assert!(o.stdout.contains("2\ndone"), "as {user}: {o:?}");
+    }
+    stop(&id, true);
+    let _ = std::fs::remove_file(bin);
 }
