@@ -602,6 +602,10 @@ impl Host {
         podman::insert_options(&mut argv, storage_options);
         let mut props =
             systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);
+        props.extend(crate::journal::rate_limit_properties(
+            self.settings.projects.log_rate_limit_interval_secs,
+            self.settings.projects.log_rate_limit_burst,
+        ));
         // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
         // quota is put on once it runs, and lifted before a stop, so a project limited to a sliver
         // of a core still starts and stops at full speed
@@ -622,12 +626,10 @@ impl Host {
                     .await?;
             }
             tracing::warn!(project_id = %id, error = %e, journal = %journal, "project start failed");
-            // podman says what went wrong in its "Error: …" line; lead with it
-            let reason = match journal
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("Error: "))
-            {
-                Some(podman) => format!("{podman} ({e})"),
+            // podman says what went wrong in its "Error: …" line: only podman's own, cut (the
+            // container's output is the tenant's and must not write the API's message)
+            let reason = match self.podman_error(&unit, since).await {
+                Some(podman) => podman,
                 None => e.to_string(),
             };
             return Err(Error::StartFailed {
@@ -706,6 +708,16 @@ impl Host {
         }
         let info = self.systemd.unit_info(&unit).await.ok().flatten();
         self.set_unit(id, info);
+    }
+
+    /// podman's own `Error:` line of the unit's last start attempt (see `journal`).
+    async fn podman_error(&self, unit: &str, since: SystemTime) -> Option<String> {
+        let secs = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let args = crate::journal::journalctl_args(unit, secs);
+        let out = cmd::run("/usr/bin/journalctl", &args, Duration::from_secs(10))
+            .await
+            .ok()?;
+        crate::journal::podman_error(&out)
     }
 
     async fn journal_tail(&self, unit: &str, since: SystemTime) -> String {

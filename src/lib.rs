@@ -12,6 +12,7 @@ pub mod dbus;
 pub mod host;
 pub mod http;
 pub mod images;
+pub mod journal;
 pub mod limits;
 pub mod logging;
 pub mod podman;

@@ -181,3 +181,119 @@ fn nested_namespaces_are_refused_and_fork_and_threads_work() {
     stop(&id, true);
     let _ = std::fs::remove_file(bin);
 }
+
+/// A config drop-in in force (daemon restarted) while this lives.
+struct DropIn(&'static str);
+
+impl DropIn {
+    fn install(path: &'static str, toml: &str) -> DropIn {
+        ok(&format!(
+            "mkdir -p $(dirname {path}) && printf '%s' '{toml}' > {path} && systemctl restart cocalc-project-host.service"
+        ));
+        DropIn(path)
+    }
+}
+
+impl Drop for DropIn {
+    fn drop(&mut self) {
+        sh(&format!(
+            "rm -f {}; systemctl restart cocalc-project-host.service",
+            self.0
+        ));
+    }
+}
+
+fn journal_count(unit: &str, since: &str, pattern: &str) -> usize {
+    ok(&format!(
+        "journalctl -u {unit} --since '{since}' -o cat --no-pager | grep -c '{pattern}' || true"
+    ))
+    .parse()
+    .unwrap()
+}
+
+#[test]
+fn a_flooding_project_loses_only_its_own_lines() {
+    let _d = DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-journal.toml",
+        "[projects]\nlog_rate_limit_interval = 2\nlog_rate_limit_burst = 200\n",
+    );
+    let since = ok("date '+%Y-%m-%d %H:%M:%S'");
+    ok("sleep 1");
+    let (flood, calm) = (new_id(), new_id());
+    let cmd = |c: &str| serde_json::json!({ "cmd": ["/bin/sh", "-c", c] }).to_string();
+    start(
+        &flood,
+        Some(&cmd(
+            // journald reports what it dropped at the first line after the interval
+            "seq 1 20000 | sed s/^/flood-/; sleep 3; echo after-flood; exec sleep 600",
+        )),
+    );
+    start(
+        &calm,
+        Some(&cmd(
+            "i=0; while [ $i -lt 100 ]; do echo calm-$i; i=$((i+1)); sleep 0.01; done; exec sleep 600",
+        )),
+    );
+    let (fu, cu) = (
+        format!("cocalc-project-{flood}.service"),
+        format!("cocalc-project-{calm}.service"),
+    );
+    assert_eq!(
+        ok(&format!(
+            "systemctl show -p LogRateLimitIntervalUSec -p LogRateLimitBurst --value {fu}"
+        )),
+        "2s\n200"
+    );
+    tb::wait_for("the calm project's 100 lines", 30, || {
+        (journal_count(&cu, &since, "^calm-") == 100).then_some(())
+    });
+    tb::wait_for("the flooding project's line after the flood", 30, || {
+        (journal_count(&fu, &since, "^after-flood") == 1).then_some(())
+    });
+    let flooded = journal_count(&fu, &since, "^flood-");
+    // journald scales the burst with free space (at most 6x a window): most were dropped
+    assert!(flooded < 10_000, "{flooded} flood lines kept");
+    let suppressed = ok(&format!(
+        "journalctl --since '{since}' -o cat --no-pager | grep 'Suppressed .* messages from' || true"
+    ));
+    assert!(
+        suppressed.contains(&fu),
+        "no suppression for {fu}: {suppressed:?}"
+    );
+    assert!(!suppressed.contains(&cu), "{cu} suppressed: {suppressed:?}");
+    assert_eq!(journal_count(&cu, &since, "^calm-"), 100);
+    stop(&flood, true);
+    stop(&calm, true);
+}
+
+#[test]
+fn a_start_failure_reports_podmans_error_line_only_cut() {
+    // a glob allowlist admits a tag the host does not have: podman itself refuses it
+    let _d = DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-images.toml",
+        "[projects]\nimages = [\"localhost/cocalc-project:*\"]\n",
+    );
+    let id = new_id();
+    let body = r#"{"config":{"image":"localhost/cocalc-project:e2e-missing"}}"#;
+    let (s, v) = http("POST", &format!("/projects/{id}/start"), Some(body));
+    assert_eq!((s, v["code"].as_str()), (500, Some("start_failed")), "{v}");
+    let m = v["error"].as_str().unwrap();
+    assert!(
+        m.contains("localhost/cocalc-project:e2e-missing: image not known"),
+        "{m}"
+    );
+    // podman's line alone, not systemd's job result appended to it
+    assert!(!m.contains("job for"), "{m}");
+    assert!(m.chars().count() < 420, "{m}");
+    // outside the glob: refused before podman
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/start"),
+        Some(r#"{"config":{"image":"localhost/other:1"}}"#),
+    );
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("image_not_allowed")),
+        "{v}"
+    );
+}
