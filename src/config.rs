@@ -75,7 +75,8 @@ pub struct StorageSettings {
     pub disk_quota: Option<u64>,
     /// Default size of a project's /scratch (bytes; `None`: no /scratch).
     pub scratch: Option<u64>,
-    /// Default size of a project's /tmp tmpfs (bytes; `None`: /tmp of the image).
+    /// Default size of each of a project's /tmp, /var/tmp and /dev/shm tmpfs (bytes; `None`:
+    /// `podman::DEFAULT_TMP`).
     pub tmp: Option<u64>,
 }
 

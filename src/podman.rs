@@ -131,14 +131,25 @@ pub const SNAPSHOTS_MOUNT: &str = "/home/user/.snapshots";
 /// Where a project's scratch subvolume is mounted.
 pub const SCRATCH_MOUNT: &str = "/scratch";
 
+/// Size of each of /tmp, /var/tmp and /dev/shm when neither the config nor the host sets `tmp`.
+pub const DEFAULT_TMP: u64 = 128 << 20;
+/// Size of /run (container root's; the user cannot write it).
+pub const RUN_SIZE: u64 = 16 << 20;
+
 /// The storage options of a project's container: the seccomp profile that keeps it from making
-/// btrfs subvolumes (quota escape), its snapshots read-only, its scratch, its /tmp tmpfs.
+/// btrfs subvolumes (quota escape) and namespaces, its snapshots read-only, its scratch, and a
+/// bound on every other writable place. The image's root filesystem is read-only (a write there
+/// would land in podman's storage on the host's root filesystem, outside any quota); /tmp,
+/// /var/tmp and /dev/shm are tmpfs of `tmp` bytes each (default [`DEFAULT_TMP`]) and /run one of
+/// [`RUN_SIZE`]: tmpfs pages are charged to the project's memory cgroup, so they count in its
+/// memory limit too. podman's own unsized tmpfs for a read-only container are off.
 pub fn storage_options(
     seccomp: &Path,
     snapshots: &Path,
     scratch: Option<&Path>,
     tmp: Option<u64>,
 ) -> Vec<String> {
+    let tmp = tmp.unwrap_or(DEFAULT_TMP);
     let mut a = vec![
         format!("--security-opt=seccomp={}", seccomp.display()),
         format!("--volume={}:{SNAPSHOTS_MOUNT}:ro", snapshots.display()),
@@ -146,9 +157,14 @@ pub fn storage_options(
     if let Some(s) = scratch {
         a.push(format!("--volume={}:{SCRATCH_MOUNT}", s.display()));
     }
-    if let Some(b) = tmp {
-        a.push(format!("--tmpfs=/tmp:rw,nosuid,nodev,size={b},mode=1777"));
-    }
+    a.extend([
+        "--read-only".to_string(),
+        "--read-only-tmpfs=false".to_string(),
+        format!("--tmpfs=/tmp:rw,nosuid,nodev,size={tmp},mode=1777"),
+        format!("--tmpfs=/var/tmp:rw,nosuid,nodev,size={tmp},mode=1777"),
+        format!("--tmpfs=/run:rw,nosuid,nodev,size={RUN_SIZE},mode=755"),
+        format!("--shm-size={tmp}"),
+    ]);
     a
 }
 
@@ -311,20 +327,23 @@ mod tests {
                 "--security-opt=seccomp=/var/lib/x/seccomp.json",
                 "--volume=/s/.snapshots/p:/home/user/.snapshots:ro",
                 "--volume=/s/.scratch/p:/scratch",
+                "--read-only",
+                "--read-only-tmpfs=false",
                 "--tmpfs=/tmp:rw,nosuid,nodev,size=67108864,mode=1777",
+                "--tmpfs=/var/tmp:rw,nosuid,nodev,size=67108864,mode=1777",
+                "--tmpfs=/run:rw,nosuid,nodev,size=16777216,mode=755",
+                "--shm-size=67108864",
             ]
         );
         insert_options(&mut a, o);
-        assert_eq!(a.len(), n + 4);
+        assert_eq!(a.len(), n + 9);
         let dash = a.iter().position(|x| x == "--").unwrap();
-        assert_eq!(
-            a[dash - 1],
-            "--tmpfs=/tmp:rw,nosuid,nodev,size=67108864,mode=1777"
-        );
+        assert_eq!(a[dash - 1], "--shm-size=67108864");
         assert_eq!(a[dash + 1], "localhost/cocalc-project:latest");
-        assert_eq!(
-            storage_options(Path::new("/p.json"), Path::new("/s"), None, None).len(),
-            2
-        );
+        // no tmp configured: every writable tmpfs still has a size
+        let d = storage_options(Path::new("/p.json"), Path::new("/s"), None, None);
+        assert_eq!(d.len(), 8);
+        assert!(d.contains(&"--tmpfs=/tmp:rw,nosuid,nodev,size=134217728,mode=1777".to_string()));
+        assert!(d.contains(&"--shm-size=134217728".to_string()));
     }
 }

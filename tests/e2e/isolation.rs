@@ -297,3 +297,88 @@ fn a_start_failure_reports_podmans_error_line_only_cut() {
         "{v}"
     );
 }
+
+/// Megabytes used by podman's storage and the machine's root filesystem.
+fn host_usage() -> (u64, u64) {
+    let containers = ok("du -sxm /var/lib/containers | cut -f1").parse().unwrap();
+    let root = ok("df -m --output=used / | tail -1")
+        .trim()
+        .parse()
+        .unwrap();
+    (containers, root)
+}
+
+#[test]
+fn no_writable_place_outlasts_the_quota() {
+    let id = new_id();
+    start(
+        &id,
+        Some(r#"{"disk":104857600,"scratch":33554432,"cmd":["/bin/sh","-c","exec sleep 3600"]}"#),
+    );
+    // every directory uid 1000 can write, and the memory-backed places
+    let o = exec_as(
+        &id,
+        "1000",
+        // (busybox find has no -writable)
+        "find / \\( -path /proc -o -path /sys \\) -prune -o -type d -print 2>/dev/null \
+         | while read -r d; do [ -w \"$d\" ] && echo \"$d\"; done; echo /dev/shm; echo /dev/mqueue",
+    );
+    let mut dirs: Vec<&str> = o.stdout.lines().filter(|l| l.starts_with('/')).collect();
+    dirs.sort();
+    dirs.dedup();
+    eprintln!("writable for uid 1000: {dirs:?}");
+    // the root filesystem is read-only: only the project's own places are writable
+    for d in &dirs {
+        assert!(
+            [
+                "/home/user",
+                "/tmp",
+                "/var/tmp",
+                "/scratch",
+                "/dev/shm",
+                "/dev/mqueue"
+            ]
+            .iter()
+            .any(|p| d == p || d.starts_with(&format!("{p}/"))),
+            "unexpected writable directory {d} in {dirs:?}"
+        );
+    }
+    for p in ["/home/user", "/tmp", "/var/tmp", "/scratch", "/dev/shm"] {
+        assert!(dirs.contains(&p), "{p} not writable? {dirs:?}");
+    }
+    let o = exec_as(
+        &id,
+        "1000",
+        "touch /etc/x /bin/x /x /run/x /var/x 2>&1; echo rc=$?",
+    );
+    assert_eq!(
+        o.stdout.matches("Read-only file system").count(),
+        4,
+        "{o:?}"
+    );
+    assert!(o.stdout.contains("/run/x"), "{o:?}");
+    let before = host_usage();
+    for d in &dirs {
+        let o = exec_as(
+            &id,
+            "1000",
+            &format!(
+                "dd if=/dev/zero of={d}/e2e-fill bs=1M count=300 2>&1; echo rc=$?; rm -f {d}/e2e-fill"
+            ),
+        );
+        assert!(
+            !o.stdout.contains("rc=0") && o.stdout.contains("rc="),
+            "300 MB written to {d}: {o:?}"
+        );
+    }
+    let after = host_usage();
+    assert!(
+        after.0 <= before.0 + 20,
+        "podman's storage grew: {before:?} → {after:?}"
+    );
+    assert!(
+        after.1 < before.1 + 250,
+        "the root filesystem grew: {before:?} → {after:?}"
+    );
+    stop(&id, true);
+}
