@@ -91,9 +91,10 @@ pub struct ProjectSettings {
     pub network: NetworkMode,
     /// Graceful stop timeout in seconds (SIGTERM → SIGKILL inside the container).
     pub stop_timeout_secs: u64,
-    /// First host uid/gid of the range container ids are mapped onto.
+    /// First host uid/gid of the pool from which each project gets a range of its own
+    /// (`idmap.rs`; slots overlapping /etc/subuid, /etc/subgid or host ids are skipped).
     pub uid_base: u32,
-    /// Size of that range.
+    /// Size of each project's range.
     pub uid_count: u32,
     /// The uid/gid of `user` inside the container.
     pub user_uid: u32,
@@ -144,7 +145,7 @@ impl Default for Settings {
                 cmd: None,
                 network: NetworkMode::None,
                 stop_timeout_secs: 10,
-                uid_base: 100_000,
+                uid_base: 1 << 30,
                 uid_count: 65_536,
                 user_uid: 1000,
                 capabilities: Vec::new(),

@@ -17,6 +17,7 @@ use crate::project::{
 use crate::store::{Store, StoreError};
 use crate::systemd::{self, Systemd, SystemdError, UnitEvent};
 
+mod ids;
 mod storage;
 use crate::project::DiskStatus;
 use crate::snapshots::{InvalidSnapshotName, SnapshotName};
@@ -597,8 +598,10 @@ impl Host {
         let image = self.image_of(&config)?;
         let home = self.storage.ensure_home(&id).await?;
         let limits = self.limits_of(&config)?;
-        let mut argv = podman::run_argv(&id, &self.settings, &config, &image, &home);
-        let storage_options = self.prepare_storage(id, &config, &home).await?;
+        let id_base = self.id_range(id).await?;
+        self.convert_home(id, &home, id_base).await?;
+        let mut argv = podman::run_argv(&id, &self.settings, &config, &image, id_base, &home);
+        let storage_options = self.prepare_storage(id, &config, &home, id_base).await?;
         podman::insert_options(&mut argv, storage_options);
         let mut props =
             systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout_secs);

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dbus;
 pub mod host;
 pub mod http;
+pub mod idmap;
 pub mod images;
 pub mod journal;
 pub mod limits;

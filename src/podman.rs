@@ -30,10 +30,12 @@ pub fn run_argv(
     settings: &Settings,
     cfg: &RunConfig,
     image: &ImageRef,
+    id_base: u32,
     home: &Path,
 ) -> Vec<String> {
     let p = &settings.projects;
-    let map = format!("0:{}:{}", p.uid_base, p.uid_count);
+    // the project's own range of host ids (idmap.rs)
+    let map = format!("0:{id_base}:{}", p.uid_count);
     let mut a: Vec<String> = vec![
         PODMAN.into(),
         "run".into(),
@@ -199,6 +201,7 @@ mod tests {
             &s,
             &RunConfig::default(),
             &default_image(),
+            1 << 30,
             Path::new("/srv/p/project-x"),
         );
         let has = |x: &str| a.iter().any(|y| y == x);
@@ -216,8 +219,9 @@ mod tests {
             "-d",
             "--replace",
             "--init",
-            "--uidmap=0:100000:65536",
-            "--gidmap=0:100000:65536",
+            // the project's own range
+            "--uidmap=0:1073741824:65536",
+            "--gidmap=0:1073741824:65536",
             "--user=1000:1000",
             "--volume=/srv/p/project-x:/home/user",
             "--env=HOME=/home/user",
@@ -243,6 +247,7 @@ mod tests {
             &s,
             &RunConfig::default(),
             &default_image(),
+            100_000,
             Path::new("/h"),
         );
         let caps: Vec<&String> = a.iter().filter(|x| x.starts_with("--cap-")).collect();
@@ -279,7 +284,14 @@ mod tests {
             pids: Some(50),
             ..Default::default()
         };
-        let a = run_argv(&id(), &s, &cfg, &img("localhost/other:2"), Path::new("/h"));
+        let a = run_argv(
+            &id(),
+            &s,
+            &cfg,
+            &img("localhost/other:2"),
+            100_000,
+            Path::new("/h"),
+        );
         let has = |x: &str| a.iter().any(|y| y == x);
         for f in [
             "--env=A=b c",
@@ -312,6 +324,7 @@ mod tests {
             &Settings::default(),
             &RunConfig::default(),
             &default_image(),
+            100_000,
             Path::new("/h"),
         );
         let n = a.len();

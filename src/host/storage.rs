@@ -103,6 +103,7 @@ impl Host {
         id: ProjectId,
         config: &RunConfig,
         home: &Path,
+        id_base: u32,
     ) -> Result<Vec<String>, Error> {
         let s = &self.settings.storage;
         let disk = self.disk_limit(config);
@@ -117,6 +118,14 @@ impl Host {
         let snapshots = self.storage.ensure_snapshots_dir(&id)?;
         self.storage.clear_snapshots_mountpoint(&id, now_ms())?;
         let scratch = self.storage.recreate_scratch(&id, scratch).await?;
+        if let Some(s) = &scratch {
+            let uid = id_base + self.settings.projects.user_uid;
+            super::ids::give_to(s, uid).map_err(|e| Error::StartFailed {
+                id,
+                reason: format!("{}: {e}", s.display()),
+                journal: String::new(),
+            })?;
+        }
         let seccomp = self
             .seccomp_profile()
             .map_err(|reason| Error::StartFailed {

@@ -382,3 +382,124 @@ fn no_writable_place_outlasts_the_quota() {
     );
     stop(&id, true);
 }
+
+/// The host uid that owns a project's home (its user: base + 1000).
+fn home_owner(id: &str) -> u64 {
+    ok(&format!("stat -c %u {}/project-{id}", tb::STORAGE))
+        .parse()
+        .unwrap()
+}
+
+/// `[start, end)` of every range in /etc/subuid and /etc/subgid of the machine.
+fn subid_ranges() -> Vec<(u64, u64)> {
+    ok("cat /etc/subuid /etc/subgid 2>/dev/null; true")
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let s: u64 = f.get(1)?.parse().ok()?;
+            let c: u64 = f.get(2)?.parse().ok()?;
+            Some((s, s + c))
+        })
+        .collect()
+}
+
+#[test]
+fn each_project_has_host_ids_of_its_own() {
+    const COUNT: u64 = 65_536;
+    // a subordinate range over the start of the pool (as useradd would give a human account):
+    // no project range may overlap it
+    let block = (1u64 << 30, 4096 * COUNT);
+    ok(&format!(
+        "cp /etc/subuid /etc/subuid.e2e-bak 2>/dev/null || touch /etc/subuid.e2e-bak; \
+         echo 'e2e-human:{}:{}' >> /etc/subuid",
+        block.0, block.1
+    ));
+    let (a, b) = (new_id(), new_id());
+    start(&a, None);
+    start(&b, None);
+    let (oa, ob) = (home_owner(&a), home_owner(&b));
+    let (ba, bb) = (oa - 1000, ob - 1000);
+    assert_ne!(oa, ob, "two projects share host uid {oa}");
+    assert!(
+        ba + COUNT <= bb || bb + COUNT <= ba,
+        "ranges overlap: {ba} {bb}"
+    );
+    for (s, e) in subid_ranges() {
+        for base in [ba, bb] {
+            assert!(
+                base + COUNT <= s || e <= base,
+                "range {base} overlaps /etc/sub?id {s}..{e}"
+            );
+        }
+    }
+    assert!(
+        ba >= block.0 + block.1 && bb >= block.0 + block.1,
+        "{ba} {bb}"
+    );
+    ok("mv /etc/subuid.e2e-bak /etc/subuid");
+    // A's private file: B's user (and any other host uid) cannot read it
+    let o = exec_as(
+        &a,
+        "1000",
+        "echo secret-of-a > ~/s && chmod 600 ~/s && id -u",
+    );
+    assert_eq!(o.stdout.trim(), "1000", "{o:?}");
+    let home_a = format!("{}/project-{a}", tb::STORAGE);
+    let o = sh(&format!(
+        "setpriv --reuid={ob} --regid={ob} --clear-groups cat {home_a}/s"
+    ));
+    assert_ne!(o.code, 0, "B's uid read A's file: {o:?}");
+    assert!(o.stderr.contains("Permission denied"), "{o:?}");
+    assert_eq!(ok(&format!("stat -c %u {home_a}/s")), oa.to_string());
+    // the range is kept across a stop, a daemon restart and a new start
+    stop(&a, false);
+    ok("systemctl restart cocalc-project-host.service");
+    start(&a, None);
+    assert_eq!(home_owner(&a), oa);
+    assert_eq!(exec_as(&a, "1000", "cat ~/s").stdout.trim(), "secret-of-a");
+    stop(&a, true);
+    stop(&b, true);
+}
+
+#[test]
+fn a_home_of_the_old_shared_range_is_converted_on_start() {
+    let id = new_id();
+    start(&id, None);
+    stop(&id, false);
+    let owner = home_owner(&id);
+    // what a home made by an older version looks like: the user's files at host 101000,
+    // container root's at 100000
+    let home = format!("{}/project-{id}", tb::STORAGE);
+    ok(&format!(
+        "mkdir -p {home}/d/e && echo old > {home}/d/e/f && echo root > {home}/r && ln -s /etc/shadow {home}/link \
+         && chown -hR 101000:101000 {home} && chown 100000:100000 {home}/r && chmod 600 {home}/d/e/f"
+    ));
+    start(&id, None);
+    assert_eq!(
+        home_owner(&id),
+        owner,
+        "home not given back to the project's range"
+    );
+    let st = ok(&format!(
+        "stat -c '%n %u:%g' {home}/d {home}/d/e/f {home}/link {home}/r | sed 's|{home}/||'"
+    ));
+    let base = owner - 1000;
+    assert_eq!(
+        st,
+        format!("d {owner}:{owner}\nd/e/f {owner}:{owner}\nlink {owner}:{owner}\nr {base}:{base}")
+    );
+    // /etc/shadow was not followed
+    assert_eq!(ok("stat -c %u /etc/shadow"), "0");
+    let o = exec_as(
+        &id,
+        "1000",
+        "cat ~/d/e/f && echo new >> ~/d/e/f && ls -ln ~/r",
+    );
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.starts_with("old\n"), "{o:?}");
+    assert!(
+        o.stdout.contains(" 0 "),
+        "container root's file is root's again: {o:?}"
+    );
+    stop(&id, true);
+}

@@ -64,18 +64,26 @@ fn start_runs_a_real_unit_as_an_unprivileged_user() {
         "subvol"
     );
     assert_eq!(ok(&format!("cat {home}/hello.txt")), "hello");
+    // the project's own host ids (from the pool at 2^30): its user is base + 1000
+    let owner: u32 = ok(&format!("stat -c %u {home}")).parse().unwrap();
+    assert!(owner >= (1 << 30) + 1000, "home owner {owner}");
+    let base = owner - 1000;
     assert_eq!(
         ok(&format!("stat -c %u:%g {home}/hello.txt")),
-        "101000:101000"
+        format!("{owner}:{owner}")
     );
     // container root is not host root: the container's processes live in a user namespace
     let pid = container_pid(&id);
     let map = ok(&format!("cat /proc/{pid}/uid_map"));
     let f: Vec<&str> = map.split_whitespace().collect();
-    assert_eq!(f, ["0", "100000", "65536"], "uid_map of {pid}: {map}");
+    assert_eq!(
+        f,
+        ["0", &base.to_string(), "65536"],
+        "uid_map of {pid}: {map}"
+    );
     assert_eq!(
         ok(&format!("stat -c %u /proc/{pid}")),
-        "101000",
+        owner.to_string(),
         "the container's init runs as user"
     );
     // the container's output is in the unit's journal
