@@ -599,6 +599,13 @@ impl Host {
         let home = self.storage.ensure_home(&id).await?;
         let limits = self.limits_of(&config)?;
         let id_base = self.id_range(id).await?;
+        crate::egress::ensure_hooks_dir(&self.settings.state_dir).map_err(|reason| {
+            Error::StartFailed {
+                id,
+                reason: format!("cannot write the egress hook: {reason}"),
+                journal: String::new(),
+            }
+        })?;
         self.convert_home(id, &home, id_base).await?;
         let mut argv = podman::run_argv(&id, &self.settings, &config, &image, id_base, &home);
         let storage_options = self.prepare_storage(id, &config, &home, id_base).await?;

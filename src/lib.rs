@@ -9,6 +9,7 @@ pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod dbus;
+pub mod egress;
 pub mod host;
 pub mod http;
 pub mod idmap;

@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::config::Settings;
 use crate::images::ImageRef;
 use crate::limits;
-use crate::project::{ProjectId, RunConfig};
+use crate::project::{NetworkMode, ProjectId, RunConfig};
 
 /// Path of the podman binary (what the unit's Exec* lines run).
 pub const PODMAN: &str = "/usr/bin/podman";
@@ -48,7 +48,7 @@ pub fn run_argv(
         format!("--name={}", id.container_name()),
         "--init".into(),
         "--log-driver=journald".into(),
-        format!("--network={}", cfg.network.unwrap_or(p.network).as_str()),
+        network_flag(cfg.network.unwrap_or(p.network)),
         // container root is never host root: a user namespace onto the reserved range
         format!("--uidmap={map}"),
         format!("--gidmap={map}"),
@@ -59,6 +59,17 @@ pub fn run_argv(
         format!("--env=COCALC_PROJECT_ID={id}"),
         "--pull=never".into(),
     ];
+    if cfg.network.unwrap_or(p.network) == NetworkMode::Slirp4netns {
+        // the egress rules (egress.rs): a prestart hook selected by this annotation
+        a.push(format!(
+            "--hooks-dir={}",
+            settings.state_dir.join("hooks.d").display()
+        ));
+        a.push(format!(
+            "--annotation={}=slirp4netns",
+            crate::egress::ANNOTATION
+        ));
+    }
     for (k, v) in &cfg.env {
         a.push(format!("--env={k}={v}"));
     }
@@ -72,6 +83,14 @@ pub fn run_argv(
         a.extend(cmd.iter().cloned());
     }
     a
+}
+
+/// podman's `--network`: slirp4netns never with the host's loopback (its default, said aloud).
+fn network_flag(mode: NetworkMode) -> String {
+    match mode {
+        NetworkMode::None => "--network=none".into(),
+        NetworkMode::Slirp4netns => "--network=slirp4netns:allow_host_loopback=false".into(),
+    }
 }
 
 /// Never privileged, no new privileges, every capability dropped but the configured ones.
@@ -295,7 +314,9 @@ mod tests {
         let has = |x: &str| a.iter().any(|y| y == x);
         for f in [
             "--env=A=b c",
-            "--network=slirp4netns",
+            "--network=slirp4netns:allow_host_loopback=false",
+            "--hooks-dir=/var/lib/cocalc-project-host/hooks.d",
+            "--annotation=com.cocalc.egress=slirp4netns",
             "--memory=67108864",
             "--memory-swap=67108864",
             // the unit's TasksMax binds; the container's own limit is the host's ceiling

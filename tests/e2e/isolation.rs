@@ -503,3 +503,98 @@ fn a_home_of_the_old_shared_range_is_converted_on_start() {
     );
     stop(&id, true);
 }
+
+/// A TCP listener on every address of the machine (port 18080, answers "hi") and two more
+/// addresses of the machine's own (on its loopback device, inside the testbed's network
+/// namespace): one like a host's public address, one like a cloud metadata service.
+struct Listener;
+
+const HOST_ADDRS: [&str; 2] = ["192.0.2.1", "169.254.169.254"];
+
+impl Listener {
+    fn start() -> Listener {
+        for a in HOST_ADDRS {
+            ok(&format!(
+                "ip addr add {a}/32 dev lo 2>/dev/null || ip addr show dev lo | grep -q {a}"
+            ));
+        }
+        ok("systemctl stop e2e-egress-listener 2>/dev/null; systemctl reset-failed e2e-egress-listener 2>/dev/null; \
+            systemd-run -q --collect --unit=e2e-egress-listener busybox nc -ll -p 18080 -e /bin/echo hi && sleep 0.3");
+        // it answers from the machine itself
+        assert_eq!(ok("echo | busybox nc -w 2 192.0.2.1 18080"), "hi");
+        Listener
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        sh("systemctl stop e2e-egress-listener");
+        for a in HOST_ADDRS {
+            sh(&format!("ip addr del {a}/32 dev lo"));
+        }
+    }
+}
+
+#[test]
+fn a_slirp_project_cannot_reach_the_host() {
+    let _l = Listener::start();
+    // the hole without the rules: a plain slirp4netns container reaches the host's addresses
+    let ctl = ok(
+        "podman run --rm --network slirp4netns localhost/cocalc-project:latest sh -c \
+         'echo | nc -w 3 192.0.2.1 18080; echo | nc -w 3 169.254.169.254 18080'",
+    );
+    assert_eq!(
+        ctl, "hi\nhi",
+        "the control container did not reach the host"
+    );
+    let id = new_id();
+    start(&id, Some(r#"{"network":"slirp4netns"}"#));
+    for user in ["1000", "0"] {
+        for target in [
+            "127.0.0.1 18080",
+            "10.0.2.2 18080",
+            "192.0.2.1 18080",
+            "169.254.169.254 18080",
+            "169.254.169.254 80",
+        ] {
+            let t0 = std::time::Instant::now();
+            let o = exec_as(&id, user, &format!("echo | nc -w 10 {target}; echo rc=$?"));
+            let took = t0.elapsed();
+            assert!(
+                !o.stdout.contains("hi") && o.stdout.contains("rc=1"),
+                "as {user}, {target} reached: {o:?}"
+            );
+            assert!(
+                o.stdout.contains("Connection refused"),
+                "as {user}, {target}: {o:?}"
+            );
+            assert!(
+                took.as_secs() < 5,
+                "{target}: took {took:?} (not refused at once)"
+            );
+        }
+        // the project's own loopback works (its image serves the home on 8080)
+        let o = exec_as(
+            &id,
+            user,
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 127.0.0.1 8080 | head -1",
+        );
+        assert!(o.stdout.starts_with("HTTP/1."), "as {user}: {o:?}");
+    }
+    // the rules are in the project's namespace, and nobody inside holds CAP_NET_ADMIN over it
+    let pid = ok(&format!(
+        "podman inspect -f '{{{{.State.Pid}}}}' project-{id}"
+    ));
+    let rules = ok(&format!("nsenter -t {pid} -n iptables -S OUTPUT"));
+    assert!(
+        rules.contains("-d 169.254.0.0/16 -p tcp -j REJECT"),
+        "{rules}"
+    );
+    ok(&format!("podman exec -d -u 0 project-{id} sleep 20"));
+    let caps = ok("for p in $(pgrep -f '^sleep 20$'); do grep CapEff /proc/$p/status; done");
+    assert!(
+        !caps.is_empty() && caps.lines().all(|l| l.ends_with("0000000000000000")),
+        "{caps}"
+    );
+    stop(&id, true);
+}
