@@ -1,6 +1,6 @@
 //! Tenant isolation (issue 19): each test tries what a hostile project user (or a start config
 //! naming a hostile image) would, and asserts it fails while the ordinary thing still works.
-use crate::tb::{self, http, new_id, ok, sh, start, stop};
+use crate::tb::{self, DropIn, http, new_id, ok, sh, start, stop};
 
 const DEST: &str = "com.cocalc.ProjectHost1";
 const MANAGER: &str = "/com/cocalc/ProjectHost1";
@@ -180,27 +180,6 @@ fn nested_namespaces_are_refused_and_fork_and_threads_work() {
     }
     stop(&id, true);
     let _ = std::fs::remove_file(bin);
-}
-
-/// A config drop-in in force (daemon restarted) while this lives.
-struct DropIn(&'static str);
-
-impl DropIn {
-    fn install(path: &'static str, toml: &str) -> DropIn {
-        ok(&format!(
-            "mkdir -p $(dirname {path}) && printf '%s' '{toml}' > {path} && systemctl restart cocalc-project-host.service"
-        ));
-        DropIn(path)
-    }
-}
-
-impl Drop for DropIn {
-    fn drop(&mut self) {
-        sh(&format!(
-            "rm -f {}; systemctl restart cocalc-project-host.service",
-            self.0
-        ));
-    }
 }
 
 fn journal_count(unit: &str, since: &str, pattern: &str) -> usize {
@@ -518,8 +497,10 @@ impl Listener {
                 "ip addr add {a}/32 dev lo 2>/dev/null || ip addr show dev lo | grep -q {a}"
             ));
         }
-        ok("systemctl stop e2e-egress-listener 2>/dev/null; systemctl reset-failed e2e-egress-listener 2>/dev/null; \
-            systemd-run -q --collect --unit=e2e-egress-listener busybox nc -ll -p 18080 -e /bin/echo hi && sleep 0.3");
+        ok(
+            "systemctl stop e2e-egress-listener 2>/dev/null; systemctl reset-failed e2e-egress-listener 2>/dev/null; \
+            systemd-run -q --collect --unit=e2e-egress-listener busybox nc -ll -p 18080 -e /bin/echo hi && sleep 0.3",
+        );
         // it answers from the machine itself
         assert_eq!(ok("echo | busybox nc -w 2 192.0.2.1 18080"), "hi");
         Listener

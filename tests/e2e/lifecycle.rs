@@ -388,6 +388,8 @@ fn bad_input_is_refused_with_json_and_changes_nothing() {
 
 #[test]
 fn a_missing_image_fails_cleanly() {
+    // an image the host allows but podman does not have
+    let _images = crate::tb::allow_localhost_images();
     let id = new_id();
     let (s, v) = http(
         "POST",
