@@ -13,14 +13,13 @@ pub const MAX_REASON: usize = 300;
 /// The unit properties of journald's per-unit rate limit (`LogRateLimitIntervalSec=`,
 /// `LogRateLimitBurst=`): a flooding project loses its own lines, not other units'.
 pub fn rate_limit_properties(
-    interval_secs: u64,
+    interval: std::time::Duration,
     burst: u32,
 ) -> Vec<(&'static str, zbus::Variant<'static>)> {
+    // microseconds, not whole seconds: "500ms" must not become 0 (no limit at all)
+    let usec = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
     vec![
-        (
-            "LogRateLimitIntervalUSec",
-            zbus::Variant::from(interval_secs * 1_000_000),
-        ),
+        ("LogRateLimitIntervalUSec", zbus::Variant::from(usec)),
         ("LogRateLimitBurst", zbus::Variant::from(burst)),
     ]
 }
@@ -146,9 +145,11 @@ mod tests {
 
     #[test]
     fn rate_limit_is_in_microseconds() {
-        let p = rate_limit_properties(30, 10_000);
+        let p = rate_limit_properties(std::time::Duration::from_secs(30), 10_000);
         assert_eq!(p[0].0, "LogRateLimitIntervalUSec");
         assert_eq!(p[0].1, zbus::Variant::from(30_000_000u64));
         assert_eq!(p[1].1, zbus::Variant::from(10_000u32));
+        let p = rate_limit_properties(std::time::Duration::from_millis(500), 1);
+        assert_eq!(p[0].1, zbus::Variant::from(500_000u64));
     }
 }

@@ -166,7 +166,7 @@ impl Units for SystemdUnits {
             systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout.as_secs());
         let p = &self.settings.projects;
         props.extend(journal::rate_limit_properties(
-            p.log_rate_limit_interval.as_secs(),
+            p.log_rate_limit_interval,
             p.log_rate_limit_burst,
         ));
         // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
