@@ -40,7 +40,7 @@ Version: $VERSION
 Architecture: $ARCH
 Maintainer: cocalc-project-host developers <root@localhost>
 Installed-Size: $SIZE
-Depends: libc6 (>= 2.34), systemd (>= 252), dbus, podman, catatonit, btrfs-progs, util-linux, init-system-helpers (>= 1.54)
+Depends: libc6 (>= 2.34), systemd (>= 252), dbus, podman, catatonit, btrfs-progs, util-linux, iptables, init-system-helpers (>= 1.54)
 Section: admin
 Priority: optional
 Description: runner node for CoCalc projects (systemd units wrapping podman on btrfs)

@@ -194,6 +194,10 @@ enum DaemonCommand {
     StorageSetup,
     /// Print the merged configuration, or the first error in it.
     CheckConfig,
+    /// OCI prestart hook run by podman for slirp4netns projects: reads the OCI state on stdin
+    /// and puts the egress rules into the container's network namespace.
+    #[command(hide = true)]
+    EgressHook,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -290,6 +294,8 @@ fn client(cmd: ClientCommand) -> ExitCode {
 fn main() -> ExitCode {
     let command = match Cli::parse().command {
         Command::Client(c) => return client(c),
+        // podman runs the hook with no configuration of ours to read
+        Command::Daemon(DaemonCommand::EgressHook) => return egress_hook(),
         Command::Daemon(d) => d,
     };
     logging::init("info");
@@ -309,6 +315,7 @@ fn main() -> ExitCode {
             println!("project storage ready at {}", mount.display());
             Ok(())
         }),
+        DaemonCommand::EgressHook => unreachable!("handled before the configuration is read"),
         DaemonCommand::CheckConfig => {
             for f in config::fragment_files(&roots) {
                 println!("# read {}", f.display());
@@ -330,6 +337,25 @@ fn main() -> ExitCode {
 /// How long shutdown waits for in-flight starts and stops (under systemd's default 90s stop
 /// timeout of the daemon, after HTTP's own 30s at most).
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(45);
+
+fn egress_hook() -> ExitCode {
+    use std::io::Read as _;
+    logging::init("info");
+    let mut state = String::new();
+    let r = match std::io::stdin().read_to_string(&mut state) {
+        Ok(_) => runtime()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(cocalc_project_host::backends::egress::run_hook(&state))),
+        Err(e) => Err(format!("reading the OCI state: {e}")),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cocalc-project-host egress-hook: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()

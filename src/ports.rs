@@ -4,12 +4,14 @@
 //! podman's argv or btrfs paths.
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::domain::ids::Forbidden;
+use crate::domain::images::ImageRef;
 use crate::domain::limits::{Limits, SliceSettings};
 use crate::domain::project::{ProjectId, ProjectState, RunConfig, UnitInfo};
 use crate::domain::snapshots::SnapshotName;
@@ -48,13 +50,17 @@ pub struct StartPlan {
     pub id: ProjectId,
     /// Its run config.
     pub config: RunConfig,
+    /// The image it runs (allowed by the host's `projects.images`).
+    pub image: ImageRef,
+    /// The first host id of its own id range (`domain::ids`).
+    pub id_base: u32,
     /// Its home (exists).
     pub home: PathBuf,
     /// Its snapshots directory (mounted read-only).
     pub snapshots: PathBuf,
     /// Its fresh scratch, if it has one.
     pub scratch: Option<PathBuf>,
-    /// Size of its /tmp, if bounded.
+    /// Size of each of its /tmp, /var/tmp, /dev/shm (`None`: the backend's default).
     pub tmp: Option<u64>,
     /// Its limits (the CPU quota is not put on by `start`: see [`Units::set_cpu_quota`]).
     pub limits: Limits,
@@ -187,7 +193,25 @@ pub trait Storage: Send + Sync + Debug {
         limit: Option<u64>,
         quotas: bool,
     ) -> Result<(), StorageError>;
+    /// Host ids no project range may overlap (the host's accounts and subordinate ranges).
+    async fn reserved_ids(&self) -> Forbidden;
+    /// The host uid owning the root of the project's home.
+    async fn home_owner(&self, id: ProjectId) -> Result<u32, String>;
+    /// Gives every file of the home owned by an id of `[from, from+count)` the same id of
+    /// `[to, to+count)` (the project is stopped); how many entries changed.
+    async fn convert_home_ids(
+        &self,
+        id: ProjectId,
+        from: u32,
+        to: u32,
+        count: u32,
+    ) -> Result<u64, String>;
+    /// Gives a fresh directory of the project (its scratch) to host `uid`.
+    async fn give_to(&self, path: &Path, uid: u32) -> Result<(), String>;
 }
+
+/// Picks a free id range base given every base taken (`None`: none free).
+pub type IdAlloc = Box<dyn FnOnce(&[u32]) -> Option<u32> + Send>;
 
 /// The host's memory of its projects.
 #[async_trait]
@@ -208,4 +232,8 @@ pub trait Store: Send + Sync + Debug {
     ) -> Result<(), StoreError>;
     /// Records a touch, without waiting.
     fn touch(&self, id: ProjectId, now_ms: u64);
+    /// The base of the project's host id range: the stored one, or the first time the one
+    /// `alloc` picks given every base taken, in one transaction (two starts never share one).
+    /// `None`: `alloc` found none free.
+    async fn id_range(&self, id: ProjectId, alloc: IdAlloc) -> Result<Option<u32>, StoreError>;
 }

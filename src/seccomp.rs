@@ -8,6 +8,13 @@
 //! profile therefore drops the unconditional allow of `ioctl` and allows instead every request
 //! number except the denied ones, as a set of masked-equality rules on the low 32 bits (the kernel
 //! truncates `cmd` to 32 bits, so high bits cannot smuggle a denied number past the filter).
+//!
+//! The same profile closes nested namespaces (podman's default allows `unshare`, `clone` and
+//! `clone3` unconditionally, so `unshare -Ur` gave a tenant a user namespace where it is root,
+//! the door to nf_tables and the other namespaced kernel code most escapes use): `clone` and
+//! `unshare` with any `CLONE_NEW*` flag fail with EPERM; `clone3` fails with ENOSYS (its flags sit
+//! in memory, out of seccomp's reach), so libc falls back to `clone`; `setns` and the mount
+//! syscalls fail with EPERM. Plain fork, vfork and threads keep working.
 use serde_json::{Value, json};
 
 /// The denied ioctls: (request number, name). All `_IOW(0x94, nr, …)` of `linux/btrfs.h`.
@@ -22,6 +29,85 @@ pub const DENIED_IOCTLS: [(u32, &str); 7] = [
 ];
 
 const EPERM: u32 = 1;
+const ENOSYS: u32 = 38;
+
+/// The namespace flags of `clone` (its low byte is the exit signal, so `CLONE_NEWTIME`, 0x80,
+/// cannot be told from a signal number there; the kernel takes it only from clone3/unshare).
+pub const CLONE_NS_FLAGS: [(u64, &str); 7] = [
+    (0x0002_0000, "CLONE_NEWNS"),
+    (0x0200_0000, "CLONE_NEWCGROUP"),
+    (0x0400_0000, "CLONE_NEWUTS"),
+    (0x0800_0000, "CLONE_NEWIPC"),
+    (0x1000_0000, "CLONE_NEWUSER"),
+    (0x2000_0000, "CLONE_NEWPID"),
+    (0x4000_0000, "CLONE_NEWNET"),
+];
+/// `unshare` takes `CLONE_NEWTIME` too.
+pub const CLONE_NEWTIME: u64 = 0x80;
+
+/// Syscalls refused outright (EPERM): joining namespaces and every mount call, old and new API.
+pub const DENIED_SYSCALLS: [&str; 11] = [
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+];
+
+/// Syscalls whose rules this profile writes itself: every rule of the base naming them goes.
+fn replaced(name: &str) -> bool {
+    matches!(name, "clone" | "clone3" | "unshare") || DENIED_SYSCALLS.contains(&name)
+}
+
+/// The rules for `clone` (flags: argument 0 on x86_64 and arm64, the architectures the package
+/// is built for), `unshare`, `clone3` and the denied syscalls.
+fn namespace_rules() -> Vec<Value> {
+    let mut rules = Vec::new();
+    let clone_mask: u64 = CLONE_NS_FLAGS.iter().map(|(f, _)| f).sum();
+    for (name, mask, extra) in [
+        ("clone", clone_mask, None),
+        (
+            "unshare",
+            clone_mask | CLONE_NEWTIME,
+            Some((CLONE_NEWTIME, "CLONE_NEWTIME")),
+        ),
+    ] {
+        // allowed when no namespace flag is set; each flag that is set matches an EPERM rule
+        rules.push(json!({
+            "names": [name],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 0, "value": mask, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}],
+        }));
+        for (flag, fname) in CLONE_NS_FLAGS.iter().copied().chain(extra) {
+            rules.push(json!({
+                "names": [name],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": EPERM,
+                "comment": format!("cocalc-project-host: no nested namespaces ({fname})"),
+                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+            }));
+        }
+    }
+    rules.push(json!({
+        "names": ["clone3"],
+        "action": "SCMP_ACT_ERRNO",
+        "errnoRet": ENOSYS,
+        "comment": "cocalc-project-host: flags out of seccomp's reach; libc falls back to clone",
+    }));
+    rules.push(json!({
+        "names": DENIED_SYSCALLS,
+        "action": "SCMP_ACT_ERRNO",
+        "errnoRet": EPERM,
+        "comment": "cocalc-project-host: no joining namespaces, no mounts",
+    }));
+    rules
+}
 
 /// Masked-equality rules `(mask, value)` on a 32-bit number that together match exactly the
 /// numbers not in `denied`, each number by exactly one rule (the leaves of a binary trie that
@@ -65,6 +151,9 @@ pub fn project_profile(base: &Value) -> Result<Value, ProfileError> {
         .ok_or_else(|| ProfileError("no \"syscalls\" list".into()))?;
     let mut had_ioctl = false;
     for rule in rules.iter_mut() {
+        if let Some(names) = rule.get_mut("names").and_then(Value::as_array_mut) {
+            names.retain(|n| !n.as_str().is_some_and(replaced));
+        }
         if !is_unconditional_allow(rule) {
             continue;
         }
@@ -84,6 +173,7 @@ pub fn project_profile(base: &Value) -> Result<Value, ProfileError> {
             .and_then(Value::as_array)
             .is_none_or(|n| !n.is_empty())
     });
+    rules.extend(namespace_rules());
     let denied: Vec<u32> = DENIED_IOCTLS.iter().map(|(n, _)| *n).collect();
     for (number, name) in DENIED_IOCTLS {
         rules.push(json!({
@@ -188,5 +278,73 @@ mod tests {
         let b = json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]});
         assert!(project_profile(&b).is_err());
         assert!(project_profile(&json!({})).is_err());
+    }
+
+    /// What the profile's rules say for `name` with argument 0 = `arg0` (a tiny evaluator of the
+    /// masked-equality rules this profile uses): the actions of every matching rule.
+    fn actions(p: &Value, name: &str, arg0: u64) -> Vec<(String, Option<u64>)> {
+        p["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["names"].as_array().unwrap().iter().any(|n| n == name))
+            .filter(|r| {
+                r["args"].as_array().is_none_or(|a| {
+                    a.iter().all(|c| {
+                        assert_eq!(c["op"], "SCMP_CMP_MASKED_EQ");
+                        assert_eq!(c["index"], 0);
+                        arg0 & c["value"].as_u64().unwrap() == c["valueTwo"].as_u64().unwrap()
+                    })
+                })
+            })
+            .map(|r| {
+                (
+                    r["action"].as_str().unwrap().to_string(),
+                    r["errnoRet"].as_u64(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn namespaces_are_refused_and_plain_clones_allowed() {
+        let mut b = base();
+        b["syscalls"].as_array_mut().unwrap().push(json!({
+            "names": ["clone", "clone3", "unshare", "setns", "mount", "getpid"],
+            "action": "SCMP_ACT_ALLOW", "args": []
+        }));
+        let p = project_profile(&b).unwrap();
+        let allow = || vec![("SCMP_ACT_ALLOW".to_string(), None)];
+        // fork (SIGCHLD | CHILD_SETTID | CHILD_CLEARTID), pthread's clone, vfork
+        for flags in [0x0120_0011u64, 0x003d_0f00, 0x0000_4111] {
+            assert_eq!(actions(&p, "clone", flags), allow(), "{flags:#x}");
+        }
+        assert_eq!(actions(&p, "unshare", 0x0000_0400), allow(), "CLONE_FILES");
+        for (flag, name) in CLONE_NS_FLAGS {
+            for sys in ["clone", "unshare"] {
+                let a = actions(&p, sys, flag | 0x11);
+                assert!(!a.is_empty(), "{sys} {name}");
+                assert!(
+                    a.iter()
+                        .all(|x| *x == ("SCMP_ACT_ERRNO".to_string(), Some(1))),
+                    "{sys} {name}: {a:?}"
+                );
+            }
+        }
+        let t = actions(&p, "unshare", CLONE_NEWTIME);
+        assert_eq!(t, [("SCMP_ACT_ERRNO".to_string(), Some(1))]);
+        // clone's low byte is the exit signal: 0x80 there is not CLONE_NEWTIME
+        assert_eq!(actions(&p, "clone", 0x80), allow());
+        assert_eq!(
+            actions(&p, "clone3", 0),
+            [("SCMP_ACT_ERRNO".to_string(), Some(38))]
+        );
+        for sys in ["setns", "mount"] {
+            assert_eq!(
+                actions(&p, sys, 0),
+                [("SCMP_ACT_ERRNO".to_string(), Some(1))]
+            );
+        }
+        assert_eq!(actions(&p, "getpid", 0), allow());
     }
 }

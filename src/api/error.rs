@@ -40,6 +40,8 @@ pub enum ErrorKind {
     SnapshotExists,
     /// The operation needs the project stopped.
     ProjectRunning,
+    /// The image is not a plain reference the host allows.
+    ImageNotAllowed,
     /// The project could not be started.
     StartFailed,
     /// The project could not be stopped.
@@ -91,7 +93,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 27] = [
+    pub const ALL: [ErrorKind; 28] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -103,6 +105,7 @@ impl ErrorKind {
         ErrorKind::NoSuchSnapshot,
         ErrorKind::SnapshotExists,
         ErrorKind::ProjectRunning,
+        ErrorKind::ImageNotAllowed,
         ErrorKind::StartFailed,
         ErrorKind::StopFailed,
         ErrorKind::UpdateFailed,
@@ -166,6 +169,7 @@ impl ErrorKind {
             ),
             K::SnapshotExists => r(409, "snapshot_exists", "SnapshotExists", EXIT_FAILURE),
             K::ProjectRunning => r(409, "project_running", "ProjectRunning", EXIT_FAILURE),
+            K::ImageNotAllowed => r(400, "image_not_allowed", "ImageNotAllowed", EXIT_USAGE),
             K::StartFailed => r(500, "start_failed", "StartFailed", EXIT_FAILURE),
             K::StopFailed => r(500, "stop_failed", "StopFailed", EXIT_FAILURE),
             K::UpdateFailed => r(500, "update_failed", "UpdateFailed", EXIT_FAILURE),
@@ -262,6 +266,7 @@ impl From<core::Error> for WireError {
             E::SnapshotExists { .. } => ErrorKind::SnapshotExists,
             E::ProjectRunning(_) => ErrorKind::ProjectRunning,
             E::StorageFull { .. } => ErrorKind::StorageFull,
+            E::ImageNotAllowed(_) => ErrorKind::ImageNotAllowed,
         };
         WireError::new(kind, e.to_string())
     }
@@ -359,6 +364,7 @@ mod tests {
             "NoSuchSnapshot",
             "SnapshotExists",
             "ProjectRunning",
+            "ImageNotAllowed",
             "Unavailable",
             "StorageFull",
             "AccessDenied",
@@ -376,6 +382,7 @@ mod tests {
         for e in [
             core::Error::NoSuchProject(id),
             core::Error::ProjectRunning(id),
+            core::Error::ImageNotAllowed(crate::domain::images::ImageError::NotAllowed("x".into())),
             core::Error::StopFailed {
                 id,
                 reason: "x".into(),

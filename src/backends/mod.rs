@@ -1,6 +1,9 @@
 //! The backends behind the core's ports (`crate::ports`): the real ones (systemd over zbus with
 //! podman's argv in `units`, btrfs, SQLite) and a simulated one (`sim`) for in-process tests.
 pub mod btrfs;
+pub mod egress;
+pub mod ids;
+pub mod journal;
 pub mod podman;
 pub mod sim;
 pub mod sqlite;

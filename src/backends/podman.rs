@@ -3,8 +3,9 @@
 use std::path::Path;
 
 use crate::config::Settings;
+use crate::domain::images::ImageRef;
 use crate::domain::limits;
-use crate::domain::project::{ProjectId, RunConfig};
+use crate::domain::project::{NetworkMode, ProjectId, RunConfig};
 
 /// Path of the podman binary (what the unit's Exec* lines run).
 pub const PODMAN: &str = "/usr/bin/podman";
@@ -24,9 +25,17 @@ pub const HOME: &str = "/home/user";
 /// (see `limits`). The security flags: a user namespace onto the reserved range, every
 /// capability dropped but the configured ones (none by default), no-new-privileges; the only
 /// host path inside is the project's own home; podman mounts /sys, /proc/sys and cgroups read-only.
-pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Path) -> Vec<String> {
+pub fn run_argv(
+    id: &ProjectId,
+    settings: &Settings,
+    cfg: &RunConfig,
+    image: &ImageRef,
+    id_base: u32,
+    home: &Path,
+) -> Vec<String> {
     let p = &settings.projects;
-    let map = format!("0:{}:{}", p.uid_base, p.uid_count);
+    // the project's own range of host ids (idmap.rs)
+    let map = format!("0:{id_base}:{}", p.uid_count);
     let mut a: Vec<String> = vec![
         PODMAN.into(),
         "run".into(),
@@ -39,7 +48,7 @@ pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Pat
         format!("--name={}", id.container_name()),
         "--init".into(),
         "--log-driver=journald".into(),
-        format!("--network={}", cfg.network.unwrap_or(p.network).as_str()),
+        network_flag(cfg.network.unwrap_or(p.network)),
         // container root is never host root: a user namespace onto the reserved range
         format!("--uidmap={map}"),
         format!("--gidmap={map}"),
@@ -50,6 +59,17 @@ pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Pat
         format!("--env=COCALC_PROJECT_ID={id}"),
         "--pull=never".into(),
     ];
+    if cfg.network.unwrap_or(p.network) == NetworkMode::Slirp4netns {
+        // the egress rules (egress.rs): a prestart hook selected by this annotation
+        a.push(format!(
+            "--hooks-dir={}",
+            settings.state_dir.join("hooks.d").display()
+        ));
+        a.push(format!(
+            "--annotation={}=slirp4netns",
+            crate::backends::egress::ANNOTATION
+        ));
+    }
     for (k, v) in &cfg.env {
         a.push(format!("--env={k}={v}"));
     }
@@ -58,11 +78,19 @@ pub fn run_argv(id: &ProjectId, settings: &Settings, cfg: &RunConfig, home: &Pat
     a.extend(limits::podman_flags(&lim, &settings.limits.max));
     // `--` ends podman's options: neither the image nor the command can be read as a flag
     a.push("--".into());
-    a.push(cfg.image.clone().unwrap_or_else(|| p.image.clone()));
+    a.push(image.to_string());
     if let Some(cmd) = cfg.cmd.as_ref().or(p.cmd.as_ref()) {
         a.extend(cmd.iter().cloned());
     }
     a
+}
+
+/// podman's `--network`: slirp4netns never with the host's loopback (its default, said aloud).
+fn network_flag(mode: NetworkMode) -> String {
+    match mode {
+        NetworkMode::None => "--network=none".into(),
+        NetworkMode::Slirp4netns => "--network=slirp4netns:allow_host_loopback=false".into(),
+    }
 }
 
 /// Never privileged, no new privileges, every capability dropped but the configured ones.
@@ -124,14 +152,25 @@ pub const SNAPSHOTS_MOUNT: &str = "/home/user/.snapshots";
 /// Where a project's scratch subvolume is mounted.
 pub const SCRATCH_MOUNT: &str = "/scratch";
 
+/// Size of each of /tmp, /var/tmp and /dev/shm when neither the config nor the host sets `tmp`.
+pub const DEFAULT_TMP: u64 = 128 << 20;
+/// Size of /run (container root's; the user cannot write it).
+pub const RUN_SIZE: u64 = 16 << 20;
+
 /// The storage options of a project's container: the seccomp profile that keeps it from making
-/// btrfs subvolumes (quota escape), its snapshots read-only, its scratch, its /tmp tmpfs.
+/// btrfs subvolumes (quota escape) and namespaces, its snapshots read-only, its scratch, and a
+/// bound on every other writable place. The image's root filesystem is read-only (a write there
+/// would land in podman's storage on the host's root filesystem, outside any quota); /tmp,
+/// /var/tmp and /dev/shm are tmpfs of `tmp` bytes each (default [`DEFAULT_TMP`]) and /run one of
+/// [`RUN_SIZE`]: tmpfs pages are charged to the project's memory cgroup, so they count in its
+/// memory limit too. podman's own unsized tmpfs for a read-only container are off.
 pub fn storage_options(
     seccomp: &Path,
     snapshots: &Path,
     scratch: Option<&Path>,
     tmp: Option<u64>,
 ) -> Vec<String> {
+    let tmp = tmp.unwrap_or(DEFAULT_TMP);
     let mut a = vec![
         format!("--security-opt=seccomp={}", seccomp.display()),
         format!("--volume={}:{SNAPSHOTS_MOUNT}:ro", snapshots.display()),
@@ -139,9 +178,14 @@ pub fn storage_options(
     if let Some(s) = scratch {
         a.push(format!("--volume={}:{SCRATCH_MOUNT}", s.display()));
     }
-    if let Some(b) = tmp {
-        a.push(format!("--tmpfs=/tmp:rw,nosuid,nodev,size={b},mode=1777"));
-    }
+    a.extend([
+        "--read-only".to_string(),
+        "--read-only-tmpfs=false".to_string(),
+        format!("--tmpfs=/tmp:rw,nosuid,nodev,size={tmp},mode=1777"),
+        format!("--tmpfs=/var/tmp:rw,nosuid,nodev,size={tmp},mode=1777"),
+        format!("--tmpfs=/run:rw,nosuid,nodev,size={RUN_SIZE},mode=755"),
+        format!("--shm-size={tmp}"),
+    ]);
     a
 }
 
@@ -156,6 +200,14 @@ mod tests {
     use super::*;
     use crate::domain::project::NetworkMode;
 
+    fn img(s: &str) -> ImageRef {
+        s.parse().unwrap()
+    }
+
+    fn default_image() -> ImageRef {
+        img("localhost/cocalc-project:latest")
+    }
+
     fn id() -> ProjectId {
         "6f1c2d3e-0000-4000-8000-000000000001".parse().unwrap()
     }
@@ -167,6 +219,8 @@ mod tests {
             &id(),
             &s,
             &RunConfig::default(),
+            &default_image(),
+            1 << 30,
             Path::new("/srv/p/project-x"),
         );
         let has = |x: &str| a.iter().any(|y| y == x);
@@ -184,8 +238,9 @@ mod tests {
             "-d",
             "--replace",
             "--init",
-            "--uidmap=0:100000:65536",
-            "--gidmap=0:100000:65536",
+            // the project's own range
+            "--uidmap=0:1073741824:65536",
+            "--gidmap=0:1073741824:65536",
             "--user=1000:1000",
             "--volume=/srv/p/project-x:/home/user",
             "--env=HOME=/home/user",
@@ -206,7 +261,14 @@ mod tests {
     fn configured_capabilities_are_the_only_ones_kept() {
         let mut s = Settings::default();
         s.projects.capabilities = vec!["NET_RAW".into()];
-        let a = run_argv(&id(), &s, &RunConfig::default(), Path::new("/h"));
+        let a = run_argv(
+            &id(),
+            &s,
+            &RunConfig::default(),
+            &default_image(),
+            100_000,
+            Path::new("/h"),
+        );
         let caps: Vec<&String> = a.iter().filter(|x| x.starts_with("--cap-")).collect();
         assert_eq!(caps, ["--cap-drop=all", "--cap-add=NET_RAW"]);
     }
@@ -241,11 +303,20 @@ mod tests {
             pids: Some(50),
             ..Default::default()
         };
-        let a = run_argv(&id(), &s, &cfg, Path::new("/h"));
+        let a = run_argv(
+            &id(),
+            &s,
+            &cfg,
+            &img("localhost/other:2"),
+            100_000,
+            Path::new("/h"),
+        );
         let has = |x: &str| a.iter().any(|y| y == x);
         for f in [
             "--env=A=b c",
-            "--network=slirp4netns",
+            "--network=slirp4netns:allow_host_loopback=false",
+            "--hooks-dir=/var/lib/cocalc-project-host/hooks.d",
+            "--annotation=com.cocalc.egress=slirp4netns",
             "--memory=67108864",
             "--memory-swap=67108864",
             // the unit's TasksMax binds; the container's own limit is the host's ceiling
@@ -273,6 +344,8 @@ mod tests {
             &id(),
             &Settings::default(),
             &RunConfig::default(),
+            &default_image(),
+            100_000,
             Path::new("/h"),
         );
         let n = a.len();
@@ -288,20 +361,23 @@ mod tests {
                 "--security-opt=seccomp=/var/lib/x/seccomp.json",
                 "--volume=/s/.snapshots/p:/home/user/.snapshots:ro",
                 "--volume=/s/.scratch/p:/scratch",
+                "--read-only",
+                "--read-only-tmpfs=false",
                 "--tmpfs=/tmp:rw,nosuid,nodev,size=67108864,mode=1777",
+                "--tmpfs=/var/tmp:rw,nosuid,nodev,size=67108864,mode=1777",
+                "--tmpfs=/run:rw,nosuid,nodev,size=16777216,mode=755",
+                "--shm-size=67108864",
             ]
         );
         insert_options(&mut a, o);
-        assert_eq!(a.len(), n + 4);
+        assert_eq!(a.len(), n + 9);
         let dash = a.iter().position(|x| x == "--").unwrap();
-        assert_eq!(
-            a[dash - 1],
-            "--tmpfs=/tmp:rw,nosuid,nodev,size=67108864,mode=1777"
-        );
+        assert_eq!(a[dash - 1], "--shm-size=67108864");
         assert_eq!(a[dash + 1], "localhost/cocalc-project:latest");
-        assert_eq!(
-            storage_options(Path::new("/p.json"), Path::new("/s"), None, None).len(),
-            2
-        );
+        // no tmp configured: every writable tmpfs still has a size
+        let d = storage_options(Path::new("/p.json"), Path::new("/s"), None, None);
+        assert_eq!(d.len(), 8);
+        assert!(d.contains(&"--tmpfs=/tmp:rw,nosuid,nodev,size=134217728,mode=1777".to_string()));
+        assert!(d.contains(&"--shm-size=134217728".to_string()));
     }
 }

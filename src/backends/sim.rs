@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::core::Backends;
+use crate::domain::ids::Forbidden;
 use crate::domain::limits::{Limits, SliceSettings};
 use crate::domain::project::{ActiveState, ProjectId, ProjectState, RunConfig, UnitInfo};
 use crate::domain::reserve::Space;
@@ -80,6 +81,8 @@ pub struct SimUnits {
     pub helpers: Mutex<Vec<Helper>>,
     /// CPU quota last set per project (`None`: lifted).
     pub cpu: Mutex<HashMap<ProjectId, Option<f64>>>,
+    /// The last start plan per project.
+    pub plans: Mutex<HashMap<ProjectId, StartPlan>>,
 }
 
 impl SimUnits {
@@ -165,6 +168,7 @@ impl ports::Units for SimUnits {
     }
     async fn start(&self, plan: StartPlan) -> Result<(), StartError> {
         let id = plan.id;
+        lock(&self.plans).insert(id, plan);
         if lock(&self.units).contains_key(&id) {
             // as systemd: a loaded unit of that name refuses a new transient one
             return Err(StartError::Unit {
@@ -264,7 +268,14 @@ pub struct SimStorage {
     quotas: Mutex<bool>,
     /// free space set by a test (`None`: 1 TiB free of 2 TiB)
     space: Mutex<Option<Space>>,
+    owners: Mutex<HashMap<ProjectId, u32>>,
+    given: Mutex<HashMap<PathBuf, u32>>,
+    reserved: Mutex<Forbidden>,
 }
+
+/// The owner of a new simulated home: the user of the default pool's first slot, as the real
+/// backend's (`Settings::host_user_uid`).
+pub const NEW_HOME_OWNER: u32 = (1 << 30) + 1000;
 
 impl SimStorage {
     /// Sets the filesystem's free space (`available` of `total` bytes).
@@ -276,6 +287,27 @@ impl SimStorage {
         let sub = self.next_id.fetch_add(1, Ordering::Relaxed) + 256;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         lock(&self.homes).entry(id).or_insert((sub, generation));
+    }
+    /// The host uid owning the home's root (after conversions).
+    pub fn owner(&self, id: ProjectId) -> Option<u32> {
+        lock(&self.homes).contains_key(&id).then(|| {
+            lock(&self.owners)
+                .get(&id)
+                .copied()
+                .unwrap_or(NEW_HOME_OWNER)
+        })
+    }
+    /// Makes the home's root belong to `uid` (a home of another range).
+    pub fn set_owner(&self, id: ProjectId, uid: u32) {
+        lock(&self.owners).insert(id, uid);
+    }
+    /// The owner a path was given (`give_to`).
+    pub fn given(&self, path: &std::path::Path) -> Option<u32> {
+        lock(&self.given).get(path).copied()
+    }
+    /// Host ids no range may overlap (as /etc/subuid etc. would say).
+    pub fn set_reserved(&self, f: Forbidden) {
+        *lock(&self.reserved) = f;
     }
     /// Removes a home (lost storage).
     pub fn remove_home(&self, id: ProjectId) {
@@ -292,6 +324,31 @@ impl SimStorage {
 
 #[async_trait]
 impl ports::Storage for SimStorage {
+    async fn reserved_ids(&self) -> Forbidden {
+        lock(&self.reserved).clone()
+    }
+    async fn home_owner(&self, id: ProjectId) -> Result<u32, String> {
+        self.owner(id).ok_or_else(|| format!("no home of {id}"))
+    }
+    async fn convert_home_ids(
+        &self,
+        id: ProjectId,
+        from: u32,
+        to: u32,
+        count: u32,
+    ) -> Result<u64, String> {
+        let owner = self.owner(id).ok_or_else(|| format!("no home of {id}"))?;
+        let new = crate::domain::ids::remap(owner, from, to, count);
+        if new == owner {
+            return Ok(0);
+        }
+        self.set_owner(id, new);
+        Ok(1)
+    }
+    async fn give_to(&self, path: &std::path::Path, uid: u32) -> Result<(), String> {
+        lock(&self.given).insert(path.to_path_buf(), uid);
+        Ok(())
+    }
     fn has_home(&self, id: ProjectId) -> bool {
         lock(&self.homes).contains_key(&id)
     }
@@ -337,10 +394,10 @@ impl ports::Storage for SimStorage {
     }
     async fn recreate_scratch(
         &self,
-        _id: ProjectId,
-        _limit: Option<u64>,
+        id: ProjectId,
+        limit: Option<u64>,
     ) -> Result<Option<PathBuf>, StorageError> {
-        Ok(None)
+        Ok(limit.map(|_| PathBuf::from(format!("/sim/.scratch/project-{id}"))))
     }
     async fn subvolumes(&self, snapshots_only: bool) -> Result<Vec<Subvolume>, StorageError> {
         let mut v = Vec::new();
@@ -421,6 +478,7 @@ impl ports::Storage for SimStorage {
 #[derive(Debug, Default)]
 pub struct SimStore {
     rows: Mutex<HashMap<ProjectId, ProjectRow>>,
+    ranges: Mutex<HashMap<ProjectId, u32>>,
     fail_upserts: Mutex<bool>,
 }
 
@@ -496,5 +554,22 @@ impl ports::Store for SimStore {
         if let Some(r) = lock(&self.rows).get_mut(&id) {
             r.last_touched = r.last_touched.max(now_ms);
         }
+    }
+    async fn id_range(
+        &self,
+        id: ProjectId,
+        alloc: ports::IdAlloc,
+    ) -> Result<Option<u32>, StoreError> {
+        // one lock for the read and the insert, as the real store's transaction
+        let mut ranges = lock(&self.ranges);
+        if let Some(b) = ranges.get(&id) {
+            return Ok(Some(*b));
+        }
+        let taken: Vec<u32> = ranges.values().copied().collect();
+        let Some(base) = alloc(&taken) else {
+            return Ok(None);
+        };
+        ranges.insert(id, base);
+        Ok(Some(base))
     }
 }

@@ -104,6 +104,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::backends::ids::SCHEMA)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("store".into())
@@ -148,6 +149,44 @@ impl Store {
             };
             tx.commit()?;
             Ok(id)
+        })
+        .await
+    }
+
+    /// The base of a project's host id range: the stored one, or the first time the one `alloc`
+    /// picks given every base taken (in one transaction, so two starts never share one).
+    /// `None`: `alloc` found none free.
+    pub async fn id_range(
+        &self,
+        id: ProjectId,
+        alloc: impl FnOnce(&[u32]) -> Option<u32> + Send + 'static,
+    ) -> Result<Option<u32>, StoreError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let got: Option<i64> = tx
+                .query_row(
+                    "SELECT base FROM id_ranges WHERE project=?1",
+                    [id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(b) = got {
+                return Ok(u32::try_from(b).ok());
+            }
+            let taken: Vec<u32> = tx
+                .prepare("SELECT base FROM id_ranges")?
+                .query_map([], |r| r.get::<_, i64>(0))?
+                .filter_map(|b| b.ok().and_then(|b| u32::try_from(b).ok()))
+                .collect();
+            let Some(base) = alloc(&taken) else {
+                return Ok(None);
+            };
+            tx.execute(
+                "INSERT INTO id_ranges(project, base) VALUES(?1, ?2)",
+                params![id.to_string(), i64::from(base)],
+            )?;
+            tx.commit()?;
+            Ok(Some(base))
         })
         .await
     }
@@ -211,6 +250,13 @@ impl Store {
 
 #[async_trait::async_trait]
 impl crate::ports::Store for Store {
+    async fn id_range(
+        &self,
+        id: ProjectId,
+        alloc: crate::ports::IdAlloc,
+    ) -> Result<Option<u32>, StoreError> {
+        Store::id_range(self, id, alloc).await
+    }
     async fn host_id(&self) -> Result<String, StoreError> {
         Store::host_id(self).await
     }

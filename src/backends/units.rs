@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use zbus::Variant;
 
-use crate::backends::podman;
 use crate::backends::systemd::{self, Systemd, SystemdError};
+use crate::backends::{egress, journal, podman};
 use crate::cmd;
 use crate::config::Settings;
 use crate::domain::limits::{self, Limits, SliceSettings};
@@ -79,6 +79,16 @@ impl SystemdUnits {
         self.systemd.start_transient(unit, props, timeout).await
     }
 
+    /// podman's own `Error:` line of the unit's last start attempt (see `journal`).
+    async fn podman_error(&self, unit: &str, since: SystemTime) -> Option<String> {
+        let secs = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let args = journal::journalctl_args(unit, secs);
+        let out = cmd::run("/usr/bin/journalctl", &args, Duration::from_secs(10))
+            .await
+            .ok()?;
+        journal::podman_error(&out)
+    }
+
     async fn journal_tail(&self, unit: &str, since: SystemTime) -> String {
         let secs = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let args = [
@@ -110,13 +120,6 @@ impl SystemdUnits {
     }
 }
 
-/// podman says what went wrong in its "Error: …" line.
-fn podman_error(journal: &str) -> Option<&str> {
-    journal
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Error: "))
-}
-
 #[async_trait]
 impl Units for SystemdUnits {
     fn unit_name(&self, id: ProjectId) -> String {
@@ -139,6 +142,8 @@ impl Units for SystemdUnits {
         let StartPlan {
             id,
             config,
+            image,
+            id_base,
             home,
             snapshots,
             scratch,
@@ -146,7 +151,10 @@ impl Units for SystemdUnits {
             limits,
         } = plan;
         let unit = id.unit_name();
-        let mut argv = podman::run_argv(&id, &self.settings, &config, &home);
+        egress::ensure_hooks_dir(&self.settings.state_dir).map_err(|reason| {
+            StartError::Prepare(format!("cannot write the egress hook: {reason}"))
+        })?;
+        let mut argv = podman::run_argv(&id, &self.settings, &config, &image, id_base, &home);
         let seccomp = self.seccomp_profile().map_err(|reason| {
             StartError::Prepare(format!("cannot write the seccomp profile: {reason}"))
         })?;
@@ -156,6 +164,11 @@ impl Units for SystemdUnits {
         );
         let mut props =
             systemd::unit_properties(&id, argv, self.settings.projects.stop_timeout.as_secs());
+        let p = &self.settings.projects;
+        props.extend(journal::rate_limit_properties(
+            p.log_rate_limit_interval,
+            p.log_rate_limit_burst,
+        ));
         // podman's own start (and later stop) work runs in the unit's cgroup too: the project's CPU
         // quota is put on once it runs (set_cpu_quota), and lifted before a stop, so a project
         // limited to a sliver of a core still starts and stops at full speed
@@ -169,9 +182,10 @@ impl Units for SystemdUnits {
             Ok(()) => Ok(()),
             Err(e) => {
                 let journal = self.journal_tail(&unit, since).await;
-                // lead with podman's own error when it said one
-                let reason = match podman_error(&journal) {
-                    Some(podman) => format!("{podman} ({e})"),
+                // podman says what went wrong in its "Error: …" line: only podman's own, cut (the
+                // container's output is the tenant's and must not write the API's message)
+                let reason = match self.podman_error(&unit, since).await {
+                    Some(podman) => podman,
                     None => e.to_string(),
                 };
                 Err(StartError::Unit { reason, journal })
@@ -257,8 +271,8 @@ impl Units for SystemdUnits {
             Ok(()) => Ok(()),
             Err(e) if matches!(helper, Helper::RemoveContainer(_)) => Err(e.to_string()),
             Err(e) => {
-                let log = self.journal_tail(&unit, since).await;
-                Err(match podman_error(&log) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(match self.podman_error(&unit, since).await {
                     Some(podman) => format!("{what}: {podman}"),
                     None => format!("{what}: {e}"),
                 })

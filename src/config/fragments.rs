@@ -173,6 +173,10 @@ struct ProjectsFragment {
     uid_count: Option<u32>,
     user_uid: Option<u32>,
     capabilities: Option<Vec<String>>,
+    images: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    log_rate_limit_interval: Option<Duration>,
+    log_rate_limit_burst: Option<u32>,
 }
 
 impl ProjectsFragment {
@@ -193,6 +197,19 @@ impl ProjectsFragment {
             &mut p.capabilities,
             self.capabilities,
             "projects.capabilities",
+            mark,
+        );
+        put(&mut p.images, self.images, "projects.images", mark);
+        put(
+            &mut p.log_rate_limit_interval,
+            self.log_rate_limit_interval,
+            "projects.log_rate_limit_interval",
+            mark,
+        );
+        put(
+            &mut p.log_rate_limit_burst,
+            self.log_rate_limit_burst,
+            "projects.log_rate_limit_burst",
             mark,
         );
     }

@@ -80,7 +80,8 @@ pub struct StorageSettings {
     pub reserve: Amount,
     /// Default size of a project's /scratch (bytes; `None`: no /scratch).
     pub scratch: Option<u64>,
-    /// Default size of a project's /tmp tmpfs (bytes; `None`: /tmp of the image).
+    /// Default size of each of a project's /tmp, /var/tmp and /dev/shm tmpfs (bytes; `None`:
+    /// `backends::podman::DEFAULT_TMP`).
     pub tmp: Option<u64>,
 }
 
@@ -95,14 +96,23 @@ pub struct ProjectSettings {
     pub network: NetworkMode,
     /// Graceful stop timeout, whole seconds (SIGTERM → SIGKILL inside the container).
     pub stop_timeout: Duration,
-    /// First host uid/gid of the range container ids are mapped onto.
+    /// First host uid/gid of the pool from which each project gets a range of its own
+    /// (`domain::ids`; slots overlapping /etc/subuid, /etc/subgid or host ids are skipped).
     pub uid_base: u32,
-    /// Size of that range.
+    /// Size of each project's range.
     pub uid_count: u32,
     /// The uid/gid of `user` inside the container.
     pub user_uid: u32,
     /// Capabilities the container keeps (all others are dropped); names without `CAP_`.
     pub capabilities: Vec<String>,
+    /// Images a start config may name: glob patterns over plain references
+    /// (`domain::images`). Empty: only `image`.
+    pub images: Vec<String>,
+    /// journald's rate limit of each project unit: at most `log_rate_limit_burst` lines per
+    /// `log_rate_limit_interval`; a flooding project loses its own lines only.
+    pub log_rate_limit_interval: Duration,
+    /// See `log_rate_limit_interval`.
+    pub log_rate_limit_burst: u32,
 }
 
 impl Settings {
@@ -117,7 +127,8 @@ impl Settings {
     pub fn storage_image(&self) -> PathBuf {
         self.state_dir.join("projects.img")
     }
-    /// Host uid that owns a project's files (the container's `user`).
+    /// Host uid that owns a new home (the container's `user` in the pool's first slot); a start
+    /// gives it to the project's own range (`core::ids`).
     pub fn host_user_uid(&self) -> u32 {
         self.projects.uid_base + self.projects.user_uid
     }
@@ -141,10 +152,13 @@ impl Default for Settings {
                 cmd: None,
                 network: NetworkMode::None,
                 stop_timeout: Duration::from_secs(10),
-                uid_base: 100_000,
+                uid_base: 1 << 30,
                 uid_count: 65_536,
                 user_uid: 1000,
                 capabilities: Vec::new(),
+                images: Vec::new(),
+                log_rate_limit_interval: Duration::from_secs(30),
+                log_rate_limit_burst: 10_000,
             },
             limits: LimitSettings::default(),
             slice: SliceSettings::default(),

@@ -162,6 +162,7 @@ fn the_shipped_config_is_the_defaults() {
     // the example values that are not defaults
     s.storage.mount = None;
     s.projects.cmd = None;
+    s.projects.images.clear();
     (s.storage.scratch, s.storage.tmp) = (None, None);
     s.auth.master_public_keys.clear();
     s.auth.admin_token_file = None;
@@ -284,4 +285,30 @@ fn load_applies_overrides_and_masks_and_refuses_symlinked_fragments() {
     let e = load(&roots).unwrap_err().to_string();
     assert!(e.starts_with(&format!("{}: ", link.display())), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn image_allowlist_and_journal_rate_limit_parse_and_are_checked() {
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[projects]\nimages = [\"docker.io/library/*:*\"]\nlog_rate_limit_interval = \"1m\"\nlog_rate_limit_burst = 50\n",
+    )])
+    .unwrap();
+    assert_eq!(s.projects.images, ["docker.io/library/*:*"]);
+    assert_eq!(s.projects.log_rate_limit_interval, Duration::from_secs(60));
+    assert_eq!(s.projects.log_rate_limit_burst, 50);
+    let e = m(&[("/etc/x/a.toml", "[projects]\nimages = [\"a/[b\"]\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/etc/x/a.toml: projects.images: "), "{e}");
+    let e = m(&[(
+        "/etc/x/a.toml",
+        "[projects]\nlog_rate_limit_interval = \"2h\"\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "/etc/x/a.toml: projects.log_rate_limit_interval: must be at most 3600 seconds"
+    );
 }

@@ -85,6 +85,18 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
     if let Err(e) = image_ok.validate() {
         return Err(("projects.image", e.reason));
     }
+    if let Err(e) = crate::domain::images::Allowlist::new(&s.projects.image, &[]) {
+        return Err(("projects.image", e));
+    }
+    if let Err(e) = crate::domain::images::Allowlist::new(&s.projects.image, &s.projects.images) {
+        return Err(("projects.images", e));
+    }
+    if s.projects.log_rate_limit_interval.as_secs() > 3600 {
+        return Err((
+            "projects.log_rate_limit_interval",
+            "must be at most 3600 seconds".into(),
+        ));
+    }
     if let Some(cmd) = &s.projects.cmd
         && cmd.is_empty()
     {

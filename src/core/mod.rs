@@ -20,6 +20,7 @@ use crate::ports::{
     UnitEvent,
 };
 
+mod ids;
 mod storage;
 mod tasks;
 #[cfg(test)]
@@ -111,6 +112,9 @@ pub enum Error {
         /// bytes the reserve keeps
         reserve: u64,
     },
+    /// The image is not a plain reference, or not one the host allows.
+    #[error(transparent)]
+    ImageNotAllowed(#[from] crate::domain::images::ImageError),
 }
 
 impl Error {
@@ -133,6 +137,7 @@ impl Error {
             Error::SnapshotExists { .. } => "snapshot_exists",
             Error::ProjectRunning(_) => "project_running",
             Error::StorageFull { .. } => "storage_full",
+            Error::ImageNotAllowed(_) => "image_not_allowed",
         }
     }
 }
@@ -615,9 +620,20 @@ impl Host {
         }
     }
 
+    /// The image a config runs, when it is a plain reference the host allows (nothing else may
+    /// reach podman: it would import archives and directories whatever `--pull` says).
+    fn image_of(&self, cfg: &RunConfig) -> Result<crate::domain::images::ImageRef, Error> {
+        let p = &self.settings.projects;
+        let allow = crate::domain::images::Allowlist::new(&p.image, &p.images).map_err(|e| {
+            crate::domain::images::ImageError::NotAllowed(format!("(config projects.images: {e})"))
+        })?;
+        Ok(allow.resolve(cfg.image.as_deref())?)
+    }
+
     async fn start_now(&self, id: ProjectId, config: Option<RunConfig>) -> Result<Status, Error> {
         if let Some(c) = &config {
             c.validate()?;
+            self.image_of(c)?;
             self.limits_of(c)?;
         }
         let lock = self.lock(id);
@@ -644,13 +660,18 @@ impl Host {
             Some(c) => c,
             None => self.stored_config(id).await?,
         };
+        let image = self.image_of(&config)?;
         self.check_reserve(id, "start")?;
         let home = self.storage.ensure_home(id).await?;
         let limits = self.limits_of(&config)?;
-        let (snapshots, scratch, tmp) = self.prepare_storage(id, &config).await?;
+        let id_base = self.id_range(id).await?;
+        self.convert_home(id, id_base).await?;
+        let (snapshots, scratch, tmp) = self.prepare_storage(id, &config, id_base).await?;
         let plan = StartPlan {
             id,
             config: config.clone(),
+            image,
+            id_base,
             home,
             snapshots,
             scratch,

@@ -99,6 +99,7 @@ impl Host {
         &self,
         id: ProjectId,
         config: &RunConfig,
+        id_base: u32,
     ) -> Result<(PathBuf, Option<PathBuf>, Option<u64>), Error> {
         let s = &self.settings.storage;
         let disk = self.disk_limit(config);
@@ -113,6 +114,18 @@ impl Host {
         let snapshots = self.storage.ensure_snapshots_dir(id)?;
         self.storage.clear_snapshots_mountpoint(id, now_ms())?;
         let scratch = self.storage.recreate_scratch(id, scratch).await?;
+        if let Some(path) = &scratch {
+            // a fresh scratch is the project user's, in the project's own id range
+            let uid = id_base + self.settings.projects.user_uid;
+            self.storage
+                .give_to(path, uid)
+                .await
+                .map_err(|reason| Error::StartFailed {
+                    id,
+                    reason,
+                    journal: String::new(),
+                })?;
+        }
         Ok((snapshots, scratch, config.tmp.or(s.tmp)))
     }
 

@@ -437,3 +437,134 @@ async fn the_host_maxima_bind_start_configs_and_quota_changes() {
         Err(Error::InvalidConfig(_))
     ));
 }
+
+fn plan_base(sim: &Sim, p: ProjectId) -> u32 {
+    sim.units.plans.lock().expect("lock")[&p].id_base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn id_ranges_are_allocated_once_distinct_and_kept_across_restarts() {
+    let sim = Sim::new();
+    // a host account's subordinate range where the pool's second slot would be
+    let pool = 1u64 << 30;
+    let mut reserved = crate::domain::ids::Forbidden::default();
+    reserved.add_subid(&format!("alice:{}:10", pool + 65_536 + 5));
+    sim.storage.set_reserved(reserved);
+    let h = host(&sim).await;
+    // concurrent first starts of many projects: every one its own slot, none reserved
+    let ps: Vec<ProjectId> = (100..108).map(id).collect();
+    let mut starts = Vec::new();
+    for &p in &ps {
+        let h = h.clone();
+        starts.push(tokio::spawn(async move { h.start(p, None).await }));
+    }
+    for s in starts {
+        s.await.expect("join").expect("start");
+    }
+    let mut bases: Vec<u32> = ps.iter().map(|&p| plan_base(&sim, p)).collect();
+    for &b in &bases {
+        assert!(
+            u64::from(b) >= pool && (u64::from(b) - pool).is_multiple_of(65_536),
+            "{b}"
+        );
+        assert_ne!(
+            u64::from(b),
+            pool + 65_536,
+            "the reserved slot was given out"
+        );
+    }
+    let before = bases.clone();
+    bases.sort_unstable();
+    bases.dedup();
+    assert_eq!(
+        bases.len(),
+        ps.len(),
+        "two projects share a range: {before:?}"
+    );
+    // each home (and a fresh scratch) belongs to base + user_uid
+    for &p in &ps {
+        assert_eq!(sim.storage.owner(p), Some(plan_base(&sim, p) + 1000));
+    }
+    // a restarted host gives each project the same range again
+    for &p in &ps {
+        h.stop(p, false).await.expect("stop");
+    }
+    drop(h);
+    let h = host(&sim).await;
+    for (&p, &b) in ps.iter().zip(&before) {
+        h.start(p, None).await.expect("start again");
+        assert_eq!(plan_base(&sim, p), b);
+    }
+}
+
+#[tokio::test]
+async fn a_home_of_the_old_shared_range_is_converted_and_a_foreign_one_refused() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    let (old, root_owned) = (id(120), id(121));
+    sim.storage.add_home(old);
+    sim.storage.set_owner(old, 101_000);
+    h.start(old, None).await.expect("start");
+    let base = plan_base(&sim, old);
+    assert_eq!(sim.storage.owner(old), Some(base + 1000));
+    // a scratch is given to the project's user too
+    let cfg = crate::domain::project::RunConfig {
+        scratch: Some(64 << 20),
+        ..Default::default()
+    };
+    let p = id(122);
+    h.start(p, Some(cfg)).await.expect("start with scratch");
+    let scratch = sim.units.plans.lock().expect("lock")[&p]
+        .scratch
+        .clone()
+        .expect("a scratch");
+    assert_eq!(sim.storage.given(&scratch), Some(plan_base(&sim, p) + 1000));
+    // a home owned by a uid below user_uid is nobody's project user: not touched, no start
+    sim.storage.add_home(root_owned);
+    sim.storage.set_owner(root_owned, 0);
+    let e = h.start(root_owned, None).await.expect_err("refused");
+    assert!(matches!(e, Error::StartFailed { .. }), "{e:?}");
+    assert_eq!(sim.storage.owner(root_owned), Some(0));
+    assert_eq!(sim.units.state(root_owned), None);
+}
+
+#[tokio::test]
+async fn images_the_host_does_not_allow_never_reach_the_units() {
+    let sim = Sim::new();
+    let mut s = Settings::default();
+    s.projects.images = vec!["docker.io/library/*:*".into()];
+    let h = Host::with_backends(s, sim.backends()).await.expect("host");
+    let p = id(130);
+    for image in [
+        "docker-archive:/etc/shadow",
+        "dir:/root",
+        "quay.io/evil/x:1",
+        "docker.io/library/../x:1",
+    ] {
+        let cfg = crate::domain::project::RunConfig {
+            image: Some(image.into()),
+            ..Default::default()
+        };
+        let e = h.start(p, Some(cfg)).await.expect_err(image);
+        assert_eq!(e.code(), "image_not_allowed", "{image}: {e}");
+    }
+    assert_eq!(
+        sim.units.starts.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert!(
+        sim.store.row(p).is_none(),
+        "a refused start recorded nothing"
+    );
+    let cfg = crate::domain::project::RunConfig {
+        image: Some("docker.io/library/debian:12".into()),
+        ..Default::default()
+    };
+    h.start(p, Some(cfg))
+        .await
+        .expect("an allowed image starts");
+    assert_eq!(
+        sim.units.plans.lock().expect("lock")[&p].image.to_string(),
+        "docker.io/library/debian:12"
+    );
+}

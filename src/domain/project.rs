@@ -178,7 +178,7 @@ pub struct RunConfig {
     /// Scratch space in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch: Option<u64>,
-    /// Size of /tmp in bytes.
+    /// Size of each of /tmp, /var/tmp and /dev/shm in bytes (tmpfs, counted in the memory limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp: Option<u64>,
     /// Relative CPU weight, 1..=10000 (100 = normal).

@@ -234,7 +234,8 @@ fn the_cli_is_a_systemctl_like_client() {
     assert_eq!(sh("cocalc-project-host frobnicate").code, 2);
     let out = ok(&format!("cocalc-project-host stop {id}"));
     assert!(out.starts_with(&format!("{id}: opened")), "{out}");
-    // a failure is exit 1 with the reason on one line
+    // a failure is exit 1 with the reason on one line (an allowed image podman does not have)
+    let _images = crate::tb::allow_localhost_images();
     let o = sh(&format!(
         "cocalc-project-host start {} --image localhost/nope:1",
         new_id()

@@ -562,14 +562,20 @@ fn container_defaults_hold_against_escape_attempts() {
         .find(|l| l.contains("sleep 30"))
         .unwrap_or_else(|| panic!("{top}"));
     let f: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(&f[..2], ["root", "100000"], "{top}");
+    // the base of the project's own range: its home's owner is base + 1000
+    let base = ok(&format!("stat -c %u {STORAGE}/project-{a}"))
+        .parse::<u32>()
+        .unwrap()
+        - 1000;
+    assert!(base >= 1 << 30, "{base}");
+    assert_eq!(&f[..2], ["root", &base.to_string()], "{top}");
     let host_pid = ok(&format!(
         "for p in $(cat /sys/fs/cgroup/systemd$(systemctl show -p ControlGroup --value {u})/*/cgroup.procs 2>/dev/null || cat /sys/fs/cgroup$(systemctl show -p ControlGroup --value {u})/*/cgroup.procs); do \
            [ \"$(cat /proc/$p/cmdline | tr '\\0' ' ')\" = 'sleep 30 ' ] && echo $p; done; true",
         u = unit(&a)
     ));
     let st = ok(&format!("grep -E '^(Uid|CapEff)' /proc/{host_pid}/status"));
-    assert!(st.contains("Uid:\t100000\t100000"), "{st}");
+    assert!(st.contains(&format!("Uid:\t{base}\t{base}")), "{st}");
     assert!(st.contains("CapEff:\t0000000000000000"), "{st}");
     // and the other project's files are intact
     assert_eq!(

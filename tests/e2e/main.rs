@@ -5,6 +5,7 @@
 mod auth;
 mod authority;
 mod dbus;
+mod isolation;
 mod lifecycle;
 mod limits;
 mod spine;

@@ -205,3 +205,33 @@ pub fn push(host_file: &std::path::Path, machine_path: &str) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A config drop-in in force (daemon restarted) while this lives.
+pub struct DropIn(&'static str);
+
+impl DropIn {
+    pub fn install(path: &'static str, toml: &str) -> DropIn {
+        ok(&format!(
+            "mkdir -p $(dirname {path}) && printf '%s' '{toml}' > {path} && systemctl restart cocalc-project-host.service"
+        ));
+        DropIn(path)
+    }
+}
+
+impl Drop for DropIn {
+    fn drop(&mut self) {
+        sh(&format!(
+            "rm -f {}; systemctl restart cocalc-project-host.service",
+            self.0
+        ));
+    }
+}
+
+/// Lets start configs name any `localhost/` image (the default allowlist is the default image
+/// only), for tests that need podman itself to refuse a missing one.
+pub fn allow_localhost_images() -> DropIn {
+    DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-images.toml",
+        "[projects]\nimages = [\"localhost/*\"]\n",
+    )
+}

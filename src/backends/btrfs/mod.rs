@@ -221,6 +221,37 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
 
 #[async_trait::async_trait]
 impl crate::ports::Storage for Storage {
+    async fn reserved_ids(&self) -> crate::domain::ids::Forbidden {
+        tokio::task::spawn_blocking(crate::backends::ids::forbidden_from_host)
+            .await
+            .unwrap_or_default()
+    }
+    async fn home_owner(&self, id: ProjectId) -> Result<u32, String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let home = self.home(&id);
+        std::fs::symlink_metadata(&home)
+            .map(|m| m.uid())
+            .map_err(|e| format!("{}: {e}", home.display()))
+    }
+    async fn convert_home_ids(
+        &self,
+        id: ProjectId,
+        from: u32,
+        to: u32,
+        count: u32,
+    ) -> Result<u64, String> {
+        let home = self.home(&id);
+        tokio::task::spawn_blocking(move || {
+            crate::backends::ids::convert_tree(&home, from, to, count)
+        })
+        .await
+        .map_err(|e| format!("id conversion task: {e}"))?
+        .map_err(|e| e.to_string())
+    }
+    async fn give_to(&self, path: &std::path::Path, uid: u32) -> Result<(), String> {
+        std::os::unix::fs::chown(path, Some(uid), Some(uid))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
     fn has_home(&self, id: ProjectId) -> bool {
         Storage::has_home(self, &id)
     }
