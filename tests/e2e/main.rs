@@ -3,6 +3,7 @@
 //! `--test-threads=1`; each leaves the machine as it found it.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod auth;
+mod cgroup;
 mod dbus;
 mod lifecycle;
 mod limits;
