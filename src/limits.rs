@@ -172,12 +172,18 @@ pub fn unit_values(l: &Limits) -> Vec<(&'static str, u64)> {
     ]
 }
 
+/// `--memory-swap` for "no swap limit": the kernel's own unlimited value (`PAGE_COUNTER_MAX`
+/// pages, in bytes). podman 4.3's `update` ignores `-1` on cgroup v2 (the container kept
+/// `memory.swap.max` 0 after swap was turned on); this number works for `run` and `update`, on
+/// v1 (it is the memsw "unlimited") and on v2 (swap.max = it − memory, beyond any machine).
+pub const SWAP_UNLIMITED: u64 = 9_223_372_036_854_771_712;
+
 /// The flags `podman update` can move live: memory and swap of the container's own cgroup.
 pub fn podman_update_flags(l: &Limits) -> Vec<String> {
     vec![
         format!("--memory={}", l.memory),
         if l.swap {
-            "--memory-swap=-1".to_string()
+            format!("--memory-swap={SWAP_UNLIMITED}")
         } else {
             // memory+swap = memory: no swap (cgroup v1's memsw, where MemorySwapMax does nothing)
             format!("--memory-swap={}", l.memory)
@@ -391,7 +397,7 @@ mod tests {
         );
         assert_eq!(
             podman_update_flags(&Limits { swap: true, ..l }),
-            ["--memory=67108864", "--memory-swap=-1"]
+            ["--memory=67108864", "--memory-swap=9223372036854771712"]
         );
         // CPU is the unit's alone (hierarchical CFS bandwidth)
         assert!(!podman_flags(&l, &max).iter().any(|f| f.contains("cpu")));
