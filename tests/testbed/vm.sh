@@ -5,6 +5,7 @@
 # its own kernel can. There is no usable hardware virtualization here: qemu runs under TCG (~30x
 # slower than native; boot ≈ 40 s), so only a smoke subset of the e2e suite runs in it.
 #
+#   vm.sh host-packages  install what the host needs (qemu, ssh; .ci/run calls it)
 #   vm.sh image          build the cached VM image if missing (keyed by the rootfs and this recipe)
 #   vm.sh up             boot a throw-away overlay of the image, wait until running, import the image
 #   vm.sh exec CMD...    run CMD inside (over ssh; argv is kept word for word)
@@ -16,7 +17,8 @@
 # `leader`/`root` do not apply: the VM shares no namespace and no filesystem with the host.
 # Environment: TESTBED_DIR, TESTBED_NAME, TESTBED_CACHE as for testbed.sh (the VM's run state is
 # $TESTBED_DIR/vm, beside the nspawn machine's $TESTBED_DIR/run, so both can be up at once);
-# TESTBED_VM_MEM (MiB, default 3072), TESTBED_VM_CPUS (default 2), TESTBED_BTRFS_SIZE (default 4G).
+# TESTBED_VM_MEM (MiB, default 3072), TESTBED_VM_CPUS (default 2), TESTBED_BTRFS_SIZE (default 4G),
+# TESTBED_VM_BOOT_SECS (how long a boot may take, default 600).
 # Inside, as in the nspawn machine: /srv/cocalc-projects is a btrfs disk, /xchg a directory for
 # pushed files, podman has localhost/cocalc-project:latest; plus a 512 MiB swap disk (for the
 # swap limit tests) and /sys/fs/cgroup is cgroup2.
@@ -35,15 +37,20 @@ die() { printf 'testbed-vm: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (it builds a disk image from a chroot)"
 
 host_packages() {
-  local missing=()
-  command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
-  command -v qemu-img >/dev/null || missing+=(qemu-utils)
-  command -v ssh >/dev/null || missing+=(openssh-client)
-  command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
-  if [ ${#missing[@]} -gt 0 ]; then
+  local want=(qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils ssh:openssh-client mkfs.ext4:e2fsprogs
+              mkfs.btrfs:btrfs-progs python3:python3) w pass missing
+  # two passes: bookworm's qemu-system-x86 removes a newer qemu-utils (e.g. from backports) it
+  # conflicts with, and bookworm's qemu-utils comes back in the second
+  for pass in 1 2; do
+    missing=()
+    for w in "${want[@]}"; do command -v "${w%%:*}" >/dev/null || missing+=("${w#*:}"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
     log "installing host packages: ${missing[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+    [ "$pass" = 2 ] || apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  done
+  for w in "${want[@]}"; do command -v "${w%%:*}" >/dev/null || die "host package ${w#*:} did not install"; done
 }
 
 # The image recipe. Its own text is part of the cache key (see image_key): editing it rebuilds.
@@ -147,6 +154,7 @@ up() {
   fi
   down >/dev/null 2>&1 || true
   local img t0 port
+  host_packages
   img=$(image)
   t0=$SECONDS
   mkdir -p "$RUN"
@@ -167,15 +175,15 @@ up() {
     -drive file="$RUN/swap.img",if=virtio,format=raw,cache=unsafe \
     -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:"$port"-:22 -device virtio-net-pci,netdev=n0,romfile= \
     -serial file:"$RUN/serial.log" -pidfile "$RUN/qemu.pid" </dev/null >"$RUN/qemu.log" 2>&1 &
-  local i
-  for i in $(seq 3000); do   # up to 5 min: a busy 2-core host under TCG
+  local i deadline=$((SECONDS + ${TESTBED_VM_BOOT_SECS:-600}))   # ≈ 40 s idle, minutes on a busy host
+  while [ $SECONDS -lt $deadline ]; do
     grep -q TESTBED-BOOTED "$RUN/serial.log" 2>/dev/null && break
     if [ -f "$RUN/qemu.pid" ] && ! kill -0 "$(cat "$RUN/qemu.pid")" 2>/dev/null; then
       cat "$RUN/qemu.log" >&2; tail -30 "$RUN/serial.log" >&2; die "qemu exited during boot"
     fi
     sleep 0.1
   done
-  grep -q TESTBED-BOOTED "$RUN/serial.log" || { tail -30 "$RUN/serial.log" >&2; die "the VM did not boot in 5 minutes"; }
+  grep -q TESTBED-BOOTED "$RUN/serial.log" || { tail -30 "$RUN/serial.log" >&2; die "the VM did not boot in ${TESTBED_VM_BOOT_SECS:-600}s"; }
   local s=""
   for i in $(seq 60); do
     s=$(ns systemctl is-system-running --wait 2>/dev/null || true)
@@ -193,7 +201,7 @@ up() {
     podman import -q -c "CMD [\"/bin/sh\",\"-c\",\"echo cocalc project \$COCALC_PROJECT_ID up as \$(id -un); exec httpd -f -p 8080 -h /home/user\"]" \
       /var/tmp/testbed-image.tar localhost/cocalc-project:latest && rm /var/tmp/testbed-image.tar' >/dev/null \
     || die "podman import of the testbed image failed"
-  log "up: $NAME (VM, cgroup v2, $(grep -o 'TESTBED-BOOTED.*' "$RUN/serial.log")s guest uptime) in $((SECONDS - t0))s"
+  log "up: $NAME (VM, cgroup v2; guest booted in $(sed -n 's/.*TESTBED-BOOTED //p' "$RUN/serial.log" | tr -d '\r')s) in $((SECONDS - t0))s"
 }
 
 down() {
@@ -215,6 +223,7 @@ down() {
 }
 
 case "${1:-}" in
+  host-packages) host_packages ;;
   image) image ;;
   up) up ;;
   down) down ;;
