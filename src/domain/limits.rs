@@ -262,9 +262,11 @@ pub fn unit_values(l: &Limits) -> Vec<(&'static str, u64)> {
     ]
 }
 
-/// memory+swap when swap is allowed: cgroup v1's "unlimited" (i64::MAX rounded down to a page).
-/// Not `-1`: `podman update --memory-swap=-1` leaves the old memsw limit in place, so swap stayed
-/// off and a later raise of memory above it failed (EINVAL, 500 update_failed).
+/// `--memory-swap` for "no swap limit": the kernel's own unlimited value (i64::MAX rounded down to
+/// a page, `PAGE_COUNTER_MAX` pages in bytes). Not `-1`: podman 4.3's `update --memory-swap=-1`
+/// leaves the old limit in place (on v1 swap stayed off and a later raise of memory above it
+/// failed with 500 update_failed; on v2 `memory.swap.max` stayed 0). This number works for `run`
+/// and `update`, on v1 (the memsw "unlimited") and on v2 (swap.max = it − memory).
 pub const SWAP_UNLIMITED: u64 = i64::MAX as u64 & !4095;
 
 /// The flags `podman update` can move live: memory and swap of the container's own cgroup.

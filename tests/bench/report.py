@@ -88,6 +88,33 @@ def plot():
     return True
 
 
+def ratio(r):
+    x = r["ratio"]
+    return "" if x is None else (f"{x:.4f}×" if x < 0.1 else f"{x:.2f}×")
+
+
+def with_unit(v, r):
+    return f"{num(v)} {r['unit']}" if r["unit"] else num(v)
+
+
+def measure(r):
+    # rows whose measure starts with spaces detail the row above them
+    m = r["measure"].replace("|", "\\|")
+    return ("&nbsp;&nbsp;" if m.startswith("  ") else "") + m.strip()
+
+
+# The results table: one entry per column (header, alignment, cell of a row of results.json).
+COLUMNS = [
+    ("measure", "left", measure),
+    ("value", "right", lambda r: with_unit(r["value"], r)),
+    ("baseline", "left", lambda r: r["baseline"]),
+    ("baseline value", "right", lambda r: "" if r["baseline_value"] is None else with_unit(r["baseline_value"], r)),
+    ("ratio", "right", ratio),
+    ("target", "left", lambda r: r["target"]),
+    ("verdict", "left", lambda r: {"met": "met", "MISSED": "**missed**"}.get(r["verdict"], "")),
+]
+
+
 has_plot = plot()
 m = detail.get("machine", {})
 L = []
@@ -118,20 +145,14 @@ w("")
 if has_plot:
     w(f"![start/stop latency, throughput, burst]({png_name})")
     w("")
-w("| measure | value | baseline | baseline value | ratio | target | verdict |")
-w("|---|---:|---|---:|---:|---|---|")
+w("| " + " | ".join(c[0] for c in COLUMNS) + " |")
+w("|" + "|".join("---:" if c[1] == "right" else "---" for c in COLUMNS) + "|")
 cur = None
 for r in rows:
     if r["section"] != cur:
         cur = r["section"]
-        w(f"| **{cur}** | | | | | | |")
-    ratio = "" if r["ratio"] is None else (f"{r['ratio']:.4f}×" if r['ratio'] < 0.1 else f"{r['ratio']:.2f}×")
-    meas = r["measure"].replace("|", "\\|")
-    indent = "&nbsp;&nbsp;" if meas.startswith("  ") else ""
-    unit = f" {r['unit']}" if r["unit"] else ""
-    bval = "" if r["baseline_value"] is None else f"{num(r['baseline_value'])}{unit}"
-    verdict = {"met": "met", "MISSED": "**missed**"}.get(r["verdict"], "")
-    w(f"| {indent}{meas.strip()} | {num(r['value'])}{unit} | {r['baseline']} | {bval} | {ratio} | {r['target']} | {verdict} |")
+        w(f"| **{cur}** |" + " |" * (len(COLUMNS) - 1))
+    w("| " + " | ".join(c[2](r) for c in COLUMNS) + " |")
 w("")
 missed = [r for r in rows if r["verdict"] == "MISSED"]
 met = [r for r in rows if r["verdict"] == "met"]

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 mod auth;
 mod authority;
+mod cgroup;
 mod dbus;
 mod isolation;
 mod lifecycle;

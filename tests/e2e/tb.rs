@@ -1,6 +1,11 @@
 //! Access to the testbed machine: run commands inside, talk HTTP to the installed daemon.
 //! The testbed must be up with the package installed (scripts/test does both); if it is not,
 //! every test fails loudly.
+//!
+//! Two flavours serve the same tests, chosen by `TESTBED_FLAVOUR`: `nspawn` (default,
+//! tests/testbed/testbed.sh: systemd-nspawn, the build host's cgroup v1 hybrid layout) and `vm`
+//! (tests/testbed/vm.sh: a qemu VM with its own kernel and cgroup v2, under TCG). Waits scale by
+//! `TESTBED_TIME_SCALE` (default 1, and 5 in the VM, which runs ~30x slower).
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Once;
@@ -16,8 +21,51 @@ pub struct Out {
     pub stderr: String,
 }
 
+/// Which testbed the tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    /// systemd-nspawn on the build host (cgroup v1 hybrid here)
+    Nspawn,
+    /// a qemu VM with Debian's kernel (cgroup v2)
+    Vm,
+}
+
+pub fn flavour() -> Flavour {
+    match std::env::var("TESTBED_FLAVOUR").as_deref() {
+        Err(_) | Ok("" | "nspawn") => Flavour::Nspawn,
+        Ok("vm") => Flavour::Vm,
+        Ok(other) => panic!("TESTBED_FLAVOUR={other:?}: expected nspawn or vm"),
+    }
+}
+
 fn script() -> String {
-    format!("{}/tests/testbed/testbed.sh", env!("CARGO_MANIFEST_DIR"))
+    let name = match flavour() {
+        Flavour::Nspawn => "testbed.sh",
+        Flavour::Vm => "vm.sh",
+    };
+    format!("{}/tests/testbed/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The factor for every wait of the harness (see the module doc).
+pub fn time_scale() -> u64 {
+    match std::env::var("TESTBED_TIME_SCALE") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("TESTBED_TIME_SCALE={v:?}: expected a whole number")),
+        Err(_) if flavour() == Flavour::Vm => 5,
+        Err(_) => 1,
+    }
+}
+
+/// Whether the machine runs the unified cgroup v2 hierarchy. The VM flavour exists for it, so
+/// there a v1 machine is a failure, not a reason to test less.
+#[track_caller]
+pub fn cgroup_v2() -> bool {
+    let v2 = ok("stat -f -c %T /sys/fs/cgroup") == "cgroup2fs";
+    if flavour() == Flavour::Vm {
+        assert!(v2, "the VM testbed must have cgroup v2 at /sys/fs/cgroup");
+    }
+    v2
 }
 
 fn check_up() {
@@ -119,7 +167,8 @@ pub fn http_as(who: As, method: &str, path: &str, body: Option<&str>) -> (u16, V
         As::Bearer(t) => format!("-H 'Authorization: Bearer {}'", t.replace('\'', "")),
     };
     let cmd = format!(
-        "curl -sS --path-as-is -m 120 {auth} -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
+        "curl -sS --path-as-is -m {} {auth} -o /tmp/e2e-body.$$ -w '%{{http_code}}' -X {method} {} '{API}{path}'; r=$?; echo; cat /tmp/e2e-body.$$; rm -f /tmp/e2e-body.$$; exit $r",
+        120 * time_scale(),
         if body.is_some() {
             "-H 'content-type: application/json' --data-binary @-"
         } else {
@@ -169,9 +218,10 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
-/// Polls `f` until it returns `Some` or `secs` pass.
+/// Polls `f` until it returns `Some` or `secs` (× [`time_scale`]) pass.
 #[track_caller]
 pub fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let secs = secs * time_scale();
     let t0 = Instant::now();
     loop {
         if let Some(v) = f() {

@@ -5,6 +5,7 @@
 # shared/notes/testbed.md).
 #
 #   testbed.sh rootfs        build the cached pristine rootfs if missing (keyed by package list)
+#   testbed.sh rootfs-path   print where that cache is (vm.sh builds the VM image from it)
 #   testbed.sh up            fresh copy of the rootfs, btrfs loop image, boot, wait until running
 #   testbed.sh exec CMD...   run CMD inside (all namespaces of the machine)
 #   testbed.sh run CMD...    run CMD as a transient unit inside (systemd-run --wait --pipe)
@@ -206,6 +207,7 @@ down() {
 
 case "${1:-}" in
   rootfs) build_rootfs ;;
+  rootfs-path) echo "$CACHE" ;;
   up) up ;;
   down) down ;;
   exec) shift; ns "$@" ;;
