@@ -196,6 +196,11 @@ up() {
   esac
   [ "$(ns stat -f -c %T /sys/fs/cgroup)" = cgroup2fs ] || die "/sys/fs/cgroup in the VM is not cgroup2"
   ns findmnt -n -o FSTYPE /srv/cocalc-projects | grep -qx btrfs || die "/srv/cocalc-projects is not the btrfs disk"
+  # The package's default storage is a 20G sparse image in the state directory; the VM's root
+  # disk is 6G, and storage-setup (rightly) refuses an image that could outgrow its filesystem.
+  # A smaller image for this machine, in the vendor root (a purge of the package keeps it).
+  ns sh -c 'mkdir -p /usr/lib/cocalc-project-host/config.d &&
+    printf "[storage]\nimage_size = \"2G\"\n" > /usr/lib/cocalc-project-host/config.d/10-vm-testbed.toml'
   # the same project image as the nspawn machine (testbed.sh up)
   ns sh -c 'tar -C /var/lib/testbed-image -cf /var/tmp/testbed-image.tar . &&
     podman import -q -c "CMD [\"/bin/sh\",\"-c\",\"echo cocalc project \$COCALC_PROJECT_ID up as \$(id -un); exec httpd -f -p 8080 -h /home/user\"]" \
