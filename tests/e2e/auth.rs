@@ -20,12 +20,6 @@ fn admin_token() -> String {
     ok(&format!("cat {}", tb::ADMIN_TOKEN_FILE))
 }
 
-fn host_id() -> String {
-    let (s, v) = http("GET", &format!("/projects/{}/status", new_id()), None);
-    assert_eq!(s, 200, "{v}");
-    v["server"].as_str().unwrap().to_string()
-}
-
 /// A master keypair whose public key the daemon trusts while this lives (a config drop-in).
 struct Master {
     seed: [u8; 32],
@@ -198,7 +192,7 @@ fn the_daemon_starts_without_a_token_file_and_refuses_everything() {
 #[test]
 fn master_tokens_are_scoped_to_projects_and_actions() {
     let master = Master::install();
-    let host = host_id();
+    let host = tb::host_id();
     let (a, b) = (new_id(), new_id());
     let t = now();
     let claims = |scope: Value| json!({"aud": host, "sub": "account-e2e", "iat": t, "exp": t + 600, "scope": scope});

@@ -13,12 +13,6 @@ fn now() -> u64 {
     cocalc_project_host::auth::now_secs()
 }
 
-fn host_id() -> String {
-    let (s, v) = http("GET", &format!("/projects/{}/status", new_id()), None);
-    assert_eq!(s, 200, "{v}");
-    v["server"].as_str().unwrap().to_string()
-}
-
 /// A config drop-in (with a trusted master key) in force while this lives; the daemon is
 /// restarted to read it, and again when it is removed.
 struct Setup {
@@ -50,7 +44,7 @@ impl Setup {
     /// A token for `projects` allowing `actions`, with the given extra claims.
     fn scoped(&self, projects: Value, actions: &[&str], extra: Value) -> String {
         let t = now();
-        let mut c = json!({"aud": host_id(), "sub": "account-e2e", "iat": t, "exp": t + 600,
+        let mut c = json!({"aud": tb::host_id(), "sub": "account-e2e", "iat": t, "exp": t + 600,
                            "scope": {"projects": projects, "actions": actions}});
         for (k, v) in extra.as_object().unwrap() {
             c[k] = v.clone();

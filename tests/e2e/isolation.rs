@@ -77,24 +77,6 @@ fn only_allowed_plain_images_run() {
         rm -rf /var/tmp/iso-evil.tar /var/tmp/iso-evil-oci.tar /var/tmp/iso-evil-dir");
 }
 
-/// Builds a static helper from tests/e2e/<name>.c on the host.
-fn helper(name: &str) -> std::path::PathBuf {
-    let out = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-    let src = format!("{}/tests/e2e/{name}.c", env!("CARGO_MANIFEST_DIR"));
-    let o = std::process::Command::new("cc")
-        .args(["-static", "-O2", "-pthread", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("run cc");
-    assert!(
-        o.status.success(),
-        "cc -static {src}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
-
 /// Puts a host file into a running project's home as the project user's file.
 fn push_home(id: &str, file: &std::path::Path, name: &str) {
     let home = format!("{}/project-{id}", tb::STORAGE);
@@ -114,7 +96,7 @@ fn exec_as(id: &str, user: &str, cmd: &str) -> tb::Out {
 
 #[test]
 fn nested_namespaces_are_refused_and_fork_and_threads_work() {
-    let bin = helper("ns_escape");
+    let bin = tb::static_helper("ns_escape");
     let id = new_id();
     start(&id, Some(r#"{"tmp":16777216}"#));
     push_home(&id, &bin, "ns_escape");

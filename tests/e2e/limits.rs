@@ -475,7 +475,7 @@ fn container_defaults_hold_against_escape_attempts() {
     // system call per attempt (tests/e2e/escape_probe.c), its errno compared (a refusal because
     // a path is missing, ENOENT, or a call the kernel lacks, ENOSYS, would prove nothing)
     // (through stdin into /tmp: container root may not even enter the user's home)
-    let probe = std::fs::read(probe_helper()).unwrap();
+    let probe = std::fs::read(tb::static_helper("escape_probe")).unwrap();
     let got = tb::sh_in(
         &format!(
             "podman exec -i -u root project-{a} sh -c 'cat > /tmp/escape_probe && chmod 755 /tmp/escape_probe && /tmp/escape_probe'"
@@ -585,22 +585,4 @@ fn container_defaults_hold_against_escape_attempts() {
     );
     stop(&a, true);
     stop(&b, false);
-}
-
-/// Builds the static escape probe (tests/e2e/escape_probe.c) on the host.
-fn probe_helper() -> std::path::PathBuf {
-    let out = std::env::temp_dir().join(format!("escape_probe-{}", std::process::id()));
-    let src = format!("{}/tests/e2e/escape_probe.c", env!("CARGO_MANIFEST_DIR"));
-    let o = std::process::Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("run cc");
-    assert!(
-        o.status.success(),
-        "cc -static {src}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
 }

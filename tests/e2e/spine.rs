@@ -139,18 +139,10 @@ fn bus_name_is_owned_and_policy_holds() {
     assert_eq!(owner, main_pid().to_string());
 }
 
-/// The host's id, as the daemon reports it in a status.
-fn host_id() -> String {
-    let id = uuid::Uuid::new_v4().hyphenated().to_string();
-    let (s, v) = http("GET", &format!("/projects/{id}/status"), None);
-    assert_eq!(s, 200, "{v}");
-    v["server"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn package_remove_and_purge() {
     http("GET", "/healthz", None);
-    let host = host_id();
+    let host = tb::host_id();
     let deb = "/xchg/cocalc-project-host.deb";
     ok("test -f /xchg/cocalc-project-host.deb");
 
@@ -180,7 +172,7 @@ fn package_remove_and_purge() {
     let (s, _) = http("GET", "/healthz", None);
     assert_eq!(s, 200);
     assert_eq!(
-        host_id(),
+        tb::host_id(),
         host,
         "a reinstall after dpkg -r keeps the host id"
     );
@@ -199,6 +191,6 @@ fn package_remove_and_purge() {
     );
     let (s, v) = http("GET", "/healthz", None);
     assert_eq!((s, v), (200, serde_json::json!({"ok": true})));
-    assert_ne!(host_id(), host, "after a purge the host is a new one");
+    assert_ne!(tb::host_id(), host, "after a purge the host is a new one");
     assert!(tb::STORAGE.starts_with("/var/lib/cocalc-project-host"));
 }

@@ -204,27 +204,9 @@ fn quota_is_enforced_inside_and_can_be_raised_live() {
     stop(&other, true);
 }
 
-/// Builds the static escape helper (tests/e2e/btrfs_escape.c) on the host.
-fn escape_helper() -> std::path::PathBuf {
-    let out = std::env::temp_dir().join(format!("btrfs_escape-{}", std::process::id()));
-    let src = format!("{}/tests/e2e/btrfs_escape.c", env!("CARGO_MANIFEST_DIR"));
-    let o = std::process::Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .expect("run cc");
-    assert!(
-        o.status.success(),
-        "cc -static {src}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
-
 #[test]
 fn nested_subvolumes_cannot_escape_the_quota() {
-    let helper = escape_helper();
+    let helper = tb::static_helper("btrfs_escape");
     // first, that the hole is real: podman's own default profile lets a user make subvolumes
     let probe = format!("{STORAGE}/escape-probe-{}", new_id());
     ok(&format!(

@@ -285,3 +285,29 @@ pub fn allow_localhost_images() -> DropIn {
         "[projects]\nimages = [\"localhost/*\"]\n",
     )
 }
+
+/// Builds a static helper from tests/e2e/<name>.c on the host (the images have no compiler);
+/// `-pthread` so helpers may start threads.
+pub fn static_helper(name: &str) -> std::path::PathBuf {
+    let out = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let src = format!("{}/tests/e2e/{name}.c", env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new("cc")
+        .args(["-static", "-O2", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        o.status.success(),
+        "cc -static {src}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// The host's id, as the daemon reports it in a status.
+pub fn host_id() -> String {
+    let (s, v) = http("GET", &format!("/projects/{}/status", new_id()), None);
+    assert_eq!(s, 200, "{v}");
+    v["server"].as_str().unwrap().to_string()
+}
