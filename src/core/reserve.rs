@@ -53,12 +53,16 @@ impl Host {
         let was = std::mem::replace(&mut self.reserve_state().below, below);
         if self.storage.quota_mode().await.is_none() {
             // nothing to hold writes with: starts are still refused (`check_reserve`)
-            if let (Some(s), None) = (below, was) {
-                tracing::warn!(
+            match (below, was) {
+                (Some(s), None) => tracing::warn!(
                     free = s.free,
                     reserve = s.reserve,
                     "project storage below its reserve (storage.reserve): starts refused; quotas are off, so running projects can still write"
-                );
+                ),
+                (None, Some(_)) => {
+                    tracing::info!("project storage above its reserve again: starts allowed")
+                }
+                _ => {}
             }
             return;
         }
