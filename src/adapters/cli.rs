@@ -158,6 +158,16 @@ fn print_status(id: &ProjectId, d: &BusDict, json_out: bool) -> Result<(), CliEr
         let quota = d.quota.map_or("none".to_string(), fmt_bytes);
         line("disk", &format!("{used} used, quota {quota}"));
     }
+    if let Some(f) = st.storage_full {
+        line(
+            "storage",
+            &format!(
+                "FULL: {} free, below the reserve of {}; starts and writes refused",
+                fmt_bytes(f.free),
+                fmt_bytes(f.reserve)
+            ),
+        );
+    }
     Ok(())
 }
 

@@ -51,7 +51,7 @@ pub enum ErrorKind {
     /// Project storage is not usable.
     StorageUnavailable,
     /// The project storage is below its reserve (`storage.reserve`): no cold starts or quota
-    /// raises until space is freed; running projects go on.
+    /// raises until space is freed; running projects go on, held at their usage.
     StorageFull,
     /// systemd could not be reached or refused.
     SystemdUnavailable,

@@ -64,6 +64,16 @@ impl From<&DiskStatus> for DiskAnswer {
     }
 }
 
+/// The host's project storage is below its reserve (present only then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Variant)]
+#[zbus(signature = "dict")]
+pub struct StorageFullAnswer {
+    /// bytes free
+    pub free: u64,
+    /// bytes the reserve (`storage.reserve`) keeps
+    pub reserve: u64,
+}
+
 /// A project's status: `GET /projects/:id/status`, the bus's `GetProjectStatus` and the answers
 /// of start and stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Variant)]
@@ -90,6 +100,10 @@ pub struct StatusAnswer {
     /// disk quota and usage, when the project has a home here
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskAnswer>,
+    /// present when the host's project storage is below its reserve: starts, quota raises and
+    /// writes that grow a home are refused until space is freed
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_full: Option<StorageFullAnswer>,
 }
 
 impl From<&Status> for StatusAnswer {
@@ -103,6 +117,10 @@ impl From<&Status> for StatusAnswer {
             memory_current: s.memory_current,
             started_at: s.started_at,
             disk: s.disk.as_ref().map(DiskAnswer::from),
+            storage_full: s.storage_full.map(|f| StorageFullAnswer {
+                free: f.free,
+                reserve: f.reserve,
+            }),
         }
     }
 }
@@ -429,6 +447,10 @@ mod tests {
                 quota: Some(1 << 30),
                 used: Some(12345),
             }),
+            storage_full: Some(crate::domain::reserve::Shortfall {
+                free: 10,
+                reserve: 50,
+            }),
         }
     }
 
@@ -444,6 +466,7 @@ mod tests {
             memory_current: None,
             started_at: None,
             disk: Some(DiskStatus::default()),
+            storage_full: None,
             ..s
         };
         let ours = serde_json::to_value(StatusAnswer::from(&bare)).unwrap();
@@ -470,10 +493,12 @@ mod tests {
                 quota: None,
                 used: Some(7),
             }),
+            storage_full: None,
             ..a
         };
         let d = bare.to_bus().unwrap();
         assert!(!d.contains_key("main_pid"));
+        assert!(!d.contains_key("storage_full"));
         assert_eq!(StatusAnswer::from_bus(&d).unwrap(), bare);
     }
 

@@ -263,6 +263,8 @@ pub struct SimStorage {
     homes: Mutex<HashMap<ProjectId, (u64, u64)>>,
     snapshots: Mutex<HashMap<ProjectId, BTreeMap<SnapshotName, SnapshotEntry>>>,
     limits: Mutex<HashMap<ProjectId, Option<u64>>>,
+    /// bytes used by a home, set by a test (default 4096)
+    used: Mutex<HashMap<ProjectId, u64>>,
     next_id: AtomicU64,
     generation: AtomicU64,
     quotas: Mutex<bool>,
@@ -281,6 +283,14 @@ impl SimStorage {
     /// Sets the filesystem's free space (`available` of `total` bytes).
     pub fn set_space(&self, available: u64, total: u64) {
         *lock(&self.space) = Some(Space { available, total });
+    }
+    /// Sets the bytes a home uses.
+    pub fn set_used(&self, id: ProjectId, bytes: u64) {
+        lock(&self.used).insert(id, bytes);
+    }
+    /// The limit on a home (`None`: never set; `Some(None)`: none).
+    pub fn limit(&self, id: ProjectId) -> Option<Option<u64>> {
+        lock(&self.limits).get(&id).copied()
     }
     /// Makes a home exist (as one left from before).
     pub fn add_home(&self, id: ProjectId) {
@@ -375,12 +385,13 @@ impl ports::Storage for SimStorage {
     }
     async fn home_usage(&self) -> Result<HashMap<ProjectId, Usage>, StorageError> {
         let limits = lock(&self.limits);
+        let used = lock(&self.used);
         Ok(lock(&self.homes)
             .keys()
             .map(|id| {
                 let u = Usage {
                     quota: limits.get(id).copied().flatten(),
-                    used: 4096,
+                    used: used.get(id).copied().unwrap_or(4096),
                 };
                 (*id, u)
             })

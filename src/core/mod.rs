@@ -21,6 +21,7 @@ use crate::ports::{
 };
 
 mod ids;
+mod reserve;
 mod storage;
 mod tasks;
 #[cfg(test)]
@@ -104,7 +105,7 @@ pub enum Error {
     ProjectRunning(ProjectId),
     /// The project storage has less free space than its reserve (`storage.reserve`).
     #[error(
-        "project storage is full: {free} bytes free, below the reserve of {reserve} (storage.reserve); running projects go on, new starts and quota raises wait for space"
+        "project storage is full: {free} bytes free, below the reserve of {reserve} (storage.reserve); new starts, quota raises and writes that grow a project wait for space"
     )]
     StorageFull {
         /// bytes available
@@ -219,6 +220,8 @@ pub struct Host {
     list_cache: Mutex<(u64, ProjectList)>,
     /// owner of every task the host spawns
     tasks: Tasks,
+    /// the storage reserve as of the last disk refresh, and the homes held because of it
+    reserve: Mutex<reserve::ReserveState>,
 }
 
 /// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
@@ -291,6 +294,7 @@ impl Host {
             generation: std::sync::atomic::AtomicU64::new(1),
             list_cache: Mutex::new((0, Arc::new(Vec::new()))),
             tasks: Tasks::new(),
+            reserve: Mutex::new(reserve::ReserveState::default()),
         });
         // watch before reading, so no change falls between the read and the stream
         let mut events = host.units.watch().await?;
@@ -322,7 +326,7 @@ impl Host {
             loop {
                 tick.tick().await;
                 let Some(h) = weak.upgrade() else { break };
-                h.refresh_disk().await;
+                h.refresh_storage().await;
             }
         });
         Ok(host)
@@ -541,6 +545,7 @@ impl Host {
             memory_current: e.memory_current,
             started_at: u.map(|u| u.active_enter_usec / 1000).filter(|t| *t != 0),
             disk: e.disk,
+            storage_full: self.storage_full(),
         }
     }
 

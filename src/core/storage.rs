@@ -89,7 +89,7 @@ impl Host {
     }
 
     /// The disk quota in force for a config (its own, else the host default).
-    fn disk_limit(&self, config: &RunConfig) -> Option<u64> {
+    pub(super) fn disk_limit(&self, config: &RunConfig) -> Option<u64> {
         config.disk.or(self.settings.storage.disk_quota)
     }
 
@@ -137,24 +137,28 @@ impl Host {
     }
 
     /// Reads quota and usage of every home from btrfs (one command) into memory, where status
-    /// answers from. Runs every few seconds; does nothing while quotas are off.
+    /// answers from (after a change; the disk refresh loop does it in `refresh_storage`). Does
+    /// nothing while quotas are off.
     pub(super) async fn refresh_disk(&self) {
         if self.storage.quota_mode().await.is_none() {
             return;
         }
         match self.storage.home_usage().await {
-            Ok(usage) => {
-                let mut map = self.entries();
-                for (id, u) in usage {
-                    if let Some(e) = map.get_mut(&id) {
-                        e.disk = Some(DiskStatus {
-                            quota: u.quota,
-                            used: Some(u.used),
-                        });
-                    }
-                }
-            }
+            Ok(usage) => self.record_usage(usage),
             Err(e) => tracing::warn!(error = %e, "cannot read disk usage"),
+        }
+    }
+
+    /// Puts quota and usage of the homes into memory, where status answers from.
+    pub(super) fn record_usage(&self, usage: HashMap<ProjectId, crate::ports::Usage>) {
+        let mut map = self.entries();
+        for (id, u) in usage {
+            if let Some(e) = map.get_mut(&id) {
+                e.disk = Some(DiskStatus {
+                    quota: u.quota,
+                    used: Some(u.used),
+                });
+            }
         }
     }
 

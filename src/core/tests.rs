@@ -568,3 +568,67 @@ async fn images_the_host_does_not_allow_never_reach_the_units() {
         "docker.io/library/debian:12"
     );
 }
+
+#[tokio::test]
+async fn below_the_reserve_running_homes_are_held_at_their_usage_and_given_back() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    let (p, q, r) = (id(0x61), id(0x62), id(0x63));
+    // p: the host default quota (10 GiB); q: its own 1 GiB, already above it; r: stopped
+    h.start(p, None).await.expect("start p");
+    h.start(q, None).await.expect("start q");
+    h.set_disk_quota(q, Some(1 << 30)).await.expect("quota q");
+    h.start(r, None).await.expect("start r");
+    h.stop(r, false).await.expect("stop r");
+    sim.storage.set_used(p, 5 << 20);
+    sim.storage.set_used(q, 2 << 30);
+    sim.storage.set_used(r, 7 << 20);
+    let default = Some(10u64 << 30);
+    assert_eq!(sim.storage.limit(p), Some(default));
+    h.refresh_storage().await;
+    assert_eq!(h.status(p).storage_full, None);
+
+    sim.storage.set_space(1, 1000);
+    h.refresh_storage().await;
+    let st = h.status(p);
+    assert_eq!(
+        st.storage_full,
+        Some(crate::domain::reserve::Shortfall {
+            free: 1,
+            reserve: 50
+        })
+    );
+    assert_eq!(sim.storage.limit(p), Some(Some(5 << 20)), "held at usage");
+    assert_eq!(st.disk.and_then(|d| d.quota), Some(5 << 20));
+    assert_eq!(
+        sim.storage.limit(q),
+        Some(Some(1 << 30)),
+        "never above its quota"
+    );
+    assert_eq!(sim.storage.limit(r), Some(default), "not running");
+    // it deleted some: held at the lower usage
+    sim.storage.set_used(p, 3 << 20);
+    h.refresh_storage().await;
+    assert_eq!(sim.storage.limit(p), Some(Some(3 << 20)));
+
+    // space back: configured quotas again
+    sim.storage.set_space(1000, 1000);
+    h.refresh_storage().await;
+    assert_eq!(h.status(p).storage_full, None);
+    assert_eq!(sim.storage.limit(p), Some(default));
+    assert_eq!(h.status(p).disk.and_then(|d| d.quota), default);
+    assert_eq!(sim.storage.limit(q), Some(Some(1 << 30)));
+
+    // held again, then the daemon restarts: the new one gives every home its quota back
+    sim.storage.set_space(1, 1000);
+    h.refresh_storage().await;
+    assert_eq!(sim.storage.limit(p), Some(Some(3 << 20)));
+    h.shutdown(Duration::from_millis(100)).await;
+    drop(h);
+    sim.storage.set_space(1000, 1000);
+    let h = host(&sim).await;
+    h.refresh_storage().await;
+    assert_eq!(sim.storage.limit(p), Some(default));
+    assert_eq!(sim.storage.limit(q), Some(Some(1 << 30)));
+    assert_eq!(sim.storage.limit(r), Some(default));
+}

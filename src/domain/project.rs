@@ -368,6 +368,10 @@ pub struct Status {
     /// Disk quota and usage of the home, when the project has one (refreshed every few seconds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskStatus>,
+    /// The host's project storage is below its reserve (`storage.reserve`): starts, quota raises
+    /// and growing homes are refused. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_full: Option<super::reserve::Shortfall>,
 }
 
 /// Disk quota and usage of a project's home (its btrfs qgroup), in bytes.

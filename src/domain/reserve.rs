@@ -1,9 +1,30 @@
 //! Free space kept on the project storage (`storage.reserve`) and on the host's root filesystem
 //! for the default storage image. Below the reserve, cold starts and quota raises are refused
-//! (507 `storage_full`), so one project filling the shared filesystem cannot take the last bytes
-//! that every running project, btrfs metadata and snapshots need; running projects go on.
+//! (507 `storage_full`) and the homes of running projects are held at their usage (`clamp_to`),
+//! so one project filling the shared filesystem cannot take the last bytes that btrfs metadata
+//! and snapshots need; running projects go on, but cannot grow.
 //! Pure arithmetic: the storage backend measures the space (`Storage::space`).
+use serde::Serialize;
+
 use super::limits::Amount;
+
+/// The project storage is below its reserve: what the status says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Shortfall {
+    /// bytes free
+    pub free: u64,
+    /// bytes the reserve keeps
+    pub reserve: u64,
+}
+
+/// The limit that stops a home growing below the reserve: its usage, unless its limit already
+/// holds it there (`None`: leave it).
+pub fn clamp_to(quota: Option<u64>, used: u64) -> Option<u64> {
+    match quota {
+        Some(q) if q <= used => None,
+        _ => Some(used),
+    }
+}
 
 /// Free space of a filesystem: what an unprivileged writer may still use, and its size (bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +85,14 @@ mod tests {
         assert_eq!(check(s, Amount::Percent(10)), Err((300, 400)));
         assert_eq!(check(s, Amount::Absolute(301)), Err((300, 301)));
         assert_eq!(check(s, Amount::Absolute(0)), Ok(()), "0 turns it off");
+    }
+
+    #[test]
+    fn a_clamp_never_raises_a_limit() {
+        assert_eq!(clamp_to(None, 7), Some(7));
+        assert_eq!(clamp_to(Some(10), 7), Some(7));
+        assert_eq!(clamp_to(Some(7), 7), None, "already held");
+        assert_eq!(clamp_to(Some(5), 7), None, "over quota: stays lower");
     }
 
     #[test]

@@ -388,7 +388,7 @@ fn storage_space() -> (u64, u64) {
 }
 
 #[test]
-fn a_full_storage_refuses_new_starts_and_fresh_projects_get_the_default_quota() {
+fn a_full_storage_refuses_new_starts_and_writes_and_fresh_projects_get_the_default_quota() {
     // a fresh install's default quota, with no config at all
     let a = new_id();
     let v = start(&a, None);
@@ -435,23 +435,69 @@ fn a_full_storage_refuses_new_starts_and_fresh_projects_get_the_default_quota() 
     assert_eq!((s, code(&v)), (507, "storage_full"), "{v}");
     let (s, v) = quota(5u64 << 30);
     assert_eq!(s, 200, "{v}");
-    // the running project goes on
+    // the running project goes on, but its home is held at its usage (next disk refresh, 5 s)
+    // and its status says why
     assert_eq!(
         ok(&format!("systemctl is-active cocalc-project-{a}")),
         "active"
     );
-    ok(&format!("podman exec project-{a} true"));
-    // and the refusal is in the journal
+    let held = tb::wait_for("the running home held at its usage", 20, || {
+        let v = status(&a);
+        let (q, u) = (v["disk"]["quota"].as_u64()?, v["disk"]["used"].as_u64()?);
+        (v["storage_full"]["reserve"].as_u64() == Some(reserve) && q <= u).then_some(v)
+    });
+    assert!(
+        held["storage_full"]["free"].as_u64().unwrap() < reserve,
+        "{held}"
+    );
+    let write = |file: &str| {
+        sh(&format!(
+            "podman exec project-{a} sh -c 'dd if=/dev/zero of=/home/user/{file} bs=1M count=4 conv=fsync 2>&1; echo rc=$?'"
+        ))
+        .stdout
+    };
+    let o = write("held");
+    assert!(
+        o.contains("Disk quota exceeded") && !o.contains("rc=0"),
+        "a 4 MB write below the reserve must fail with EDQUOT: {o}"
+    );
+    // reading and deleting still work
+    ok(&format!(
+        "podman exec project-{a} sh -c 'ls /home/user >/dev/null && rm -f /home/user/held'"
+    ));
+    // the refusals and the hold are in the journal, once
     let log = ok(&format!(
         "journalctl -u cocalc-project-host.service --since @{since} -o cat --no-pager"
     ));
     assert!(log.contains("below its reserve"), "{log}");
+    assert_eq!(
+        log.matches("writes of projects refused").count(),
+        1,
+        "{log}"
+    );
 
-    // space back: starts work again
+    // space back: within a refresh or two the configured quota (the lowered 5 GiB) is back on
+    // the home and the project writes again
     drop(fill);
     tb::wait_for("free space above the reserve", 60, || {
         (storage_space().0 > reserve).then_some(())
     });
+    let v = tb::wait_for("the quota given back", 15, || {
+        let v = status(&a);
+        (v.get("storage_full").is_none() && v["disk"]["quota"] == 5u64 << 30).then_some(v)
+    });
+    assert!(v.get("storage_full").is_none(), "{v}");
+    let q = ok(&format!(
+        "btrfs qgroup show --raw -re -f {}/project-{a} | tail -1",
+        tb::STORAGE
+    ));
+    assert!(q.contains(&(5u64 << 30).to_string()), "{q}");
+    let o = write("again");
+    assert!(o.contains("rc=0"), "{o}");
+    let log = ok(&format!(
+        "journalctl -u cocalc-project-host.service --since @{since} -o cat --no-pager"
+    ));
+    assert!(log.contains("quotas restored"), "{log}");
     let v = start(&b, None);
     assert_eq!(v["state"], "running", "{v}");
     stop(&b, false);
