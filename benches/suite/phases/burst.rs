@@ -121,20 +121,7 @@ pub(super) async fn burst_api(ctx: &Ctx, ids: &[String]) -> Result<(f64, Vec<f64
     let mut js = JoinSet::new();
     for (id, token) in ids.iter().zip(&tokens) {
         let (id, token) = (id.clone(), token.clone());
-        js.spawn(async move {
-            let t = Instant::now();
-            let v = http::json(
-                &api(),
-                "POST",
-                &format!("/projects/{id}/start"),
-                Some(&start_body(&token)),
-            )
-            .await?;
-            if v["state"] != "running" {
-                bail!("start {id}: {v}");
-            }
-            anyhow::Ok(ms(t.elapsed()))
-        });
+        js.spawn(async move { timed_start(&id, &token).await });
     }
     let mut each = Vec::new();
     while let Some(r) = js.join_next().await {

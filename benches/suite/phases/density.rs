@@ -41,18 +41,7 @@ pub(super) async fn density(ctx: &mut Ctx) -> Result<()> {
         let sem = sem.clone();
         js.spawn(async move {
             let _p = sem.acquire_owned().await?;
-            let t = Instant::now();
-            let v = http::json(
-                &api(),
-                "POST",
-                &format!("/projects/{id}/start"),
-                Some(&start_body(&token)),
-            )
-            .await?;
-            if v["state"] != "running" {
-                bail!("start {id}: {v}");
-            }
-            anyhow::Ok(ms(t.elapsed()))
+            timed_start(&id, &token).await
         });
     }
     let mut each = Vec::new();

@@ -121,6 +121,22 @@ pub(super) fn start_body(token: &str) -> String {
     json!({"config": {"cmd": ["sleep", token]}}).to_string()
 }
 
+/// One API start of `id` (with a distinct sleep `token` as its command), timed in ms.
+pub(super) async fn timed_start(id: &str, token: &str) -> Result<f64> {
+    let t = Instant::now();
+    let v = http::json(
+        &api(),
+        "POST",
+        &format!("/projects/{id}/start"),
+        Some(&start_body(token)),
+    )
+    .await?;
+    if v["state"] != "running" {
+        bail!("start {id}: {v}");
+    }
+    Ok(ms(t.elapsed()))
+}
+
 pub(super) fn new_id() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
 }
