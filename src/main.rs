@@ -365,7 +365,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     // before any thread exists: listenfd reads and clears LISTEN_* from the environment
-    let http_listener = activation::take_http_listener(listen.unwrap_or(settings.listen))
+    let listeners = activation::take_listeners(listen.unwrap_or(settings.listen))
         .context("cannot get the HTTP listener")?;
     let rt = runtime()?;
     let auth_settings = settings.auth.clone();
@@ -390,9 +390,16 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         let bus = dbus::serve(host.clone())
             .await
             .with_context(|| format!("cannot own {} on the system bus", dbus::BUS_NAME))?;
-        let addr = http_listener.listener.local_addr()?;
-        let activated = http_listener.activated;
-        let listener = tokio::net::TcpListener::from_std(http_listener.listener)?;
+        let addr = listeners.http.local_addr()?;
+        let activated = listeners.activated;
+        let untaken = listeners.untaken().join(",");
+        if !untaken.is_empty() {
+            tracing::warn!(
+                sockets = untaken,
+                "socket activation passed sockets this build does not serve"
+            );
+        }
+        let listener = tokio::net::TcpListener::from_std(listeners.http)?;
         let watchdog = activation::spawn_watchdog();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
