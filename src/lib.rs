@@ -11,6 +11,7 @@
 //! - `api`: the wire schema shared by every adapter (request/answer types, parsers, the error
 //!   table);
 //! - `adapters`: thin layers over the core: `http` (with `auth`), `dbus`, `cli` (the CLI's side);
+//! - `docgen`: the man pages and shell completions, made from the CLI and the config code;
 //! - `config`, `activation` (socket activation, sd_notify), `logging`, `seccomp`, and `cmd`, the
 //!   one runner of external programs.
 pub mod activation;
@@ -21,6 +22,7 @@ pub mod backends;
 pub mod cmd;
 pub mod config;
 pub mod core;
+pub mod docgen;
 pub mod domain;
 pub mod logging;
 pub mod ports;

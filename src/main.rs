@@ -9,7 +9,7 @@ use cocalc_project_host::adapters::{dbus, http};
 use cocalc_project_host::backends::btrfs;
 use cocalc_project_host::core::Host;
 use cocalc_project_host::domain::project::RunConfig;
-use cocalc_project_host::{activation, auth, config, logging};
+use cocalc_project_host::{activation, auth, config, docgen, logging};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -198,6 +198,44 @@ enum DaemonCommand {
     /// and puts the egress rules into the container's network namespace.
     #[command(hide = true)]
     EgressHook,
+    /// Write the man pages or the shell completions into DIR (run when the packages are built).
+    #[command(hide = true)]
+    Generate {
+        /// What to write.
+        what: Generated,
+        /// Where (created if missing).
+        dir: std::path::PathBuf,
+    },
+}
+
+/// `generate …`
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Generated {
+    /// cocalc-project-host.8 and cocalc-project-host.toml.5
+    Man,
+    /// bash, zsh and fish completions
+    Completions,
+}
+
+/// `generate`: from this binary's own clap definitions and config code (no config is read).
+fn generate(what: Generated, dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory as _;
+    let r = match what {
+        Generated::Man => docgen::man_pages(Cli::command(), dir),
+        Generated::Completions => docgen::completions(Cli::command(), dir),
+    };
+    match r {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cocalc-project-host generate: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -296,6 +334,7 @@ fn main() -> ExitCode {
         Command::Client(c) => return client(c),
         // podman runs the hook with no configuration of ours to read
         Command::Daemon(DaemonCommand::EgressHook) => return egress_hook(),
+        Command::Daemon(DaemonCommand::Generate { what, dir }) => return generate(what, &dir),
         Command::Daemon(d) => d,
     };
     logging::init("info");
@@ -315,7 +354,9 @@ fn main() -> ExitCode {
             println!("project storage ready at {}", mount.display());
             Ok(())
         }),
-        DaemonCommand::EgressHook => unreachable!("handled before the configuration is read"),
+        DaemonCommand::EgressHook | DaemonCommand::Generate { .. } => {
+            unreachable!("handled before the configuration is read")
+        }
         DaemonCommand::CheckConfig => {
             for f in config::fragment_files(&roots) {
                 println!("# read {}", f.display());

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 mod discovery;
 mod fragments;
+mod keys;
 mod validate;
 
 pub use crate::auth::AuthSettings;
 pub use crate::units::{parse_duration, parse_size};
 pub use discovery::{DEFAULT_ROOTS, ROOTS_ENV, fragment_files, roots_from_env};
+pub use keys::keys;
 pub use validate::ALLOWED_CAPABILITIES;
 
 use crate::domain::limits::{Amount, LimitSettings, SliceSettings};
