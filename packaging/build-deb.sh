@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Builds cocalc-project-host_<version>_<arch>.deb with dpkg-deb from the install-path tree below.
+# Builds cocalc-project-host_<version>_<arch>.deb from debian/ (debhelper compat 13) with
+# dpkg-buildpackage, and prints its path as the last line.
 #   packaging/build-deb.sh [--release] [--out DIR]     (default: dev profile, target/debian)
+# cargo builds the binary once, here; packaging/stage.sh copies the files the package is made of
+# into a source tree under target/ with the binary, man pages and completions in build/, and
+# dpkg-buildpackage -b packs that tree (-d: cargo and rustc need not be Debian's; nothing is
+# compiled there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=dev; OUT=target/debian
@@ -12,42 +17,18 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-cargo build --locked --profile "$PROFILE" --bin cocalc-project-host
-BIN=target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/cocalc-project-host
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+if ! command -v dh >/dev/null; then
+  # like tests/testbed/testbed.sh's host packages: installed when missing (root), else said so
+  [ "$(id -u)" = 0 ] || { echo "build-deb: debhelper missing (apt-get install debhelper)" >&2; exit 1; }
+  echo "build-deb: installing debhelper" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debhelper >/dev/null
+fi
+SRC=$(realpath "$(packaging/stage.sh "$PROFILE" target/deb-src)")
+VERSION=$(dpkg-parsechangelog -l debian/changelog -S Version)
 ARCH=$(dpkg --print-architecture)
-STAGE=target/deb-stage
-rm -rf "$STAGE"; mkdir -p "$STAGE/DEBIAN" "$OUT"
-# the tree mirrors the install paths
-install -D -m755 "$BIN" "$STAGE/usr/bin/cocalc-project-host"
-strip "$STAGE/usr/bin/cocalc-project-host" 2>/dev/null || true
-for u in systemd/*.service systemd/*.socket systemd/*.slice systemd/*.timer; do
-  [ -e "$u" ] && install -D -m644 "$u" "$STAGE/lib/systemd/system/$(basename "$u")"
-done
-install -D -m644 dbus/com.cocalc.ProjectHost1.conf "$STAGE/usr/share/dbus-1/system.d/com.cocalc.ProjectHost1.conf"
-install -D -m644 dbus/com.cocalc.ProjectHost1.service "$STAGE/usr/share/dbus-1/system-services/com.cocalc.ProjectHost1.service"
-[ -e dbus/com.cocalc.ProjectHost1.xml ] && install -D -m644 dbus/com.cocalc.ProjectHost1.xml "$STAGE/usr/share/dbus-1/interfaces/com.cocalc.ProjectHost1.xml"
-install -D -m644 packaging/sysusers.d/cocalc-project-host.conf "$STAGE/usr/lib/sysusers.d/cocalc-project-host.conf"
-install -D -m644 packaging/config.toml "$STAGE/etc/cocalc-project-host/config.toml"
-install -d "$STAGE/etc/cocalc-project-host/config.d" "$STAGE/usr/lib/cocalc-project-host/config.d"
-install -D -m644 README.md "$STAGE/usr/share/doc/cocalc-project-host/README.md"
-install -m755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$STAGE/DEBIAN/"
-echo /etc/cocalc-project-host/config.toml > "$STAGE/DEBIAN/conffiles"
-SIZE=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
-cat > "$STAGE/DEBIAN/control" <<CTRL
-Package: cocalc-project-host
-Version: $VERSION
-Architecture: $ARCH
-Maintainer: cocalc-project-host developers <root@localhost>
-Installed-Size: $SIZE
-Depends: libc6 (>= 2.34), systemd (>= 252), dbus, podman, catatonit, btrfs-progs, util-linux, iptables, init-system-helpers (>= 1.54)
-Section: admin
-Priority: optional
-Description: runner node for CoCalc projects (systemd units wrapping podman on btrfs)
- Each project is a btrfs subvolume plus a container that runs as a transient systemd unit.
- The socket-activated daemon serves an HTTP API and mirrors it on D-Bus
- (com.cocalc.ProjectHost1).
-CTRL
+( cd "$SRC" && dpkg-buildpackage -b -d -us -uc --no-pre-clean >"$SRC.log" 2>&1 ) \
+  || { tail -30 "$SRC.log" >&2; echo "build-deb: dpkg-buildpackage failed (log: $SRC.log)" >&2; exit 1; }
+mkdir -p "$OUT"
 DEB="$OUT/cocalc-project-host_${VERSION}_${ARCH}.deb"
-dpkg-deb --root-owner-group -Zxz -z1 -b "$STAGE" "$DEB" >/dev/null
+mv "$(dirname "$SRC")/cocalc-project-host_${VERSION}_${ARCH}.deb" "$DEB"
 echo "$DEB"

@@ -41,15 +41,24 @@ pub fn man_pages(cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Writes the bash (`cocalc-project-host.bash`), zsh (`_cocalc-project-host`) and fish
-/// (`cocalc-project-host.fish`) completions into `dir`.
+/// Writes the completions under the names each shell looks for: `DIR/bash/cocalc-project-host`,
+/// `DIR/zsh/_cocalc-project-host` and `DIR/fish/cocalc-project-host.fish`.
 pub fn completions(mut cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
     use clap_complete::Shell;
-    std::fs::create_dir_all(dir)?;
-    [Shell::Bash, Shell::Zsh, Shell::Fish]
-        .into_iter()
-        .map(|sh| clap_complete::generate_to(sh, &mut cmd, NAME, dir))
-        .collect()
+    let mut out = Vec::new();
+    for (sh, file) in [
+        (Shell::Bash, NAME.to_string()),
+        (Shell::Zsh, format!("_{NAME}")),
+        (Shell::Fish, format!("{NAME}.fish")),
+    ] {
+        let path = dir.join(sh.to_string()).join(file);
+        std::fs::create_dir_all(path.parent().unwrap_or(dir))?;
+        let mut f = std::fs::File::create(&path)?;
+        clap_complete::generate(sh, &mut cmd, NAME, &mut f);
+        f.flush()?;
+        out.push(path);
+    }
+    Ok(out)
 }
 
 /// cocalc-project-host(8): clap's page, with a COMMANDS section holding every visible subcommand
