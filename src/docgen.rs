@@ -43,8 +43,11 @@ pub fn man_pages(cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
 
 /// Writes the completions under the names each shell looks for: `DIR/bash/cocalc-project-host`,
 /// `DIR/zsh/_cocalc-project-host` and `DIR/fish/cocalc-project-host.fish`.
-pub fn completions(mut cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
+pub fn completions(cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
     use clap_complete::Shell;
+    // clap (without its `string` feature) names commands with &'static str: the one command
+    // of this short-lived `generate` run is leaked to lend its names to the copy
+    let mut cmd = visible(Box::leak(Box::new(cmd)));
     let mut out = Vec::new();
     for (sh, file) in [
         (Shell::Bash, NAME.to_string()),
@@ -59,6 +62,25 @@ pub fn completions(mut cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf
         out.push(path);
     }
     Ok(out)
+}
+
+/// `cmd` without its hidden subcommands (clap_complete would offer them): a copy with the names,
+/// texts and arguments completion needs.
+fn visible(cmd: &'static clap::Command) -> clap::Command {
+    let mut out = clap::Command::new(cmd.get_name())
+        .args(cmd.get_arguments().filter(|a| !a.is_hide_set()).cloned())
+        .subcommands(
+            cmd.get_subcommands()
+                .filter(|s| !s.is_hide_set())
+                .map(visible),
+        );
+    if let Some(v) = cmd.get_version() {
+        out = out.version(v);
+    }
+    if let Some(a) = cmd.get_about() {
+        out = out.about(a.clone());
+    }
+    out
 }
 
 /// cocalc-project-host(8): clap's page, with a COMMANDS section holding every visible subcommand
@@ -328,7 +350,8 @@ pub fn config_page(text: &str) -> Result<String, String> {
     r.control("SH", ["DESCRIPTION"]);
     paragraphs(&mut r, &doc.intro);
     r.text([roman(
-        "Each key below is shown with its default, or with an example when its text says so. \
+        "Each key below is shown with its default value, or with an example where the page says \
+         so. \
          A change takes effect when the daemon restarts (systemctl restart \
          cocalc-project-host.service; running projects keep running).",
     )]);
@@ -346,7 +369,17 @@ pub fn config_page(text: &str) -> Result<String, String> {
         for e in &t.entries {
             for (i, (k, v)) in e.keys.iter().enumerate() {
                 r.control(if i == 0 { "TP" } else { "TQ" }, []);
-                r.text([bold(k.as_str()), roman(" = "), roman(v.as_str())]);
+                let note = if is_default(&t.name, k, v) {
+                    ""
+                } else {
+                    " (an example, not the default)"
+                };
+                r.text([
+                    bold(k.as_str()),
+                    roman(" = "),
+                    roman(v.as_str()),
+                    italic(note),
+                ]);
             }
             r.text([roman(e.prose.join(" "))]);
         }
@@ -358,6 +391,18 @@ pub fn config_page(text: &str) -> Result<String, String> {
     r.control("SH", ["SEE ALSO"]);
     r.text([roman("cocalc-project-host(8), systemd.unit(5)")]);
     Ok(r.to_roff())
+}
+
+/// Whether `key = value` under `[table]` leaves the settings at their defaults: the page says
+/// which values shown are only examples, from the config code itself.
+fn is_default(table: &str, key: &str, value: &str) -> bool {
+    let text = if table.is_empty() {
+        format!("{key} = {value}\n")
+    } else {
+        format!("[{table}]\n{key} = {value}\n")
+    };
+    crate::config::merge([(Path::new("config.toml"), text.as_str())])
+        .is_ok_and(|s| s == crate::config::Settings::default())
 }
 
 /// Comment lines as paragraphs (a blank comment line separates them).
@@ -431,6 +476,37 @@ mod tests {
         }
         assert!(page.contains(".SS [limits.max]"), "{page}");
         assert!(page.contains("token_revoked"), "trailing notes kept");
+    }
+
+    #[test]
+    fn the_config_page_tells_examples_from_defaults() {
+        assert!(is_default("storage", "image_size", "\"20G\""));
+        assert!(is_default("", "listen", "\"127.0.0.1:9002\""));
+        assert!(!is_default("storage", "mount", "\"/srv/cocalc-projects\""));
+        assert!(!is_default("storage", "image_size", "\"21G\""));
+        let page = config_page(CONFIG_DOC).unwrap();
+        let line = page
+            .lines()
+            .find(|l| l.contains("\\fBmount\\fR"))
+            .unwrap_or_else(|| panic!("{page}"));
+        assert!(line.contains("an example, not the default"), "{line}");
+    }
+
+    #[test]
+    fn completions_leave_hidden_subcommands_out() {
+        let dir = std::env::temp_dir().join(format!("docgen-{}", std::process::id()));
+        let cmd = clap::Command::new(NAME)
+            .subcommand(clap::Command::new("visible-one"))
+            .subcommand(clap::Command::new("secret-one").hide(true));
+        let files = completions(cmd, &dir).unwrap();
+        assert_eq!(files.len(), 3);
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            assert!(text.contains("visible-one"), "{}", f.display());
+            assert!(!text.contains("secret-one"), "{}", f.display());
+        }
+        assert!(dir.join("bash").join(NAME).is_file());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
