@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DEB=$1 RPM=$2
+missing=()
+for t in lintian:lintian rpmlint:rpmlint rpm:rpm; do command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  # like the testbed's host packages: installed when missing (root), else said so
+  [ "$(id -u)" = 0 ] || { echo "check.sh: missing ${missing[*]} (apt-get install ${missing[*]})" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 fails=0 checks=0
 pass() { checks=$((checks + 1)); }
 fail() { checks=$((checks + 1)); fails=$((fails + 1)); echo "FAIL: $*" >&2; }
