@@ -1,6 +1,6 @@
 //! Manual pages and shell completions, made from the code when the packages are built
-//! (`cocalc-project-host generate man|completions DIR`, run by `packaging/build-deb.sh` and
-//! `packaging/rpm/build-rpm.sh`), so that they list every subcommand and config key of this build:
+//! (`cocalc-project-host generate man|completions DIR`, run by `packaging/stage.sh` for the .deb
+//! and the RPM), so that they list every subcommand and config key of this build:
 //!
 //! - `cocalc-project-host.8`: clap's definitions (clap_mangen), every visible subcommand in one
 //!   COMMANDS section;
@@ -17,7 +17,8 @@ use clap_mangen::roff::{Roff, bold, italic, roman};
 use crate::api::error::{EXIT_FAILURE, EXIT_NO_SUCH_PROJECT, EXIT_OK, EXIT_USAGE};
 
 /// The documented configuration: the packaged config.toml, every key commented out with its
-/// default (or an example, when its text says so) and explained by the comment lines above it.
+/// default or an example (the page tells which, see [`config_page`]) and explained by the
+/// comment lines above it.
 pub const CONFIG_DOC: &str = include_str!("../packaging/config.toml");
 
 /// Name of the program, its man pages and completion files.
