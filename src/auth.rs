@@ -65,6 +65,8 @@ pub enum Action {
     Snapshot,
     /// `POST /auth/revoked` (push revoked token ids; host-wide, no project)
     Revoke,
+    /// `GET`/`PUT /projects/:id/authorized-keys` (who may SSH into the project)
+    SshKeys,
     /// host-wide operations (`POST /snapshots/sweep`): admin tokens only, never in a scope
     Admin,
 }
@@ -72,7 +74,7 @@ pub enum Action {
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 8] = [
         Action::List,
         Action::Status,
         Action::Start,
@@ -80,6 +82,7 @@ impl Action {
         Action::Config,
         Action::Snapshot,
         Action::Revoke,
+        Action::SshKeys,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -92,6 +95,7 @@ impl Action {
             Action::Config => "config",
             Action::Snapshot => "snapshot",
             Action::Revoke => "revoke",
+            Action::SshKeys => "ssh_keys",
             Action::Admin => "admin",
         }
     }

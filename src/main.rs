@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cocalc_project_host::adapters::cli::{self as client, Action};
-use cocalc_project_host::adapters::{dbus, http};
+use cocalc_project_host::adapters::{dbus, http, ssh};
 use cocalc_project_host::backends::btrfs;
 use cocalc_project_host::core::Host;
 use cocalc_project_host::domain::project::RunConfig;
@@ -194,6 +194,8 @@ enum DaemonCommand {
     StorageSetup,
     /// Print the merged configuration, or the first error in it.
     CheckConfig,
+    /// Print the SSH host key's fingerprint (SHA256:…) and its public key line.
+    SshHostKey,
     /// OCI prestart hook run by podman for slirp4netns projects: reads the OCI state on stdin
     /// and puts the egress rules into the container's network namespace.
     #[command(hide = true)]
@@ -316,6 +318,13 @@ fn main() -> ExitCode {
             Ok(())
         }),
         DaemonCommand::EgressHook => unreachable!("handled before the configuration is read"),
+        DaemonCommand::SshHostKey => {
+            ssh::host_key_fingerprint(&settings.state_dir).and_then(|fp| {
+                println!("{fp}");
+                println!("{}", ssh::hostkey::host_public_key(&settings.state_dir)?);
+                Ok(())
+            })
+        }
         DaemonCommand::CheckConfig => {
             for f in config::fragment_files(&roots) {
                 println!("# read {}", f.display());
@@ -365,8 +374,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     // before any thread exists: listenfd reads and clears LISTEN_* from the environment
-    let listeners = activation::take_listeners(listen.unwrap_or(settings.listen))
+    let mut listeners = activation::take_listeners(listen.unwrap_or(settings.listen))
         .context("cannot get the HTTP listener")?;
+    let ssh_listener = listeners.take("ssh");
     let rt = runtime()?;
     let auth_settings = settings.auth.clone();
     rt.block_on(async move {
@@ -390,6 +400,10 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         let bus = dbus::serve(host.clone())
             .await
             .with_context(|| format!("cannot own {} on the system bus", dbus::BUS_NAME))?;
+        match ssh::start(ssh_listener, host.clone()).await? {
+            Some(a) => tracing::info!(address = %a, "ssh: serving"),
+            None => tracing::info!("ssh: no ssh socket and no ssh.listen: SSH is off"),
+        }
         let addr = listeners.http.local_addr()?;
         let activated = listeners.activated;
         let untaken = listeners.untaken().join(",");

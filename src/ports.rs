@@ -236,4 +236,8 @@ pub trait Store: Send + Sync + Debug {
     /// `alloc` picks given every base taken, in one transaction (two starts never share one).
     /// `None`: `alloc` found none free.
     async fn id_range(&self, id: ProjectId, alloc: IdAlloc) -> Result<Option<u32>, StoreError>;
+    /// The project's SSH public keys (OpenSSH lines, validated before they were stored).
+    async fn ssh_keys(&self, id: ProjectId) -> Result<Vec<String>, StoreError>;
+    /// Replaces the project's SSH public keys.
+    async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError>;
 }

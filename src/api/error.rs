@@ -76,6 +76,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The answer could not be encoded (a bug: never a `200 null`).
     Internal,
+    /// An SSH public key list is not acceptable (not OpenSSH public keys, or too many).
+    InvalidSshKey,
 }
 
 /// One row of the table.
@@ -93,7 +95,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 28] = [
+    pub const ALL: [ErrorKind; 29] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -122,6 +124,7 @@ impl ErrorKind {
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
         ErrorKind::Internal,
+        ErrorKind::InvalidSshKey,
     ];
 
     /// The table.
@@ -186,6 +189,7 @@ impl ErrorKind {
             K::NotFound => r(404, "not_found", UNKNOWN, EXIT_FAILURE),
             K::MethodNotAllowed => r(405, "method_not_allowed", UNKNOWN, EXIT_FAILURE),
             K::Internal => r(500, "internal", "Failed", EXIT_FAILURE),
+            K::InvalidSshKey => r(400, "invalid_ssh_key", "InvalidConfig", EXIT_USAGE),
         }
     }
 
@@ -267,6 +271,7 @@ impl From<core::Error> for WireError {
             E::ProjectRunning(_) => ErrorKind::ProjectRunning,
             E::StorageFull { .. } => ErrorKind::StorageFull,
             E::ImageNotAllowed(_) => ErrorKind::ImageNotAllowed,
+            E::InvalidSshKey(_) => ErrorKind::InvalidSshKey,
         };
         WireError::new(kind, e.to_string())
     }
@@ -391,6 +396,7 @@ mod tests {
                 free: 1,
                 reserve: 2,
             },
+            core::Error::InvalidSshKey(crate::domain::ssh_keys::KeyError::TooMany(1001)),
         ] {
             let code = e.code();
             assert_eq!(WireError::from(e).kind.code(), code);

@@ -409,6 +409,15 @@ pub struct SweepRequest {
     pub projects: Option<Vec<String>>,
 }
 
+/// `PUT /projects/:id/authorized-keys` and its answer (also of `GET`): OpenSSH public key
+/// lines (`"ssh-ed25519 AAAA… comment"`), at most 1000.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizedKeys {
+    /// the keys (required in a `PUT`; `[]` removes them all)
+    pub keys: Vec<String>,
+}
+
 /// `POST /auth/revoked`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

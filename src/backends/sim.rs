@@ -491,6 +491,7 @@ pub struct SimStore {
     rows: Mutex<HashMap<ProjectId, ProjectRow>>,
     ranges: Mutex<HashMap<ProjectId, u32>>,
     fail_upserts: Mutex<bool>,
+    ssh_keys: Mutex<HashMap<ProjectId, Vec<String>>>,
 }
 
 impl SimStore {
@@ -582,5 +583,15 @@ impl ports::Store for SimStore {
         };
         ranges.insert(id, base);
         Ok(Some(base))
+    }
+    async fn ssh_keys(&self, id: ProjectId) -> Result<Vec<String>, StoreError> {
+        Ok(lock(&self.ssh_keys).get(&id).cloned().unwrap_or_default())
+    }
+    async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError> {
+        if *lock(&self.fail_upserts) {
+            return Err(StoreError::Gone);
+        }
+        lock(&self.ssh_keys).insert(id, keys);
+        Ok(())
     }
 }

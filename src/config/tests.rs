@@ -207,6 +207,22 @@ fn storage_and_snapshot_settings_merge_and_validate() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("http.max_connections_per_peer"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[ssh]\nkeepalive = \"0s\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ssh.keepalive: must be 1s to 1h"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[ssh]\nlisten = \"nope\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid socket address"), "{e}");
+    let ok = m(&[(
+        "/etc/x/a.toml",
+        "[ssh]\nlisten = \"127.0.0.1:2222\"\nautostart = true\nkeepalive = \"10s\"\n",
+    )])
+    .expect("valid [ssh]");
+    assert_eq!(ok.ssh.listen, Some("127.0.0.1:2222".parse().expect("addr")));
+    assert!(ok.ssh.autostart);
+    assert_eq!(ok.ssh.keepalive, std::time::Duration::from_secs(10));
     let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = 5\n")])
         .unwrap_err()
         .to_string();

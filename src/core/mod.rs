@@ -22,6 +22,7 @@ use crate::ports::{
 
 mod ids;
 mod reserve;
+mod ssh;
 mod storage;
 mod tasks;
 #[cfg(test)]
@@ -116,6 +117,9 @@ pub enum Error {
     /// The image is not a plain reference, or not one the host allows.
     #[error(transparent)]
     ImageNotAllowed(#[from] crate::domain::images::ImageError),
+    /// An SSH key list is not acceptable.
+    #[error(transparent)]
+    InvalidSshKey(#[from] crate::domain::ssh_keys::KeyError),
 }
 
 impl Error {
@@ -139,6 +143,7 @@ impl Error {
             Error::ProjectRunning(_) => "project_running",
             Error::StorageFull { .. } => "storage_full",
             Error::ImageNotAllowed(_) => "image_not_allowed",
+            Error::InvalidSshKey(_) => "invalid_ssh_key",
         }
     }
 }
