@@ -10,6 +10,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod spine;
+mod ssh;
 mod storage;
 mod tb;
 mod wire;

@@ -1,0 +1,297 @@
+//! SSH into projects with the real OpenSSH client, inside the testbed: commands run in the
+//! project as its user, exit statuses and streams pass, a pty follows resizes, wrong keys,
+//! passwords and unknown projects are refused, failed logins from one address do not slow
+//! another, a stopped project ends its sessions.
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::tb::{self, http, ok, sh, sh_in};
+
+/// Where the tests keep their client keys and known_hosts inside the machine.
+const DIR: &str = "/root/.e2e-ssh";
+
+/// Makes (once per name) an ed25519 key pair in the machine; its public line.
+fn key(name: &str) -> String {
+    ok(&format!(
+        "mkdir -p -m 700 {DIR} && {{ [ -f {DIR}/{name} ] || ssh-keygen -q -t ed25519 -N '' -C {name} -f {DIR}/{name}; }} && cat {DIR}/{name}.pub"
+    ))
+}
+
+/// known_hosts with the daemon's host key, as `cocalc-project-host ssh-host-key` prints it; the
+/// client then checks the server strictly.
+fn known_hosts() {
+    // the daemon makes the key on its first start
+    tb::wait_for("the SSH host key", 30, || {
+        let o = sh("cocalc-project-host ssh-host-key");
+        (o.code == 0).then_some(())
+    });
+    let out = ok("cocalc-project-host ssh-host-key");
+    let mut lines = out.lines();
+    let fp = lines.next().unwrap();
+    let public = lines.next().unwrap();
+    ok(&format!(
+        "mkdir -p -m 700 {DIR} && echo '[127.0.0.1]:2222 {public}' > {DIR}/known_hosts"
+    ));
+    // the fingerprint is the one ssh-keygen computes for that key
+    let theirs = ok(&format!("ssh-keygen -l -f {DIR}/known_hosts"));
+    assert!(theirs.contains(fp), "{fp} vs {theirs}");
+}
+
+/// The `ssh` command line with key `k` as `user`, plus extra options, running `remote`.
+fn ssh_cmd(k: &str, user: &str, opts: &str, remote: &str) -> String {
+    format!(
+        "ssh -p 2222 -i {DIR}/{k} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
+         -o UserKnownHostsFile={DIR}/known_hosts -o ConnectTimeout=10 {opts} {user}@127.0.0.1 {remote}"
+    )
+}
+
+fn set_keys(id: &str, keys: &[String]) {
+    let (s, v) = http(
+        "PUT",
+        &format!("/projects/{id}/authorized-keys"),
+        Some(&json!({ "keys": keys }).to_string()),
+    );
+    assert_eq!(s, 200, "{v}");
+}
+
+/// A running project that key `k` may log into.
+fn project_for(k: &str) -> String {
+    known_hosts();
+    let id = tb::new_id();
+    tb::start(&id, None);
+    set_keys(&id, &[key(k)]);
+    id
+}
+
+#[test]
+fn ssh_runs_commands_in_the_project_as_its_user() {
+    let id = project_for("alice");
+    let o = sh(&ssh_cmd("alice", &id, "", "'id -u; pwd; echo $HOME'"));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, "1000\n/home/user\n/home/user\n", "{o:?}");
+    // it runs in the project: the project's id is in its environment, its files are the home's
+    ok(&format!(
+        "{} > /dev/null",
+        ssh_cmd("alice", &id, "", "'echo hi > ~/from-ssh'")
+    ));
+    assert_eq!(
+        ok(&format!("cat {}/{id}/from-ssh", tb::STORAGE)),
+        "hi",
+        "the file is in the project's home"
+    );
+    assert_eq!(
+        ok(&ssh_cmd("alice", &id, "", "'echo $COCALC_PROJECT_ID'")),
+        id
+    );
+    // exit status and the two output streams pass through; stdin streams in, EOF included
+    let o = sh_in(
+        &ssh_cmd("alice", &id, "", "'cat; echo err >&2; exit 7'"),
+        b"from stdin\n",
+    );
+    assert_eq!(
+        (o.code, o.stdout.as_str(), o.stderr.trim()),
+        (7, "from stdin\n", "err"),
+        "{o:?}"
+    );
+    // the other spellings of the user name
+    let hex = id.replace('-', "");
+    for user in [
+        format!("project-{id}"),
+        hex.clone(),
+        format!("project-{hex}"),
+    ] {
+        assert_eq!(
+            ok(&ssh_cmd("alice", &user, "", "'id -u'")),
+            "1000",
+            "{user}"
+        );
+    }
+    // env: the locale passes, anything else does not
+    let o = sh(&ssh_cmd(
+        "alice",
+        &id,
+        "-o SetEnv='LC_ALL=C.UTF-8 LD_PRELOAD=/x FOO=bar'",
+        "'echo \"$LC_ALL|$LD_PRELOAD|$FOO\"'",
+    ));
+    assert_eq!(o.stdout, "C.UTF-8||\n", "{o:?}");
+    // the stored keys read back normalized; a bad list is refused and changes nothing
+    let (s, v) = http("GET", &format!("/projects/{id}/authorized-keys"), None);
+    assert_eq!(
+        (s, v["keys"].as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{v}"
+    );
+    let (s, v) = http(
+        "PUT",
+        &format!("/projects/{id}/authorized-keys"),
+        Some(r#"{"keys":["ssh-ed25519 AAAA nope"]}"#),
+    );
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_ssh_key")),
+        "{v}"
+    );
+    let many: Vec<String> = vec![key("alice"); 1001];
+    let (s, v) = http(
+        "PUT",
+        &format!("/projects/{id}/authorized-keys"),
+        Some(&json!({ "keys": many }).to_string()),
+    );
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("invalid_ssh_key")),
+        "{v}"
+    );
+    assert_eq!(ok(&ssh_cmd("alice", &id, "", "true; echo ok")), "ok");
+    tb::stop(&id, true);
+}
+
+#[test]
+fn wrong_keys_passwords_and_unknown_projects_are_refused() {
+    let a = project_for("alice");
+    let b = project_for("bob");
+    key("mallory");
+    let refused = |k: &str, user: &str, opts: &str| {
+        let o = sh(&ssh_cmd(k, user, opts, "'echo in'"));
+        assert_eq!(o.code, 255, "{k}@{user} {opts}: {o:?}");
+        assert!(o.stdout.is_empty(), "{o:?}");
+        assert!(o.stderr.contains("Permission denied"), "{o:?}");
+    };
+    refused("alice", &b, ""); // A's key on B
+    refused("bob", &a, "");
+    refused("mallory", &a, ""); // a key nobody stored
+    refused("alice", &tb::new_id(), ""); // no such project
+    for user in ["root", "user", "../x", &a.to_uppercase()] {
+        refused("alice", user, "");
+    }
+    // no password or keyboard-interactive login is offered at all
+    let o = sh(&ssh_cmd(
+        "alice",
+        &a,
+        "-o PubkeyAuthentication=no -o PreferredAuthentications=password,keyboard-interactive",
+        "true",
+    ));
+    assert_eq!(o.code, 255, "{o:?}");
+    assert!(o.stderr.contains("Permission denied (publickey)"), "{o:?}");
+    // the right key still works
+    assert_eq!(ok(&ssh_cmd("alice", &a, "", "'id -u'")), "1000");
+    tb::stop(&a, true);
+    tb::stop(&b, true);
+}
+
+#[test]
+fn a_stopped_project_is_refused_with_a_message_and_stopping_ends_its_sessions() {
+    let id = project_for("alice");
+    // a session that waits; the project stops under it
+    ok(&format!(
+        "rm -f /tmp/e2e-ssh-sleep.*; {} > /tmp/e2e-ssh-sleep.out 2> /tmp/e2e-ssh-sleep.err & echo $! > /tmp/e2e-ssh-sleep.pid",
+        ssh_cmd("alice", &id, "", "'echo started; sleep 600'")
+    ));
+    tb::wait_for("the session to start", 20, || {
+        (ok("cat /tmp/e2e-ssh-sleep.out") == "started").then_some(())
+    });
+    let t0 = Instant::now();
+    tb::stop(&id, false);
+    tb::wait_for("ssh to exit after the stop", 30, || {
+        (sh("kill -0 $(cat /tmp/e2e-ssh-sleep.pid)").code != 0).then_some(())
+    });
+    let err = ok("cat /tmp/e2e-ssh-sleep.err");
+    assert!(err.contains("stopped; closing the session"), "{err}");
+    eprintln!("session closed {:?} after the stop began", t0.elapsed());
+    // now it is not running: refused with a clear message
+    let o = sh(&ssh_cmd("alice", &id, "", "'echo in'"));
+    assert_ne!(o.code, 0, "{o:?}");
+    assert!(o.stdout.is_empty(), "{o:?}");
+    assert!(o.stderr.contains("is not running"), "{o:?}");
+    sh("rm -f /tmp/e2e-ssh-sleep.*");
+}
+
+#[test]
+fn a_pty_session_follows_window_changes() {
+    let id = project_for("alice");
+    // a python pty driver: the ssh client on a terminal of 24x80, then resized to 50x132
+    let script = format!(
+        r#"
+import os, pty, select, struct, fcntl, termios, signal, time, sys
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("ssh", {argv})
+def size(rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+size(24, 80)
+buf = b""
+def until(token, secs=20):
+    global buf
+    end = time.time() + secs
+    while token not in buf:
+        r, _, _ = select.select([fd], [], [], max(0, end - time.time()))
+        if not r:
+            sys.exit("timeout waiting for %r; got %r" % (token, buf))
+        buf += os.read(fd, 4096)
+until(b"$ ")
+os.write(fd, b"echo TERM=$TERM; stty size\n")
+until(b"24 80")
+size(50, 132)
+os.kill(pid, signal.SIGWINCH)
+time.sleep(0.5)
+os.write(fd, b"stty size\n")
+until(b"50 132")
+os.write(fd, b"exit 3\n")
+_, st = os.waitpid(pid, 0)
+print(buf.decode(errors="replace"))
+print("EXIT", os.waitstatus_to_exitcode(st))
+"#,
+        argv = serde_json::to_string(
+            &ssh_cmd("alice", &id, "-tt -o SetEnv=TERM=xterm-e2e", "")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        )
+        .unwrap()
+    );
+    let o = sh_in("python3 -", script.as_bytes());
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("TERM=xterm-e2e"), "{}", o.stdout);
+    assert!(o.stdout.contains("50 132"), "{}", o.stdout);
+    assert!(o.stdout.contains("EXIT 3"), "{}", o.stdout);
+    tb::stop(&id, true);
+}
+
+#[test]
+fn failed_logins_from_one_address_leave_others_at_normal_speed() {
+    let id = project_for("alice");
+    key("mallory");
+    // 500 failed logins from 127.0.0.3, ten at a time
+    let bad = ssh_cmd(
+        "mallory",
+        &id,
+        "-o BindAddress=127.0.0.3",
+        "true 2>/dev/null",
+    );
+    let t0 = Instant::now();
+    let o = ok(&format!(
+        "for j in $(seq 10); do (for i in $(seq 50); do {bad} >/dev/null 2>&1 && echo IN; done) & done; wait; echo done"
+    ));
+    assert_eq!(o, "done", "no failed login may get in");
+    eprintln!("500 failed logins took {:?}", t0.elapsed());
+    // the limit holds for that address now: closed before any key exchange
+    let o = sh(&bad);
+    assert_eq!(o.code, 255, "{o:?}");
+    assert!(
+        o.stderr.contains("kex_exchange_identification") || o.stderr.contains("Connection closed"),
+        "{o:?}"
+    );
+    // another address logs in at once
+    let t = Instant::now();
+    let o = ok(&format!(
+        "s=$(date +%s%N); {} >/dev/null; e=$(date +%s%N); echo $(( (e - s) / 1000000 ))",
+        ssh_cmd("alice", &id, "-o BindAddress=127.0.0.2", "true")
+    ));
+    let ms: u64 = o.parse().unwrap();
+    eprintln!(
+        "good login from 127.0.0.2: {ms} ms (round trip {:?})",
+        t.elapsed()
+    );
+    assert!(ms < 1000, "a good login took {ms} ms");
+    tb::stop(&id, true);
+}
