@@ -5,6 +5,7 @@ pub mod egress;
 pub mod ids;
 pub mod journal;
 pub mod podman;
+pub mod safefs;
 pub mod sim;
 pub mod sqlite;
 pub mod systemd;
