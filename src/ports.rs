@@ -208,6 +208,9 @@ pub trait Storage: Send + Sync + Debug {
     ) -> Result<u64, String>;
     /// Gives a fresh directory of the project (its scratch) to host `uid`.
     async fn give_to(&self, path: &Path, uid: u32) -> Result<(), String>;
+    /// The project's home and snapshots directory for file access (`None`: it has no home);
+    /// makes sure the snapshots directory exists.
+    fn file_roots(&self, id: ProjectId) -> Result<Option<(PathBuf, PathBuf)>, StorageError>;
 }
 
 /// Picks a free id range base given every base taken (`None`: none free).

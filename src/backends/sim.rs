@@ -273,6 +273,8 @@ pub struct SimStorage {
     owners: Mutex<HashMap<ProjectId, u32>>,
     given: Mutex<HashMap<PathBuf, u32>>,
     reserved: Mutex<Forbidden>,
+    /// a real directory holding homes and snapshots for file access (`set_files_dir`)
+    files_dir: Mutex<Option<PathBuf>>,
 }
 
 /// The owner of a new simulated home: the user of the default pool's first slot, as the real
@@ -319,6 +321,11 @@ impl SimStorage {
     pub fn set_reserved(&self, f: Forbidden) {
         *lock(&self.reserved) = f;
     }
+    /// Gives file access real directories: `<dir>/project-<id>` (the home, made with the
+    /// simulated one) and `<dir>/.snapshots/project-<id>`.
+    pub fn set_files_dir(&self, dir: PathBuf) {
+        *lock(&self.files_dir) = Some(dir);
+    }
     /// Removes a home (lost storage).
     pub fn remove_home(&self, id: ProjectId) {
         lock(&self.homes).remove(&id);
@@ -361,6 +368,25 @@ impl ports::Storage for SimStorage {
     }
     fn has_home(&self, id: ProjectId) -> bool {
         lock(&self.homes).contains_key(&id)
+    }
+    fn file_roots(&self, id: ProjectId) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
+        let Some(dir) = lock(&self.files_dir).clone() else {
+            return Ok(None);
+        };
+        if !lock(&self.homes).contains_key(&id) {
+            return Ok(None);
+        }
+        let (home, snaps) = (
+            dir.join(format!("project-{id}")),
+            dir.join(".snapshots").join(format!("project-{id}")),
+        );
+        for d in [&home, &snaps] {
+            std::fs::create_dir_all(d).map_err(|source| StorageError::Io {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        Ok(Some((home, snaps)))
     }
     async fn ensure_home(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
         self.add_home(id);

@@ -20,6 +20,7 @@ use crate::ports::{
     UnitEvent,
 };
 
+mod files;
 mod ids;
 mod reserve;
 mod storage;
