@@ -697,14 +697,14 @@ impl Tree {
             self.mkdir_all(&parent)?;
         }
         let dir = self.resolve(&parent, OFlags::RDONLY | OFlags::DIRECTORY)?;
-        let mode = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        let (mode, replaces) = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => match Kind::of(st.st_mode) {
                 Kind::Dir => return Err(FsError::IsDirectory),
-                Kind::File => st.st_mode & 0o777,
+                Kind::File => (st.st_mode & 0o777, true),
                 // a symlink or fifo there is replaced by the file
-                _ => FILE_MODE,
+                _ => (FILE_MODE, true),
             },
-            Err(Errno::NOENT) => FILE_MODE,
+            Err(Errno::NOENT) => (FILE_MODE, false),
             Err(e) => return Err(e.into()),
         };
         let tmp = format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple());
@@ -720,6 +720,7 @@ impl Tree {
             dir,
             tmp,
             name: name.to_string(),
+            replaces,
         };
         if let Some(f) = &file.file {
             Self::adopt_fd(f, owner, mode)?;
@@ -735,9 +736,15 @@ pub struct AtomicFile {
     dir: OwnedFd,
     tmp: String,
     name: String,
+    replaces: bool,
 }
 
 impl AtomicFile {
+    /// Whether something was at the target when the write began (it is replaced on commit).
+    pub fn replaces(&self) -> bool {
+        self.replaces
+    }
+
     fn file(&mut self) -> std::io::Result<&mut File> {
         self.file
             .as_mut()
