@@ -76,6 +76,14 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The answer could not be encoded (a bug: never a `200 null`).
     Internal,
+    /// The project is not running (the proxy needs it running).
+    ProjectNotRunning,
+    /// Nothing answers on the port inside the project (the proxy's 502).
+    BackendUnavailable,
+    /// The server inside the project did not answer in time (`proxy.timeout`, the proxy's 504).
+    BackendTimeout,
+    /// A proxy path that is not one (bad port, `.` or `..` segments, …).
+    InvalidPath,
 }
 
 /// One row of the table.
@@ -93,7 +101,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 28] = [
+    pub const ALL: [ErrorKind; 32] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -122,6 +130,10 @@ impl ErrorKind {
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
         ErrorKind::Internal,
+        ErrorKind::ProjectNotRunning,
+        ErrorKind::BackendUnavailable,
+        ErrorKind::BackendTimeout,
+        ErrorKind::InvalidPath,
     ];
 
     /// The table.
@@ -186,6 +198,15 @@ impl ErrorKind {
             K::NotFound => r(404, "not_found", UNKNOWN, EXIT_FAILURE),
             K::MethodNotAllowed => r(405, "method_not_allowed", UNKNOWN, EXIT_FAILURE),
             K::Internal => r(500, "internal", "Failed", EXIT_FAILURE),
+            K::ProjectNotRunning => r(503, "project_not_running", "Unavailable", EXIT_FAILURE),
+            K::BackendUnavailable => r(502, "backend_unavailable", "Failed", EXIT_FAILURE),
+            K::BackendTimeout => r(
+                504,
+                "backend_timeout",
+                "org.freedesktop.DBus.Error.Timeout",
+                EXIT_FAILURE,
+            ),
+            K::InvalidPath => r(400, "invalid_path", "Failed", EXIT_FAILURE),
         }
     }
 
@@ -267,6 +288,8 @@ impl From<core::Error> for WireError {
             E::ProjectRunning(_) => ErrorKind::ProjectRunning,
             E::StorageFull { .. } => ErrorKind::StorageFull,
             E::ImageNotAllowed(_) => ErrorKind::ImageNotAllowed,
+            E::ProjectNotRunning(_) => ErrorKind::ProjectNotRunning,
+            E::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
         };
         WireError::new(kind, e.to_string())
     }
