@@ -118,6 +118,17 @@ pub trait Units: Send + Sync + Debug {
     async fn memory_current(&self, id: ProjectId) -> Option<u64>;
     /// Runs a helper job to completion; the error says why it failed, in the helper's words.
     async fn run_helper(&self, helper: Helper) -> Result<(), String>;
+    /// Connects to `127.0.0.1:port` inside the network namespace of the running project whose
+    /// unit's main process is `main_pid` (the socket keeps that namespace), within `timeout`.
+    async fn connect(
+        &self,
+        id: ProjectId,
+        main_pid: u32,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<tokio::net::TcpStream>;
+    /// Forgets what `connect` cached about the project (its unit is gone).
+    fn forget(&self, id: ProjectId);
 }
 
 /// One subvolume of the project storage that belongs to a project.

@@ -4,6 +4,7 @@ pub mod btrfs;
 pub mod egress;
 pub mod ids;
 pub mod journal;
+pub mod netns;
 pub mod podman;
 pub mod safefs;
 pub mod sim;

@@ -89,7 +89,7 @@ impl FsError {
             FsError::Exists => "already_exists",
             FsError::QuotaExceeded => "quota_exceeded",
             FsError::PermissionDenied => "permission_denied",
-            FsError::Io(_) => "io_error",
+            FsError::Io(_) => "internal",
         }
     }
 }

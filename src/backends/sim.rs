@@ -83,6 +83,10 @@ pub struct SimUnits {
     pub cpu: Mutex<HashMap<ProjectId, Option<f64>>>,
     /// The last start plan per project.
     pub plans: Mutex<HashMap<ProjectId, StartPlan>>,
+    /// What a project's port is in the simulation: a local listener (see [`SimUnits::listen`]).
+    ports: Mutex<HashMap<(ProjectId, u16), std::net::SocketAddr>>,
+    /// Projects whose connect cache was dropped, in order.
+    pub forgotten: Mutex<Vec<ProjectId>>,
 }
 
 impl SimUnits {
@@ -138,6 +142,10 @@ impl SimUnits {
         if lock(&self.units).remove(&id).is_some() {
             self.emit(UnitEvent::Removed(id));
         }
+    }
+    /// Makes `port` of project `id` reach `addr` (a listener of the test) while the project runs.
+    pub fn listen(&self, id: ProjectId, port: u16, addr: std::net::SocketAddr) {
+        lock(&self.ports).insert((id, port), addr);
     }
     fn emit(&self, ev: UnitEvent) {
         lock(&self.watchers).retain(|w| w.send(ev.clone()).is_ok());
@@ -242,6 +250,27 @@ impl ports::Units for SimUnits {
     async fn run_helper(&self, helper: Helper) -> Result<(), String> {
         lock(&self.helpers).push(helper);
         Ok(())
+    }
+    async fn connect(
+        &self,
+        id: ProjectId,
+        main_pid: u32,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let running = lock(&self.units)
+            .get(&id)
+            .is_some_and(|u| u.active_state == ActiveState::Active && u.main_pid == main_pid);
+        let addr = lock(&self.ports).get(&(id, port)).copied();
+        match addr.filter(|_| running) {
+            Some(a) => tokio::time::timeout(timeout, tokio::net::TcpStream::connect(a))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
+            None => Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        }
+    }
+    fn forget(&self, id: ProjectId) {
+        lock(&self.forgotten).push(id);
     }
 }
 

@@ -46,6 +46,8 @@ pub(super) struct Fragment {
     auth: AuthFragment,
     #[serde(default)]
     http: HttpFragment,
+    #[serde(default)]
+    proxy: crate::adapters::proxy::ProxyFragment,
 }
 
 impl Fragment {
@@ -68,6 +70,7 @@ impl Fragment {
         self.snapshots.apply(&mut s.snapshots, mark);
         s.auth.merge(self.auth, mark);
         self.http.apply(&mut s.http, mark);
+        s.proxy.merge(self.proxy, mark);
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The HTTP server.
     pub http: HttpSettings,
+    /// The proxy into projects (owned by `crate::adapters::proxy`).
+    pub proxy: crate::adapters::proxy::ProxySettings,
 }
 
 /// The HTTP server's own bounds.
@@ -171,6 +173,7 @@ impl Default for Settings {
             http: HttpSettings {
                 max_connections_per_peer: 64,
             },
+            proxy: crate::adapters::proxy::ProxySettings::default(),
         }
     }
 }

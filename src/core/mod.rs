@@ -22,6 +22,7 @@ use crate::ports::{
 
 mod files;
 mod ids;
+mod net;
 mod reserve;
 mod storage;
 mod tasks;
@@ -117,6 +118,19 @@ pub enum Error {
     /// The image is not a plain reference, or not one the host allows.
     #[error(transparent)]
     ImageNotAllowed(#[from] crate::domain::images::ImageError),
+    /// The operation needs the project running (a connection into it).
+    #[error("project {0} is not running")]
+    ProjectNotRunning(ProjectId),
+    /// Nothing answers on the port inside the project.
+    #[error("project {id}: cannot connect to port {port}: {reason}")]
+    BackendUnavailable {
+        /// the project
+        id: ProjectId,
+        /// the port inside it
+        port: u16,
+        /// why
+        reason: String,
+    },
 }
 
 impl Error {
@@ -140,6 +154,8 @@ impl Error {
             Error::ProjectRunning(_) => "project_running",
             Error::StorageFull { .. } => "storage_full",
             Error::ImageNotAllowed(_) => "image_not_allowed",
+            Error::ProjectNotRunning(_) => "project_not_running",
+            Error::BackendUnavailable { .. } => "backend_unavailable",
         }
     }
 }
@@ -384,6 +400,8 @@ impl Host {
             let before = e.state();
             if unit.is_none() {
                 e.memory_current = None;
+                // a stopped project's network namespace is not used again
+                self.units.forget(id);
             }
             e.unit = unit;
             let after = e.state();

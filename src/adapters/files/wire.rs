@@ -119,16 +119,18 @@ pub fn last_modified(m: &Meta) -> String {
 }
 
 fn etag_matches(list: &str, tag: &str, weak: bool) -> bool {
-    list.split(',').map(str::trim).any(|t| {
-        t == "*"
-            || t == tag
-            || (weak && t.strip_prefix("W/").is_some_and(|t| t == tag))
-    })
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == tag || (weak && t.strip_prefix("W/").is_some_and(|t| t == tag)))
 }
 
 /// Whether a GET/HEAD with these conditions gets `304` (RFC 9110 §13.2.2: If-None-Match wins
 /// over If-Modified-Since).
-pub fn not_modified(if_none_match: Option<&str>, if_modified_since: Option<&str>, m: &Meta) -> bool {
+pub fn not_modified(
+    if_none_match: Option<&str>,
+    if_modified_since: Option<&str>,
+    m: &Meta,
+) -> bool {
     if let Some(inm) = if_none_match {
         return etag_matches(inm, &etag(m), true);
     }
@@ -232,7 +234,10 @@ mod tests {
         assert_eq!(parse_range("bytes=2-5", 10), Part(2, 5));
         assert_eq!(parse_range("bytes=2-", 10), Part(2, 9));
         assert_eq!(parse_range("bytes=2-100", 10), Part(2, 9));
-        assert_eq!(parse_range("bytes=2-99999999999999999999999", 10), Part(2, 9));
+        assert_eq!(
+            parse_range("bytes=2-99999999999999999999999", 10),
+            Part(2, 9)
+        );
         assert_eq!(parse_range("bytes=-3", 10), Part(7, 9));
         assert_eq!(parse_range("bytes=-30", 10), Part(0, 9));
         assert_eq!(parse_range("BYTES = 1-2", 10), Part(1, 2));
@@ -243,8 +248,15 @@ mod tests {
         assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
         // not a valid single byte range: ignored
         for h in [
-            "bytes=5-2", "bytes=a-b", "bytes=", "bytes=-", "items=0-1", "bytes=0-1,3-4",
-            "0-1", "bytes=+1-2", "bytes=1--2",
+            "bytes=5-2",
+            "bytes=a-b",
+            "bytes=",
+            "bytes=-",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "0-1",
+            "bytes=+1-2",
+            "bytes=1--2",
         ] {
             assert_eq!(parse_range(h, 10), Full, "{h}");
         }
@@ -258,9 +270,17 @@ mod tests {
         assert!(not_modified(Some(&format!("W/{tag}")), None, &m));
         assert!(not_modified(Some(&format!("\"x\", {tag}")), None, &m));
         assert!(not_modified(Some("*"), None, &m));
-        assert!(!not_modified(Some("\"other\""), Some(&last_modified(&m)), &m));
+        assert!(!not_modified(
+            Some("\"other\""),
+            Some(&last_modified(&m)),
+            &m
+        ));
         assert!(not_modified(None, Some(&last_modified(&m)), &m));
-        assert!(!not_modified(None, Some("Sun, 06 Nov 1994 08:49:37 GMT"), &m));
+        assert!(!not_modified(
+            None,
+            Some("Sun, 06 Nov 1994 08:49:37 GMT"),
+            &m
+        ));
         assert!(!not_modified(None, Some("garbage"), &m));
         assert!(!not_modified(None, None, &m));
         assert!(if_range_holds(None, &m));
