@@ -376,6 +376,16 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
     // before any thread exists: listenfd reads and clears LISTEN_* from the environment
     let mut listeners = activation::take_listeners(listen.unwrap_or(settings.listen))
         .context("cannot get the HTTP listener")?;
+    // the public side: systemd's socket, else `proxy.listen` when set (no proxy otherwise)
+    let proxy_listener = match (listeners.take("proxy"), settings.proxy.listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| format!("cannot bind proxy.listen {addr}"))?,
+        ),
+        (None, None) => None,
+    };
     let ssh_listener = listeners.take("ssh");
     let rt = runtime()?;
     let auth_settings = settings.auth.clone();
@@ -416,6 +426,28 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         let listener = tokio::net::TcpListener::from_std(listeners.http)?;
         let watchdog = activation::spawn_watchdog();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // the proxy stops with the API (same signal, same order: before the bus and the core)
+        let proxy_stop = tokio_util::sync::CancellationToken::new();
+        let proxy_task = match proxy_listener {
+            Some(l) => {
+                let l = tokio::net::TcpListener::from_std(l)?;
+                tracing::info!(address = %l.local_addr()?, "serving the proxy");
+                let px = cocalc_project_host::adapters::proxy::Proxy::new(
+                    host.clone(),
+                    auth.clone(),
+                    false,
+                )
+                .context("cannot set up the proxy (its cookie key in the state directory)")?;
+                let stop = proxy_stop.clone();
+                Some(tokio::spawn(cocalc_project_host::adapters::proxy::serve(
+                    l,
+                    px,
+                    async move { stop.cancelled().await },
+                )))
+            }
+            None => None,
+        };
+        let signal_stop = proxy_stop.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (
@@ -431,6 +463,7 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
                 "stopping: finishing in-flight requests"
             );
             let _ = stop_tx.send(());
+            signal_stop.cancel();
         });
         tracing::info!(
             message_id = "5b1e9b0e7a4c4c2a8f3d2e1c0b9a8f70",
@@ -448,6 +481,10 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
             let _ = stop_rx.await;
         })
         .await;
+        proxy_stop.cancel();
+        if let Some(t) = proxy_task {
+            let _ = t.await;
+        }
         // The shutdown order: HTTP has stopped accepting and finished its requests; the bus name
         // goes next (no new D-Bus calls), then the core drains the starts and stops in flight
         // (D-Bus-started ones included: they are not cut off by the runtime's drop) and ends

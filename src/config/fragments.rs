@@ -49,6 +49,8 @@ pub(super) struct Fragment {
     http: HttpFragment,
     #[serde(default)]
     ssh: SshFragment,
+    #[serde(default)]
+    proxy: crate::adapters::proxy::ProxyFragment,
 }
 
 impl Fragment {
@@ -72,6 +74,7 @@ impl Fragment {
         s.auth.merge(self.auth, mark);
         self.http.apply(&mut s.http, mark);
         self.ssh.apply(&mut s.ssh, mark);
+        s.proxy.merge(self.proxy, mark);
     }
 }
 

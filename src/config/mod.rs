@@ -47,6 +47,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// The SSH server (`adapters::ssh`).
     pub ssh: SshSettings,
+    /// The proxy into projects (owned by `crate::adapters::proxy`).
+    pub proxy: crate::adapters::proxy::ProxySettings,
 }
 
 /// The SSH server into projects.
@@ -189,6 +191,7 @@ impl Default for Settings {
                 autostart: false,
                 keepalive: Duration::from_secs(30),
             },
+            proxy: crate::adapters::proxy::ProxySettings::default(),
         }
     }
 }

@@ -155,6 +155,7 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
         ));
     }
     validate_limits(s)?;
+    s.proxy.validate()?;
     s.auth.validate()
 }
 

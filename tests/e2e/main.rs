@@ -6,6 +6,7 @@ mod auth;
 mod authority;
 mod cgroup;
 mod dbus;
+mod files;
 mod isolation;
 mod lifecycle;
 mod limits;
