@@ -291,3 +291,166 @@ fn failed_logins_from_one_address_leave_others_at_normal_speed() {
     assert!(ms < 1000, "a good login took {ms} ms");
     tb::stop(&id, true);
 }
+
+/// `scp`/`sftp` options for key `k` (they take `-P` for the port).
+fn copy_opts(k: &str) -> String {
+    format!(
+        "-P 2222 -i {DIR}/{k} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
+         -o UserKnownHostsFile={DIR}/known_hosts"
+    )
+}
+
+fn sha(path: &str) -> String {
+    ok(&format!("sha256sum {path} | cut -d' ' -f1"))
+}
+
+#[test]
+fn scp_and_sftp_move_50mb_both_ways_owned_by_the_project_user() {
+    let id = project_for("alice");
+    let home = format!("{}/project-{id}", tb::STORAGE);
+    ok("head -c 50M /dev/urandom > /tmp/e2e-50m");
+    let want = sha("/tmp/e2e-50m");
+    let o = copy_opts("alice");
+    // scp (SFTP underneath, OpenSSH 9) in and out
+    let t = Instant::now();
+    ok(&format!("scp -q {o} /tmp/e2e-50m {id}@127.0.0.1:big1"));
+    let up = t.elapsed();
+    assert_eq!(sha(&format!("{home}/big1")), want);
+    let t = Instant::now();
+    ok(&format!(
+        "scp -q {o} {id}@127.0.0.1:/home/user/big1 /tmp/e2e-50m.back"
+    ));
+    let down = t.elapsed();
+    assert_eq!(sha("/tmp/e2e-50m.back"), want);
+    eprintln!("scp 50 MB: in {up:?}, out {down:?}");
+    // the file belongs to the project's user: 1000 inside, the home's owner on the host
+    assert_eq!(
+        ok(&ssh_cmd("alice", &id, "", "'stat -c %u:%g big1'")),
+        "1000:1000"
+    );
+    assert_eq!(
+        ok(&format!("stat -c %u {home}/big1")),
+        ok(&format!("stat -c %u {home}"))
+    );
+    // sftp: put, get, mkdir, rename, ls, rm, rmdir
+    let batch = "put /tmp/e2e-50m big2\nget big2 /tmp/e2e-50m.back2\nmkdir d\nrename big2 d/big2\nls -l d\nrm d/big2\nrmdir d\n";
+    let out = sh_in(&format!("sftp -b - {o} {id}@127.0.0.1"), batch.as_bytes());
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("big2"), "{out:?}");
+    assert_eq!(sha("/tmp/e2e-50m.back2"), want);
+    assert_eq!(sh(&format!("ls {home}/d")).code, 2, "d was removed");
+    // nothing outside the home: absolute paths elsewhere, `..`, a symlink to a host file
+    ok(&ssh_cmd(
+        "alice",
+        &id,
+        "",
+        "'ln -sf /etc/shadow leak; ln -sf ../../../../etc/shadow leak2'",
+    ));
+    for path in [
+        "/etc/shadow",
+        "../../etc/shadow",
+        "leak",
+        "leak2",
+        "/home/user/../../etc/shadow",
+    ] {
+        let out = sh_in(
+            &format!("rm -f /tmp/e2e-leak; sftp -b - {o} {id}@127.0.0.1"),
+            format!("get {path} /tmp/e2e-leak\n").as_bytes(),
+        );
+        assert_ne!(out.code, 0, "{path}: {out:?}");
+        assert_ne!(sh("test -s /tmp/e2e-leak").code, 0, "{path} was read");
+    }
+    // nor written through: a put onto the symlink does not reach the host file
+    let before = sha("/etc/shadow");
+    let out = sh_in(
+        &format!("sftp -b - {o} {id}@127.0.0.1"),
+        b"put /tmp/e2e-50m.back leak\n",
+    );
+    assert_ne!(out.code, 0, "{out:?}");
+    assert_eq!(sha("/etc/shadow"), before);
+    sh("rm -f /tmp/e2e-50m /tmp/e2e-50m.back /tmp/e2e-50m.back2 /tmp/e2e-leak");
+    tb::stop(&id, true);
+}
+
+#[test]
+fn ssh_l_reaches_a_port_inside_a_network_none_project_and_nothing_else() {
+    known_hosts();
+    let id = tb::new_id();
+    let script = "mkdir -p /home/user/www && echo hello-from-project > /home/user/www/index.html && exec httpd -f -p 8000 -h /home/user/www";
+    tb::start(
+        &id,
+        Some(&json!({"network": "none", "cmd": ["/bin/sh", "-c", script]}).to_string()),
+    );
+    set_keys(&id, &[key("alice")]);
+    let fwd = |spec: &str| {
+        ssh_cmd(
+            "alice",
+            &id,
+            &format!("-N -o ExitOnForwardFailure=yes -L {spec}"),
+            "",
+        )
+    };
+    let out = ok(&format!(
+        "{} & pid=$!; for i in $(seq 50); do curl -s -m 5 http://127.0.0.1:18080/index.html && break; sleep 0.2; done; kill $pid",
+        fwd("127.0.0.1:18080:127.0.0.1:8000")
+    ));
+    assert_eq!(out, "hello-from-project");
+    // another destination, or a closed port: the channel is refused, curl gets nothing
+    for spec in [
+        "127.0.0.1:18081:10.0.0.1:8000",
+        "127.0.0.1:18081:127.0.0.2:8000",
+        "127.0.0.1:18081:127.0.0.1:9",
+    ] {
+        let out = sh(&format!(
+            "{} 2>/tmp/e2e-fwd.err & pid=$!; sleep 1.5; curl -s -m 5 http://127.0.0.1:18081/; echo rc=$?; kill $pid; cat /tmp/e2e-fwd.err",
+            fwd(spec)
+        ));
+        assert!(!out.stdout.contains("hello"), "{spec}: {out:?}");
+        assert!(out.stdout.contains("open failed"), "{spec}: {out:?}");
+    }
+    tb::stop(&id, true);
+}
+
+#[test]
+fn the_projects_own_authorized_keys_count_but_never_through_a_symlink() {
+    let id = project_for("alice");
+    let carol = key("carol");
+    let denied = |o: &tb::Out| o.code == 255 && o.stderr.contains("Permission denied");
+    assert!(denied(&sh(&ssh_cmd("carol", &id, "", "true"))));
+    // carol's key in the project's own file: she gets in
+    ok(&ssh_cmd(
+        "alice",
+        &id,
+        "",
+        &format!("'mkdir -p ~/.ssh && echo \"{carol}\" > ~/.ssh/authorized_keys'"),
+    ));
+    assert_eq!(ok(&ssh_cmd("carol", &id, "", "'id -u'")), "1000");
+    // a key with options this server does not enforce is not taken
+    ok(&ssh_cmd(
+        "alice",
+        &id,
+        "",
+        &format!("'echo \"command=\\\"/bin/false\\\" {carol}\" > ~/.ssh/authorized_keys'"),
+    ));
+    assert!(denied(&sh(&ssh_cmd("carol", &id, "", "true"))));
+    // the file as a symlink to a host file holding her key, in a place the daemon itself may
+    // read (its state directory, two levels above the homes): not read, absolute or relative
+    let host_copy = "/var/lib/cocalc-project-host/e2e-carol.pub";
+    ok(&format!("cp {DIR}/carol.pub {host_copy}"));
+    for target in [
+        host_copy.to_string(),
+        "../../../e2e-carol.pub".to_string(),
+        format!("../../../../../../../..{host_copy}"),
+    ] {
+        ok(&ssh_cmd(
+            "alice",
+            &id,
+            "",
+            &format!("'ln -sfn {target} ~/.ssh/authorized_keys'"),
+        ));
+        let o = sh(&ssh_cmd("carol", &id, "", "true"));
+        assert!(denied(&o), "{target}: {o:?}");
+    }
+    sh(&format!("rm -f {host_copy}"));
+    tb::stop(&id, true);
+}

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use hostkey::{host_key_fingerprint, load_or_create_host_key};
 
 use crate::adapters::connlimit::PeerLimiter;
+use crate::backends::safefs::RelPath;
 use crate::backends::session::SessionRunner;
 use crate::core::Host;
 use crate::domain::project::{ProjectId, ProjectState};
@@ -205,10 +206,33 @@ impl Conn {
     }
 }
 
-/// The keys of the project's own `~/.ssh/authorized_keys` (empty until the safe home reader is
-/// wired in).
-async fn home_keys(_host: &Arc<Host>, _id: ProjectId) -> Vec<PublicKey> {
-    Vec::new()
+/// The keys of the project's own `~/.ssh/authorized_keys`, read through `backends::safefs`
+/// (resolved beneath the home: a symlink to a host file is refused), at most
+/// [`ssh_keys::MAX_AUTHORIZED_KEYS_FILE`] bytes of it. Missing or unreadable: none.
+async fn home_keys(host: &Arc<Host>, id: ProjectId) -> Vec<PublicKey> {
+    use std::io::Read as _;
+    let fs = match host.project_files(id).await {
+        Ok(fs) => fs,
+        Err(_) => return Vec::new(),
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        let p = RelPath::parse(".ssh/authorized_keys")?;
+        let (f, _) = fs.home.open_read(&p)?;
+        let mut text = String::new();
+        f.take(ssh_keys::MAX_AUTHORIZED_KEYS_FILE)
+            .read_to_string(&mut text)?;
+        Ok::<_, crate::backends::safefs::FsError>(text)
+    })
+    .await;
+    match read {
+        Ok(Ok(text)) => ssh_keys::parse_authorized_keys(&text),
+        Ok(Err(crate::backends::safefs::FsError::NotFound)) => Vec::new(),
+        Ok(Err(e)) => {
+            tracing::info!(project_id = %id, error = %e, "ssh: ~/.ssh/authorized_keys not read");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    }
 }
 
 impl russh::server::Handler for Conn {
@@ -281,6 +305,49 @@ impl russh::server::Handler for Conn {
             self.ctx.clone(),
             id,
         ));
+        Ok(())
+    }
+
+    /// `ssh -L`: a connection to `127.0.0.1:<port>` inside the project's network namespace
+    /// (`Host::connect_port`; works with `network: none`). Any other destination is refused.
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(id) = self.project else {
+            return Ok(());
+        };
+        let port = match (host_to_connect, u16::try_from(port_to_connect)) {
+            ("127.0.0.1" | "localhost", Ok(p)) if p != 0 => p,
+            _ => {
+                tracing::info!(project_id = %id, host_to_connect, port_to_connect, "ssh: forward refused");
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
+                return Ok(());
+            }
+        };
+        let host = self.ctx.host.clone();
+        // connecting may take a moment: not on the connection's own loop
+        tokio::spawn(async move {
+            match host.connect_port(id, port).await {
+                Ok(mut tcp) => {
+                    reply.accept().await;
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                }
+                Err(e) => {
+                    tracing::info!(project_id = %id, port, error = %e, "ssh: forward failed");
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
         Ok(())
     }
 }

@@ -36,12 +36,12 @@ enum Run {
 
 /// Serves one session channel to its end.
 pub async fn run(ch: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>, id: ProjectId) {
+    let mut ch = ch;
     let chid = ch.id();
-    let (mut rd, wr) = ch.split();
     let mut env: Vec<(String, String)> = Vec::new();
     let mut pty: Option<PtySpec> = None;
     let run = loop {
-        let Some(msg) = rd.wait().await else { return };
+        let Some(msg) = ch.wait().await else { return };
         let ok = match msg {
             ChannelMsg::RequestPty {
                 term,
@@ -99,7 +99,7 @@ pub async fn run(ch: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>, id: ProjectId)
         };
     };
     match run {
-        Run::Sftp => super::sftp::run(rd, wr, handle, ctx, id).await,
+        Run::Sftp => super::sftp::run(ch, handle, ctx, id).await,
         Run::Command(command) => {
             if let Some(p) = &pty {
                 // the client's TERM unless it set one through `env`
@@ -113,6 +113,7 @@ pub async fn run(ch: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>, id: ProjectId)
                 env,
                 pty,
             };
+            let (rd, wr) = ch.split();
             run_process(rd, wr, handle, ctx, spec).await;
         }
     }
