@@ -362,3 +362,44 @@ fn symlinks_out_of_the_home_never_leak_static_or_swapped() {
     stop(&id, true);
     stop(&other, true);
 }
+
+/// A 100 MB upload and download stream through the daemon with bounded memory: checksums
+/// match and the daemon's RSS (sampled during both transfers) stays within a few buffers.
+#[test]
+fn large_transfers_stream_with_flat_memory() {
+    let id = new_id();
+    start(&id, None);
+    ok("head -c 100M /dev/urandom > /var/tmp/e2e-100m");
+    let pid = ok("systemctl show -p MainPID --value cocalc-project-host.service");
+    let rss = format!("awk '/^VmRSS/ {{print $2}}' /proc/{pid}/status");
+    let before: u64 = ok(&rss).parse().unwrap();
+    // sample the RSS every 50 ms while the transfers run; the largest is kept
+    let out = ok(&format!(
+        "touch /var/tmp/e2e-sampling; echo 0 > /var/tmp/e2e-rss-max; \
+         (m=0; while test -e /var/tmp/e2e-sampling; do r=$({rss}); [ \"$r\" -gt \"$m\" ] && m=$r; echo $m > /var/tmp/e2e-rss-max; sleep 0.05; done) & \
+         up=$(curl -sS -m 300 {AUTH} -T /var/tmp/e2e-100m -o /dev/null -w '%{{speed_upload}}' {PROXY}{p}); \
+         down=$(curl -sS -m 300 {AUTH} -o /var/tmp/e2e-100m.back -w '%{{speed_download}}' {PROXY}{p}); \
+         rm /var/tmp/e2e-sampling; wait; echo $up $down $(cat /var/tmp/e2e-rss-max)",
+        p = files(&id, "big.bin"),
+    ));
+    let f: Vec<f64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    let (up, down, max) = (f[0] / 1e6, f[1] / 1e6, f[2] as u64);
+    assert_eq!(
+        ok("sha256sum < /var/tmp/e2e-100m"),
+        ok("sha256sum < /var/tmp/e2e-100m.back")
+    );
+    assert_eq!(
+        ok(&format!("sha256sum < {STORAGE}/project-{id}/big.bin")),
+        ok("sha256sum < /var/tmp/e2e-100m")
+    );
+    println!(
+        "100 MB through /files/: upload {up:.0} MB/s, download {down:.0} MB/s; daemon RSS {before} kB before, at most {max} kB during"
+    );
+    assert!(
+        max < before + 48 * 1024,
+        "the daemon grew by {} kB during 100 MB transfers",
+        max - before
+    );
+    ok("rm -f /var/tmp/e2e-100m /var/tmp/e2e-100m.back /var/tmp/e2e-rss-max");
+    stop(&id, true);
+}
