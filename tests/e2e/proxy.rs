@@ -286,3 +286,22 @@ fn a_hanging_backend_is_504_after_the_timeout() {
     let e = t.elapsed().as_secs_f64();
     assert!((1.9..6.0).contains(&e), "answered after {e}s");
 }
+
+#[test]
+fn a_daemon_restart_loses_no_proxied_request() {
+    let p = Project::start();
+    // requests back to back while the daemon restarts: systemd holds the socket, the old daemon
+    // finishes what it accepted, the new one (having adopted the project) answers the rest
+    let out = ok(&format!(
+        "(for i in $(seq 1 150); do curl -s -m 30 -o /dev/null -w '%{{http_code}}\\n' {} {PROXY}/{}/server/8000/hello.txt; done > /tmp/px-codes) & \
+         sleep 0.5; systemctl restart cocalc-project-host.service; wait; sort /tmp/px-codes | uniq -c; rm -f /tmp/px-codes",
+        tb::AUTH,
+        p.id
+    ));
+    println!("{out}");
+    assert_eq!(
+        out.trim(),
+        "150 200",
+        "every request answered 200 across the restart"
+    );
+}
