@@ -21,6 +21,8 @@ use crate::backends::safefs::{AtomicFile, FsError, Kind, Listing, Meta, ProjectF
 use crate::core::Host;
 use crate::domain::project::ProjectId;
 
+#[cfg(test)]
+mod tests;
 mod wire;
 
 /// Most entries a listing returns (`truncated` says when there were more).

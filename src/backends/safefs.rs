@@ -663,11 +663,12 @@ impl Tree {
         Ok((File::from(fd), meta))
     }
 
-    /// Sets the permission bits of `p` (followed beneath the root).
+    /// Sets the permission bits of `p` (followed beneath the root). Setuid and setgid bits are
+    /// dropped: the daemon never makes a set-id file (it runs without `RestrictSUIDSGID=`).
     pub fn set_mode(&self, p: &RelPath, mode: u32) -> Result<(), FsError> {
         self.writable()?;
         let fd = self.resolve(p, OFlags::RDONLY | OFlags::NONBLOCK)?;
-        Ok(rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777))?)
+        Ok(rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o1777))?)
     }
 
     /// Sets the access and modification times of `p` (seconds since the epoch).

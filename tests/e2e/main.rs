@@ -10,6 +10,7 @@ mod files;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod proxy;
 mod spine;
 mod ssh;
 mod storage;

@@ -518,3 +518,35 @@ async fn upgrades_are_tunnelled() {
     b.stop.cancel();
     b.task.await.unwrap();
 }
+
+#[tokio::test]
+async fn autostart_starts_a_known_project_only_when_configured() {
+    let b = bed(|s| s.proxy.autostart = true).await;
+    let (known, unknown) = (id(5), id(6));
+    let backend = echo_backend().await;
+    b.sim.units.listen(known, 8000, backend);
+    b.sim.units.listen(unknown, 8000, backend);
+    b.host.start(known, None).await.unwrap();
+    b.host.stop(known, false).await.unwrap();
+    let auth = bearer();
+    let h = [("authorization", auth.as_str())];
+    let a = call(b.addr, "GET", &format!("/{known}/server/8000/x"), &h).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert!(b.host.is_running(known));
+    // a project this host never ran is not created by a proxy request
+    let a = call(b.addr, "GET", &format!("/{unknown}/server/8000/x"), &h).await;
+    assert_eq!(a.status, 503);
+    assert!(!b.host.is_known(unknown));
+    // and without the setting, a stopped project is a 503 (the other tests' default)
+    b.stop.cancel();
+    b.task.await.unwrap();
+    let b = bed(|_| {}).await;
+    b.sim.units.listen(known, 8000, backend);
+    b.host.start(known, None).await.unwrap();
+    b.host.stop(known, false).await.unwrap();
+    let a = call(b.addr, "GET", &format!("/{known}/server/8000/x"), &h).await;
+    assert_eq!(a.status, 503);
+    assert!(!b.host.is_running(known));
+    b.stop.cancel();
+    b.task.await.unwrap();
+}

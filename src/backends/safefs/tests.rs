@@ -159,6 +159,9 @@ fn atomic_writes_leave_nothing_when_dropped_and_keep_modes() {
     let mut f = t.create_atomic(&rel("a/b/c.txt"), false).unwrap();
     f.write_all(b"again").unwrap();
     assert_eq!(f.commit().unwrap().mode, 0o600);
+    // no set-id bit is ever set
+    t.set_mode(&rel("a/b/c.txt"), 0o6755).unwrap();
+    assert_eq!(t.stat(&rel("a/b/c.txt")).unwrap().mode, 0o755);
     assert_eq!(std::fs::read_dir(fx.home().join("a/b")).unwrap().count(), 1);
     // parents are not created unless asked
     assert!(matches!(
