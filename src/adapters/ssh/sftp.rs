@@ -57,7 +57,23 @@ pub async fn run(ch: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>, id: ProjectId)
         host_uid,
         user_uid: ctx.host.settings().projects.user_uid,
     };
-    russh_sftp::server::run(ch.into_stream(), server).await;
+    // russh-sftp serves one end of a pipe, the channel is pumped through the other: when the
+    // client ends its input the server ends, and the channel gets an exit status (scp fails
+    // without one)
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    russh_sftp::server::run(theirs, server).await;
+    let (mut rd, wr) = ch.split();
+    let (mut from_sftp, mut to_sftp) = tokio::io::split(ours);
+    let input = async {
+        let _ = tokio::io::copy(&mut rd.make_reader(), &mut to_sftp).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut to_sftp).await;
+    };
+    let output = wr.data(&mut from_sftp);
+    let _ = tokio::join!(input, output);
+    let _ = wr.exit_status(0).await;
+    let _ = wr.eof().await;
+    let _ = wr.close().await;
+    tracing::info!(project_id = %id, "ssh: sftp session ended");
 }
 
 enum Open {
