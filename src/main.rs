@@ -92,6 +92,18 @@ enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show a project's SSH public keys, or replace them with the keys of FILE
+    /// (`authorized_keys` format, one per line; `-` reads stdin; an empty file removes them all).
+    AuthorizedKeys {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// Replace the keys with the ones in this file.
+        #[arg(long, value_name = "FILE")]
+        set: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Read-only snapshots of a project's home.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -243,6 +255,24 @@ fn client(cmd: ClientCommand) -> ExitCode {
             (parsed(&id).map(|id| Action::SetQuota(id, size.0)), json)
         }
         ClientCommand::SnapshotSweep => (Ok(Action::SnapshotSweep), true),
+        ClientCommand::AuthorizedKeys { id, set, json } => {
+            let keys = match set.as_deref().map(|p| {
+                if p == std::path::Path::new("-") {
+                    std::io::read_to_string(std::io::stdin())
+                } else {
+                    std::fs::read_to_string(p)
+                }
+                .map_err(|e| format!("{}: {e}", p.display()))
+            }) {
+                None => None,
+                Some(Ok(text)) => Some(client::key_lines(&text)),
+                Some(Err(e)) => {
+                    eprintln!("cocalc-project-host: {e}");
+                    return ExitCode::from(cocalc_project_host::api::error::EXIT_USAGE);
+                }
+            };
+            (parsed(&id).map(|id| Action::AuthorizedKeys(id, keys)), json)
+        }
         ClientCommand::Snapshot(c) => match c {
             SnapshotCommand::List { id, json } => (parsed(&id).map(Action::SnapshotList), json),
             SnapshotCommand::Create { id, name, json } => {

@@ -454,3 +454,33 @@ fn the_projects_own_authorized_keys_count_but_never_through_a_symlink() {
     sh(&format!("rm -f {host_copy}"));
     tb::stop(&id, true);
 }
+
+#[test]
+fn the_cli_shows_and_sets_a_projects_keys_over_dbus() {
+    let id = project_for("alice");
+    let bob = key("bob");
+    // --set FILE: authorized_keys format, comments and blank lines skipped
+    ok(&format!(
+        "printf '# team\\n\\n{bob}\\n' > /tmp/e2e-keys && cocalc-project-host authorized-keys {id} --set /tmp/e2e-keys"
+    ));
+    assert_eq!(
+        ok(&format!("cocalc-project-host authorized-keys {id}")),
+        bob
+    );
+    assert_eq!(ok(&ssh_cmd("bob", &id, "", "'id -u'")), "1000");
+    let o = sh(&ssh_cmd("alice", &id, "", "true"));
+    assert_eq!(o.code, 255, "alice's key was replaced: {o:?}");
+    // a bad key: exit 2 (usage), the stored keys unchanged
+    let o = sh(&format!(
+        "echo 'ssh-ed25519 AAAA' | cocalc-project-host authorized-keys {id} --set -"
+    ));
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("keys[0]"), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&format!(
+        "cocalc-project-host authorized-keys {id} --json"
+    )))
+    .unwrap();
+    assert_eq!(v, json!({ "keys": [bob] }));
+    sh("rm -f /tmp/e2e-keys");
+    tb::stop(&id, true);
+}
