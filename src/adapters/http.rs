@@ -543,11 +543,17 @@ async fn handle(
             }
             let mut r = error_response(&e);
             // RFC 9110: a 405 names the method the resource does accept
-            let allowed: Vec<&str> = [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
-                .iter()
-                .filter(|m| route(m, &path).is_ok())
-                .map(Method::as_str)
-                .collect();
+            let allowed: Vec<&str> = [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ]
+            .iter()
+            .filter(|m| route(m, &path).is_ok())
+            .map(Method::as_str)
+            .collect();
             if e.status == StatusCode::METHOD_NOT_ALLOWED
                 && let Ok(v) = hyper::header::HeaderValue::from_str(&allowed.join(", "))
             {
