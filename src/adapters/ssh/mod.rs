@@ -388,3 +388,31 @@ pub async fn start(
     });
     Ok(Some(addr))
 }
+
+#[cfg(test)]
+mod tests {
+    use hyper::Method;
+
+    use crate::adapters::http::{Route, route};
+    use crate::auth::Action;
+
+    const ID: &str = "6f1c2d3e-0000-4000-8000-000000000001";
+
+    #[test]
+    fn the_keys_routes_need_the_ssh_keys_action_on_their_project() {
+        let path = format!("/projects/{ID}/authorized-keys");
+        let id = ID.parse().expect("id");
+        assert_eq!(route(&Method::GET, &path), Ok(Route::AuthorizedKeys(id)));
+        assert_eq!(route(&Method::PUT, &path), Ok(Route::SetAuthorizedKeys(id)));
+        for r in [Route::AuthorizedKeys(id), Route::SetAuthorizedKeys(id)] {
+            assert_eq!(r.permission(), Some((Action::SshKeys, Some(id))));
+        }
+        assert_eq!(Action::parse("ssh_keys"), Some(Action::SshKeys));
+        for m in [Method::POST, Method::DELETE, Method::PATCH] {
+            let e = route(&m, &path).unwrap_err();
+            assert_eq!(e.status.as_u16(), 405, "{m}");
+        }
+        let e = route(&Method::GET, "/projects/nope/authorized-keys").unwrap_err();
+        assert_eq!(e.code, "invalid_project_id");
+    }
+}
