@@ -65,14 +65,20 @@ pub enum Action {
     Snapshot,
     /// `POST /auth/revoked` (push revoked token ids; host-wide, no project)
     Revoke,
+    /// `GET`/`PUT /projects/:id/authorized-keys` (who may SSH into the project)
+    SshKeys,
     /// host-wide operations (`POST /snapshots/sweep`): admin tokens only, never in a scope
     Admin,
+    /// the proxy into a running project (`/<id>/port/<p>/…`, `/<id>/server/<p>/…`)
+    Proxy,
+    /// the project's files (`/<id>/files/<path>`)
+    Files,
 }
 
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 10] = [
         Action::List,
         Action::Status,
         Action::Start,
@@ -80,6 +86,9 @@ impl Action {
         Action::Config,
         Action::Snapshot,
         Action::Revoke,
+        Action::SshKeys,
+        Action::Proxy,
+        Action::Files,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -92,7 +101,10 @@ impl Action {
             Action::Config => "config",
             Action::Snapshot => "snapshot",
             Action::Revoke => "revoke",
+            Action::SshKeys => "ssh_keys",
             Action::Admin => "admin",
+            Action::Proxy => "proxy",
+            Action::Files => "files",
         }
     }
 
@@ -171,6 +183,17 @@ fn covers(p: &Projects, id: &ProjectId) -> bool {
         Projects::All => true,
         Projects::Only(set) => set.contains(id),
     }
+}
+
+/// A token that checked out, with what the proxy's cookie needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// who it is
+    pub principal: Principal,
+    /// the token's `exp` (unix seconds); `None` for admin tokens
+    pub exp: Option<u64>,
+    /// the token's `jti`, if it has one
+    pub jti: Option<String>,
 }
 
 /// Why a request is not authenticated (→ 401).
@@ -436,6 +459,12 @@ impl Auth {
 
     /// Checks a bearer token as of `now` (unix seconds).
     pub fn verify(&self, token: &str, now: u64) -> Result<Principal, Denied> {
+        self.verify_token(token, now).map(|v| v.principal)
+    }
+
+    /// Checks a bearer token as of `now`, with its expiry and `jti` (the proxy's cookie keeps
+    /// both: it expires with the token and dies with its revocation).
+    pub fn verify_token(&self, token: &str, now: u64) -> Result<Verified, Denied> {
         // every admin digest is compared, without stopping at a match
         let d = digest(token.as_bytes());
         let admin = self
@@ -443,7 +472,11 @@ impl Auth {
             .iter()
             .fold(subtle::Choice::from(0), |acc, a| acc | a.ct_eq(&d));
         if bool::from(admin) {
-            return Ok(Principal::Admin);
+            return Ok(Verified {
+                principal: Principal::Admin,
+                exp: None,
+                jti: None,
+            });
         }
         if token.bytes().filter(|b| *b == b'.').count() != 2 {
             return Err(Denied::Invalid("not a known admin token nor a JWT".into()));
@@ -466,7 +499,11 @@ impl Auth {
                         return Err(Denied::Revoked);
                     }
                     let scope = scope_of(c.scope).map_err(Denied::Invalid)?;
-                    return Ok(Principal::Master { sub: c.sub, scope });
+                    return Ok(Verified {
+                        principal: Principal::Master { sub: c.sub, scope },
+                        exp: Some(c.exp),
+                        jti: c.jti,
+                    });
                 }
                 // another key may have signed it; anything else is final
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {

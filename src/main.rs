@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cocalc_project_host::adapters::cli::{self as client, Action};
-use cocalc_project_host::adapters::{dbus, http};
+use cocalc_project_host::adapters::{dbus, http, ssh};
 use cocalc_project_host::backends::btrfs;
 use cocalc_project_host::core::Host;
 use cocalc_project_host::domain::project::RunConfig;
@@ -88,6 +88,18 @@ enum ClientCommand {
         /// The quota, or `none` for no limit.
         #[arg(value_parser = parse_quota)]
         size: Quota,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a project's SSH public keys, or replace them with the keys of FILE
+    /// (`authorized_keys` format, one per line; `-` reads stdin; an empty file removes them all).
+    AuthorizedKeys {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// Replace the keys with the ones in this file.
+        #[arg(long, value_name = "FILE")]
+        set: Option<std::path::PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -194,6 +206,8 @@ enum DaemonCommand {
     StorageSetup,
     /// Print the merged configuration, or the first error in it.
     CheckConfig,
+    /// Print the SSH host key's fingerprint (SHA256:…) and its public key line.
+    SshHostKey,
     /// OCI prestart hook run by podman for slirp4netns projects: reads the OCI state on stdin
     /// and puts the egress rules into the container's network namespace.
     #[command(hide = true)]
@@ -279,6 +293,24 @@ fn client(cmd: ClientCommand) -> ExitCode {
             (parsed(&id).map(|id| Action::SetQuota(id, size.0)), json)
         }
         ClientCommand::SnapshotSweep => (Ok(Action::SnapshotSweep), true),
+        ClientCommand::AuthorizedKeys { id, set, json } => {
+            let keys = match set.as_deref().map(|p| {
+                if p == std::path::Path::new("-") {
+                    std::io::read_to_string(std::io::stdin())
+                } else {
+                    std::fs::read_to_string(p)
+                }
+                .map_err(|e| format!("{}: {e}", p.display()))
+            }) {
+                None => None,
+                Some(Ok(text)) => Some(client::key_lines(&text)),
+                Some(Err(e)) => {
+                    eprintln!("cocalc-project-host: {e}");
+                    return ExitCode::from(cocalc_project_host::api::error::EXIT_USAGE);
+                }
+            };
+            (parsed(&id).map(|id| Action::AuthorizedKeys(id, keys)), json)
+        }
         ClientCommand::Snapshot(c) => match c {
             SnapshotCommand::List { id, json } => (parsed(&id).map(Action::SnapshotList), json),
             SnapshotCommand::Create { id, name, json } => {
@@ -357,6 +389,13 @@ fn main() -> ExitCode {
         DaemonCommand::EgressHook | DaemonCommand::Generate { .. } => {
             unreachable!("handled before the configuration is read")
         }
+        DaemonCommand::SshHostKey => {
+            ssh::host_key_fingerprint(&settings.state_dir).and_then(|fp| {
+                println!("{fp}");
+                println!("{}", ssh::hostkey::host_public_key(&settings.state_dir)?);
+                Ok(())
+            })
+        }
         DaemonCommand::CheckConfig => {
             for f in config::fragment_files(&roots) {
                 println!("# read {}", f.display());
@@ -406,8 +445,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     // before any thread exists: listenfd reads and clears LISTEN_* from the environment
-    let listeners = activation::take_listeners(listen.unwrap_or(settings.listen))
+    let mut listeners = activation::take_listeners(listen.unwrap_or(settings.listen))
         .context("cannot get the HTTP listener")?;
+    // the public side: systemd's socket, else `proxy.listen` when set (no proxy otherwise)
+    let proxy_listener = match (listeners.take("proxy"), settings.proxy.listen) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| format!("cannot bind proxy.listen {addr}"))?,
+        ),
+        (None, None) => None,
+    };
+    let ssh_listener = listeners.take("ssh");
     let rt = runtime()?;
     let auth_settings = settings.auth.clone();
     rt.block_on(async move {
@@ -431,6 +481,10 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         let bus = dbus::serve(host.clone())
             .await
             .with_context(|| format!("cannot own {} on the system bus", dbus::BUS_NAME))?;
+        match ssh::start(ssh_listener, host.clone()).await? {
+            Some(a) => tracing::info!(address = %a, "ssh: serving"),
+            None => tracing::info!("ssh: no ssh socket and no ssh.listen: SSH is off"),
+        }
         let addr = listeners.http.local_addr()?;
         let activated = listeners.activated;
         let untaken = listeners.untaken().join(",");
@@ -443,6 +497,28 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         let listener = tokio::net::TcpListener::from_std(listeners.http)?;
         let watchdog = activation::spawn_watchdog();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // the proxy stops with the API (same signal, same order: before the bus and the core)
+        let proxy_stop = tokio_util::sync::CancellationToken::new();
+        let proxy_task = match proxy_listener {
+            Some(l) => {
+                let l = tokio::net::TcpListener::from_std(l)?;
+                tracing::info!(address = %l.local_addr()?, "serving the proxy");
+                let px = cocalc_project_host::adapters::proxy::Proxy::new(
+                    host.clone(),
+                    auth.clone(),
+                    false,
+                )
+                .context("cannot set up the proxy (its cookie key in the state directory)")?;
+                let stop = proxy_stop.clone();
+                Some(tokio::spawn(cocalc_project_host::adapters::proxy::serve(
+                    l,
+                    px,
+                    async move { stop.cancelled().await },
+                )))
+            }
+            None => None,
+        };
+        let signal_stop = proxy_stop.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (
@@ -458,6 +534,7 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
                 "stopping: finishing in-flight requests"
             );
             let _ = stop_tx.send(());
+            signal_stop.cancel();
         });
         tracing::info!(
             message_id = "5b1e9b0e7a4c4c2a8f3d2e1c0b9a8f70",
@@ -475,6 +552,10 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
             let _ = stop_rx.await;
         })
         .await;
+        proxy_stop.cancel();
+        if let Some(t) = proxy_task {
+            let _ = t.await;
+        }
         // The shutdown order: HTTP has stopped accepting and finished its requests; the bus name
         // goes next (no new D-Bus calls), then the core drains the starts and stops in flight
         // (D-Bus-started ones included: they are not cut off by the runtime's drop) and ends

@@ -118,6 +118,17 @@ pub trait Units: Send + Sync + Debug {
     async fn memory_current(&self, id: ProjectId) -> Option<u64>;
     /// Runs a helper job to completion; the error says why it failed, in the helper's words.
     async fn run_helper(&self, helper: Helper) -> Result<(), String>;
+    /// Connects to `127.0.0.1:port` inside the network namespace of the running project whose
+    /// unit's main process is `main_pid` (the socket keeps that namespace), within `timeout`.
+    async fn connect(
+        &self,
+        id: ProjectId,
+        main_pid: u32,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<tokio::net::TcpStream>;
+    /// Forgets what `connect` cached about the project (its unit is gone).
+    fn forget(&self, id: ProjectId);
 }
 
 /// One subvolume of the project storage that belongs to a project.
@@ -208,6 +219,9 @@ pub trait Storage: Send + Sync + Debug {
     ) -> Result<u64, String>;
     /// Gives a fresh directory of the project (its scratch) to host `uid`.
     async fn give_to(&self, path: &Path, uid: u32) -> Result<(), String>;
+    /// The project's home and snapshots directory for file access (`None`: it has no home);
+    /// makes sure the snapshots directory exists.
+    fn file_roots(&self, id: ProjectId) -> Result<Option<(PathBuf, PathBuf)>, StorageError>;
 }
 
 /// Picks a free id range base given every base taken (`None`: none free).
@@ -236,4 +250,8 @@ pub trait Store: Send + Sync + Debug {
     /// `alloc` picks given every base taken, in one transaction (two starts never share one).
     /// `None`: `alloc` found none free.
     async fn id_range(&self, id: ProjectId, alloc: IdAlloc) -> Result<Option<u32>, StoreError>;
+    /// The project's SSH public keys (OpenSSH lines, validated before they were stored).
+    async fn ssh_keys(&self, id: ProjectId) -> Result<Vec<String>, StoreError>;
+    /// Replaces the project's SSH public keys.
+    async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError>;
 }

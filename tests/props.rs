@@ -75,7 +75,9 @@ proptest! {
                 | Route::Snapshots(id)
                 | Route::CreateSnapshot(id)
                 | Route::DeleteSnapshot(id, _)
-                | Route::RestoreSnapshot(id, _),
+                | Route::RestoreSnapshot(id, _)
+                | Route::AuthorizedKeys(id)
+                | Route::SetAuthorizedKeys(id),
             ) => {
                 prop_assert!(p.contains(&id.to_string()));
             }

@@ -7,8 +7,9 @@
 //!
 //! Sizes come from the environment: BENCH_N (30), BENCH_WARMUP (2), BENCH_BURST (50),
 //! BENCH_BURST_REPS (3), BENCH_DENSITY (200), BENCH_CONNS (64), BENCH_LOAD_SECS (10),
-//! BENCH_RESTARTS (3), BENCH_SNAP_BIG_MB (1024), BENCH_NGINX (/xchg/nginx/usr/sbin/nginx);
-//! BENCH_PHASES=cold,latency,burst,density,snapshot runs only those (default: all; aliases:
+//! BENCH_RESTARTS (3), BENCH_SNAP_BIG_MB (1024), BENCH_SSH_MB (1024),
+//! BENCH_NGINX (/xchg/nginx/usr/sbin/nginx);
+//! BENCH_PHASES=cold,latency,burst,density,snapshot,ssh runs only those (default: all; aliases:
 //! start = latency, throughput = density, snapshots = snapshot); an unknown name is an error.
 //! One file per phase in phases/ (the table `phases::PHASES`).
 #![allow(clippy::unwrap_used)] // a bench tool: a panic is the report

@@ -29,6 +29,8 @@ trait Manager {
     fn stop_project(&self, id: &str, force: bool) -> zbus::Result<BusDict>;
     fn set_project_limits(&self, id: &str, limits_json: &str) -> zbus::Result<BusDict>;
     fn sweep_snapshots(&self) -> zbus::Result<String>;
+    fn get_authorized_keys(&self, id: &str) -> zbus::Result<Vec<String>>;
+    fn set_authorized_keys(&self, id: &str, keys: &[String]) -> zbus::Result<Vec<String>>;
 }
 
 #[zbus::proxy(
@@ -180,6 +182,16 @@ async fn manager() -> Result<ManagerProxy<'static>, CliError> {
         .await?)
 }
 
+/// The keys of an `authorized_keys`-style text: one per line; blank lines and `#` comments
+/// skipped (each key is validated by the daemon).
+pub fn key_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
 /// What the CLI was asked to do.
 #[derive(Debug)]
 pub enum Action {
@@ -205,6 +217,8 @@ pub enum Action {
     SnapshotRestore(ProjectId, String),
     /// `snapshot-sweep`
     SnapshotSweep,
+    /// `authorized-keys ID [--set FILE]`: the keys to set (`None`: show them)
+    AuthorizedKeys(ProjectId, Option<Vec<String>>),
 }
 
 /// The project object of a project this host knows (exit 4 otherwise).
@@ -287,6 +301,19 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
                 ];
                 for (k, v) in values {
                     println!("  {k:>10}: {v}");
+                }
+            }
+        }
+        Action::AuthorizedKeys(id, set) => {
+            let keys = match set {
+                Some(keys) => m.set_authorized_keys(&id.to_string(), &keys).await?,
+                None => m.get_authorized_keys(&id.to_string()).await?,
+            };
+            if json_out {
+                print_json(&api::AuthorizedKeys { keys })?;
+            } else {
+                for k in &keys {
+                    println!("{k}");
                 }
             }
         }

@@ -242,6 +242,24 @@ impl Manager {
         Ok(LimitsAnswer::from(&u).to_bus()?)
     }
 
+    /// The SSH public keys stored for a project (as `GET /projects/:id/authorized-keys`).
+    async fn get_authorized_keys(
+        &self,
+        id: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<String>, Error> {
+        operator(conn, &hdr).await?;
+        Ok(self.host()?.authorized_keys(parse_id(id)?).await?)
+    }
+
+    /// Replaces a project's SSH public keys (validated, at most 1000; none removes them all);
+    /// the keys as stored.
+    async fn set_authorized_keys(&self, id: &str, keys: Vec<String>) -> Result<Vec<String>, Error> {
+        let id = parse_id(id)?;
+        Ok(self.host()?.set_authorized_keys(id, &keys).await?)
+    }
+
     /// Takes and prunes the rolling snapshots of every project now (what
     /// cocalc-project-host-snapshots.timer asks for); returns what it did as JSON.
     async fn sweep_snapshots(&self) -> Result<String, Error> {

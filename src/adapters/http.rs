@@ -28,6 +28,8 @@ use crate::domain::snapshots::SnapshotName;
 pub const MAX_BODY: usize = 64 * 1024;
 /// Most connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// Largest `PUT /projects/:id/authorized-keys` body: 1000 keys of up to ~1 KiB each.
+pub const MAX_KEYS_BODY: usize = 1024 * 1024;
 /// A client gets this long to send its request head (and, idle, its next one): slowloris.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client gets this long to send its body once the head is in.
@@ -100,6 +102,10 @@ pub enum Route {
     SweepSnapshots,
     /// `POST /auth/revoked` (admin, or a master token with the `revoke` action)
     Revoke,
+    /// `GET /projects/:id/authorized-keys`
+    AuthorizedKeys(ProjectId),
+    /// `PUT /projects/:id/authorized-keys`
+    SetAuthorizedKeys(ProjectId),
 }
 
 fn parse_id(id: &str) -> Result<ProjectId, ApiError> {
@@ -131,6 +137,14 @@ fn storage_route(method: &Method, segs: &[&str]) -> Option<Result<(Method, Route
             Ok((Method::POST, Route::RestoreSnapshot(id, name)))
         }),
         ["projects", id, "quota"] => parse_id(id).map(|id| (Method::POST, Route::SetQuota(id))),
+        ["projects", id, "authorized-keys"] => parse_id(id).and_then(|id| match *method {
+            Method::PUT => Ok((Method::PUT, Route::SetAuthorizedKeys(id))),
+            Method::GET => Ok((Method::GET, Route::AuthorizedKeys(id))),
+            _ => Err(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("/projects/{id}/authorized-keys accepts GET or PUT only"),
+            )),
+        }),
         _ => return None,
     };
     Some(r)
@@ -154,6 +168,9 @@ impl Route {
             | Route::RestoreSnapshot(id, _) => Some((Action::Snapshot, Some(*id))),
             Route::SweepSnapshots => Some((Action::Admin, None)),
             Route::Revoke => Some((Action::Revoke, None)),
+            Route::AuthorizedKeys(id) | Route::SetAuthorizedKeys(id) => {
+                Some((Action::SshKeys, Some(*id)))
+            }
         }
     }
 }
@@ -230,23 +247,30 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
 /// Reads a JSON body (empty = default), enforcing [`MAX_BODY`] and [`BODY_TIMEOUT`], and parses
 /// it with the parser the D-Bus adapter uses too.
 async fn read_json<T: DeserializeOwned + Default>(req: Request<Incoming>) -> Result<T, ApiError> {
+    read_json_max(req, MAX_BODY).await
+}
+
+async fn read_json_max<T: DeserializeOwned + Default>(
+    req: Request<Incoming>,
+    max_body: usize,
+) -> Result<T, ApiError> {
     let too_big = || {
         ApiError::new(
             ErrorKind::BodyTooLarge,
-            format!("body exceeds {MAX_BODY} bytes"),
+            format!("body exceeds {max_body} bytes"),
         )
     };
     if let Some(len) = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        && len > MAX_BODY as u64
+        && len > max_body as u64
     {
         return Err(too_big());
     }
     let body = tokio::time::timeout(
         BODY_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY).collect(),
+        Limited::new(req.into_body(), max_body).collect(),
     )
     .await
     .map_err(|_| {
@@ -423,6 +447,23 @@ async fn dispatch(
             host.set_disk_quota(id, body.disk).await?;
             answer(StatusCode::OK, &StatusAnswer::from(&host.status(id)))
         }
+        Route::AuthorizedKeys(id) => answer(
+            StatusCode::OK,
+            &api::AuthorizedKeys {
+                keys: host.authorized_keys(id).await?,
+            },
+        ),
+        Route::SetAuthorizedKeys(id) => {
+            let body: Option<api::AuthorizedKeys> = read_json_max(req, MAX_KEYS_BODY).await?;
+            let body = body.ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::InvalidBody,
+                    "body required: {\"keys\": [\"ssh-ed25519 AAAA… comment\", …]}",
+                )
+            })?;
+            let keys = host.set_authorized_keys(id, &body.keys).await?;
+            answer(StatusCode::OK, &api::AuthorizedKeys { keys })
+        }
         Route::Revoke => {
             let body: api::RevokeRequest = read_json(req).await?;
             let ids = revocation::parse_list(&body.jti)
@@ -502,11 +543,17 @@ async fn handle(
             }
             let mut r = error_response(&e);
             // RFC 9110: a 405 names the method the resource does accept
-            let allowed: Vec<&str> = [Method::GET, Method::POST, Method::PATCH, Method::DELETE]
-                .iter()
-                .filter(|m| route(m, &path).is_ok())
-                .map(Method::as_str)
-                .collect();
+            let allowed: Vec<&str> = [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ]
+            .iter()
+            .filter(|m| route(m, &path).is_ok())
+            .map(Method::as_str)
+            .collect();
             if e.status == StatusCode::METHOD_NOT_ALLOWED
                 && let Ok(v) = hyper::header::HeaderValue::from_str(&allowed.join(", "))
             {

@@ -3,5 +3,8 @@
 pub mod cli;
 pub mod connlimit;
 pub mod dbus;
+pub mod files;
 pub mod http;
 pub mod local_access;
+pub mod proxy;
+pub mod ssh;

@@ -76,6 +76,37 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The answer could not be encoded (a bug: never a `200 null`).
     Internal,
+    /// An SSH public key list is not acceptable (not OpenSSH public keys, or too many).
+    InvalidSshKey,
+    /// The project is not running (the proxy needs it running).
+    ProjectNotRunning,
+    /// Nothing answers on the port inside the project (the proxy's 502).
+    BackendUnavailable,
+    /// The server inside the project did not answer in time (`proxy.timeout`, the proxy's 504).
+    BackendTimeout,
+    /// A proxy path that is not one (bad port, `.` or `..` segments, …).
+    InvalidPath,
+    /// A project file path leads outside the home (a symlink or mount pointing elsewhere).
+    PathEscapes,
+    /// The file is in a snapshot (read-only).
+    ReadOnly,
+    /// A directory where the file server wants a file.
+    IsDirectory,
+    /// A file where the file server wants a directory (also a path component).
+    NotDirectory,
+    /// Neither a regular file nor a directory (fifo, socket, device): not served.
+    NotRegularFile,
+    /// The directory to delete is not empty.
+    DirectoryNotEmpty,
+    /// Something exists at the path already.
+    AlreadyExists,
+    /// A write of a project's file ran past its disk quota (or the disk is full): nothing was
+    /// written.
+    QuotaExceeded,
+    /// The `Range` asked for lies outside the file.
+    RangeNotSatisfiable,
+    /// The filesystem refused the operation on a project's file.
+    PermissionDenied,
 }
 
 /// One row of the table.
@@ -93,7 +124,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 28] = [
+    pub const ALL: [ErrorKind; 43] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -122,6 +153,21 @@ impl ErrorKind {
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
         ErrorKind::Internal,
+        ErrorKind::InvalidSshKey,
+        ErrorKind::ProjectNotRunning,
+        ErrorKind::BackendUnavailable,
+        ErrorKind::BackendTimeout,
+        ErrorKind::InvalidPath,
+        ErrorKind::PathEscapes,
+        ErrorKind::ReadOnly,
+        ErrorKind::IsDirectory,
+        ErrorKind::NotDirectory,
+        ErrorKind::NotRegularFile,
+        ErrorKind::DirectoryNotEmpty,
+        ErrorKind::AlreadyExists,
+        ErrorKind::QuotaExceeded,
+        ErrorKind::RangeNotSatisfiable,
+        ErrorKind::PermissionDenied,
     ];
 
     /// The table.
@@ -186,6 +232,26 @@ impl ErrorKind {
             K::NotFound => r(404, "not_found", UNKNOWN, EXIT_FAILURE),
             K::MethodNotAllowed => r(405, "method_not_allowed", UNKNOWN, EXIT_FAILURE),
             K::Internal => r(500, "internal", "Failed", EXIT_FAILURE),
+            K::InvalidSshKey => r(400, "invalid_ssh_key", "InvalidConfig", EXIT_USAGE),
+            K::ProjectNotRunning => r(503, "project_not_running", "Unavailable", EXIT_FAILURE),
+            K::BackendUnavailable => r(502, "backend_unavailable", "Failed", EXIT_FAILURE),
+            K::BackendTimeout => r(
+                504,
+                "backend_timeout",
+                "org.freedesktop.DBus.Error.Timeout",
+                EXIT_FAILURE,
+            ),
+            K::InvalidPath => r(400, "invalid_path", "Failed", EXIT_FAILURE),
+            K::PathEscapes => r(403, "path_escapes", DENIED, EXIT_FAILURE),
+            K::ReadOnly => r(403, "read_only", DENIED, EXIT_FAILURE),
+            K::IsDirectory => r(409, "is_directory", "Failed", EXIT_FAILURE),
+            K::NotDirectory => r(409, "not_directory", "Failed", EXIT_FAILURE),
+            K::NotRegularFile => r(403, "not_regular_file", DENIED, EXIT_FAILURE),
+            K::DirectoryNotEmpty => r(409, "directory_not_empty", "Failed", EXIT_FAILURE),
+            K::AlreadyExists => r(409, "already_exists", "Failed", EXIT_FAILURE),
+            K::QuotaExceeded => r(507, "quota_exceeded", "Failed", EXIT_FAILURE),
+            K::RangeNotSatisfiable => r(416, "range_not_satisfiable", "Failed", EXIT_FAILURE),
+            K::PermissionDenied => r(403, "permission_denied", DENIED, EXIT_FAILURE),
         }
     }
 
@@ -267,6 +333,9 @@ impl From<core::Error> for WireError {
             E::ProjectRunning(_) => ErrorKind::ProjectRunning,
             E::StorageFull { .. } => ErrorKind::StorageFull,
             E::ImageNotAllowed(_) => ErrorKind::ImageNotAllowed,
+            E::InvalidSshKey(_) => ErrorKind::InvalidSshKey,
+            E::ProjectNotRunning(_) => ErrorKind::ProjectNotRunning,
+            E::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
         };
         WireError::new(kind, e.to_string())
     }
@@ -281,6 +350,27 @@ impl From<crate::domain::project::InvalidProjectId> for WireError {
 impl From<crate::domain::snapshots::InvalidSnapshotName> for WireError {
     fn from(e: crate::domain::snapshots::InvalidSnapshotName) -> WireError {
         WireError::new(ErrorKind::InvalidSnapshotName, e.to_string())
+    }
+}
+
+impl From<crate::backends::safefs::FsError> for WireError {
+    fn from(e: crate::backends::safefs::FsError) -> WireError {
+        use crate::backends::safefs::FsError as F;
+        let kind = match &e {
+            F::InvalidPath(_) => ErrorKind::InvalidPath,
+            F::NotFound => ErrorKind::NotFound,
+            F::Escapes => ErrorKind::PathEscapes,
+            F::ReadOnly => ErrorKind::ReadOnly,
+            F::IsDirectory => ErrorKind::IsDirectory,
+            F::NotDirectory => ErrorKind::NotDirectory,
+            F::NotRegular => ErrorKind::NotRegularFile,
+            F::NotEmpty => ErrorKind::DirectoryNotEmpty,
+            F::Exists => ErrorKind::AlreadyExists,
+            F::QuotaExceeded => ErrorKind::QuotaExceeded,
+            F::PermissionDenied => ErrorKind::PermissionDenied,
+            F::Io(_) => ErrorKind::Internal,
+        };
+        WireError::new(kind, e.to_string())
     }
 }
 
@@ -376,6 +466,31 @@ mod tests {
     }
 
     #[test]
+    fn file_errors_keep_their_codes() {
+        use crate::backends::safefs::FsError as F;
+        for e in [
+            F::InvalidPath("x"),
+            F::NotFound,
+            F::Escapes,
+            F::ReadOnly,
+            F::IsDirectory,
+            F::NotDirectory,
+            F::NotRegular,
+            F::NotEmpty,
+            F::Exists,
+            F::QuotaExceeded,
+            F::PermissionDenied,
+            F::Io(std::io::Error::other("x")),
+        ] {
+            let code = e.code();
+            let w = WireError::from(e);
+            assert_eq!(w.kind.code(), code);
+            // bad paths and refusals are the caller's; only an unexpected I/O error is a 500
+            assert!(w.kind.status() < 500 || code == "internal" || code == "quota_exceeded");
+        }
+    }
+
+    #[test]
     fn core_errors_keep_their_codes() {
         let id: crate::domain::project::ProjectId =
             "6f1c2d3e-0000-4000-8000-000000000001".parse().unwrap();
@@ -391,6 +506,7 @@ mod tests {
                 free: 1,
                 reserve: 2,
             },
+            core::Error::InvalidSshKey(crate::domain::ssh_keys::KeyError::TooMany(1001)),
         ] {
             let code = e.code();
             assert_eq!(WireError::from(e).kind.code(), code);

@@ -409,6 +409,15 @@ pub struct SweepRequest {
     pub projects: Option<Vec<String>>,
 }
 
+/// `PUT /projects/:id/authorized-keys` and its answer (also of `GET`): OpenSSH public key
+/// lines (`"ssh-ed25519 AAAA… comment"`), at most 1000.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizedKeys {
+    /// the keys (required in a `PUT`; `[]` removes them all)
+    pub keys: Vec<String>,
+}
+
 /// `POST /auth/revoked`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -427,6 +436,45 @@ pub struct RevokeAnswer {
     pub until: u64,
     /// how many entries the list holds now
     pub kept: usize,
+}
+
+/// A file or directory of a project after a change (`PUT`, `POST ?mkdir` on `/<id>/files/…`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// its path under the home
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// bytes
+    pub size: u64,
+    /// last modification, ms since the epoch
+    pub mtime: u64,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// its name
+    pub name: String,
+    /// `file`, `dir`, `symlink` (listed, never followed out of the home) or `other`
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// bytes
+    pub size: u64,
+    /// last modification, ms since the epoch
+    pub mtime: u64,
+}
+
+/// A directory of a project (`GET /<id>/files/<dir>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirListing {
+    /// the directory, under the home ("" for the home)
+    pub path: String,
+    /// its entries, by name
+    pub entries: Vec<DirEntry>,
+    /// whether entries were left out (more than the file server lists at once)
+    pub truncated: bool,
 }
 
 #[cfg(test)]

@@ -83,6 +83,10 @@ pub struct SimUnits {
     pub cpu: Mutex<HashMap<ProjectId, Option<f64>>>,
     /// The last start plan per project.
     pub plans: Mutex<HashMap<ProjectId, StartPlan>>,
+    /// What a project's port is in the simulation: a local listener (see [`SimUnits::listen`]).
+    ports: Mutex<HashMap<(ProjectId, u16), std::net::SocketAddr>>,
+    /// Projects whose connect cache was dropped, in order.
+    pub forgotten: Mutex<Vec<ProjectId>>,
 }
 
 impl SimUnits {
@@ -138,6 +142,10 @@ impl SimUnits {
         if lock(&self.units).remove(&id).is_some() {
             self.emit(UnitEvent::Removed(id));
         }
+    }
+    /// Makes `port` of project `id` reach `addr` (a listener of the test) while the project runs.
+    pub fn listen(&self, id: ProjectId, port: u16, addr: std::net::SocketAddr) {
+        lock(&self.ports).insert((id, port), addr);
     }
     fn emit(&self, ev: UnitEvent) {
         lock(&self.watchers).retain(|w| w.send(ev.clone()).is_ok());
@@ -243,6 +251,27 @@ impl ports::Units for SimUnits {
         lock(&self.helpers).push(helper);
         Ok(())
     }
+    async fn connect(
+        &self,
+        id: ProjectId,
+        main_pid: u32,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let running = lock(&self.units)
+            .get(&id)
+            .is_some_and(|u| u.active_state == ActiveState::Active && u.main_pid == main_pid);
+        let addr = lock(&self.ports).get(&(id, port)).copied();
+        match addr.filter(|_| running) {
+            Some(a) => tokio::time::timeout(timeout, tokio::net::TcpStream::connect(a))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?,
+            None => Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        }
+    }
+    fn forget(&self, id: ProjectId) {
+        lock(&self.forgotten).push(id);
+    }
 }
 
 impl SimUnits {
@@ -273,6 +302,8 @@ pub struct SimStorage {
     owners: Mutex<HashMap<ProjectId, u32>>,
     given: Mutex<HashMap<PathBuf, u32>>,
     reserved: Mutex<Forbidden>,
+    /// a real directory holding homes and snapshots for file access (`set_files_dir`)
+    files_dir: Mutex<Option<PathBuf>>,
 }
 
 /// The owner of a new simulated home: the user of the default pool's first slot, as the real
@@ -319,6 +350,11 @@ impl SimStorage {
     pub fn set_reserved(&self, f: Forbidden) {
         *lock(&self.reserved) = f;
     }
+    /// Gives file access real directories: `<dir>/project-<id>` (the home, made with the
+    /// simulated one) and `<dir>/.snapshots/project-<id>`.
+    pub fn set_files_dir(&self, dir: PathBuf) {
+        *lock(&self.files_dir) = Some(dir);
+    }
     /// Removes a home (lost storage).
     pub fn remove_home(&self, id: ProjectId) {
         lock(&self.homes).remove(&id);
@@ -361,6 +397,25 @@ impl ports::Storage for SimStorage {
     }
     fn has_home(&self, id: ProjectId) -> bool {
         lock(&self.homes).contains_key(&id)
+    }
+    fn file_roots(&self, id: ProjectId) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
+        let Some(dir) = lock(&self.files_dir).clone() else {
+            return Ok(None);
+        };
+        if !lock(&self.homes).contains_key(&id) {
+            return Ok(None);
+        }
+        let (home, snaps) = (
+            dir.join(format!("project-{id}")),
+            dir.join(".snapshots").join(format!("project-{id}")),
+        );
+        for d in [&home, &snaps] {
+            std::fs::create_dir_all(d).map_err(|source| StorageError::Io {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        Ok(Some((home, snaps)))
     }
     async fn ensure_home(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
         self.add_home(id);
@@ -491,6 +546,7 @@ pub struct SimStore {
     rows: Mutex<HashMap<ProjectId, ProjectRow>>,
     ranges: Mutex<HashMap<ProjectId, u32>>,
     fail_upserts: Mutex<bool>,
+    ssh_keys: Mutex<HashMap<ProjectId, Vec<String>>>,
 }
 
 impl SimStore {
@@ -582,5 +638,15 @@ impl ports::Store for SimStore {
         };
         ranges.insert(id, base);
         Ok(Some(base))
+    }
+    async fn ssh_keys(&self, id: ProjectId) -> Result<Vec<String>, StoreError> {
+        Ok(lock(&self.ssh_keys).get(&id).cloned().unwrap_or_default())
+    }
+    async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError> {
+        if *lock(&self.fail_upserts) {
+            return Err(StoreError::Gone);
+        }
+        lock(&self.ssh_keys).insert(id, keys);
+        Ok(())
     }
 }

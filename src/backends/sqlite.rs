@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS projects (
 );
 -- revoked master tokens (crate::auth::revocation): kept until `until` (unix seconds)
 CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, until INTEGER NOT NULL);
+-- a project's SSH public keys (PUT /projects/:id/authorized-keys), in the order given
+CREATE TABLE IF NOT EXISTS ssh_keys (
+    project TEXT NOT NULL, idx INTEGER NOT NULL, key TEXT NOT NULL, PRIMARY KEY (project, idx)
+);
 ";
 
 fn select_projects(
@@ -242,6 +246,36 @@ impl Store {
         }));
     }
 
+    /// A project's SSH public keys, in the order they were set.
+    pub async fn ssh_keys(&self, id: ProjectId) -> Result<Vec<String>, StoreError> {
+        self.call(move |c| {
+            let mut st =
+                c.prepare_cached("SELECT key FROM ssh_keys WHERE project=?1 ORDER BY idx")?;
+            let keys = st
+                .query_map([id.to_string()], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(keys)
+        })
+        .await
+    }
+
+    /// Replaces a project's SSH public keys (one transaction: readers see the old or the new set).
+    pub async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM ssh_keys WHERE project=?1", [id.to_string()])?;
+            for (i, k) in keys.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO ssh_keys(project, idx, key) VALUES(?1, ?2, ?3)",
+                    params![id.to_string(), i as i64, k],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Waits until every job sent before this call has run.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.call(|_| Ok(())).await
@@ -277,6 +311,12 @@ impl crate::ports::Store for Store {
     }
     fn touch(&self, id: ProjectId, now_ms: u64) {
         Store::touch(self, id, now_ms)
+    }
+    async fn ssh_keys(&self, id: ProjectId) -> Result<Vec<String>, StoreError> {
+        Store::ssh_keys(self, id).await
+    }
+    async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError> {
+        Store::set_ssh_keys(self, id, keys).await
     }
 }
 
@@ -335,6 +375,18 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.host_id().await.unwrap(), h);
         assert_eq!(s.projects().await.unwrap().len(), 2);
+
+        // SSH keys: replaced as a whole, in order, per project
+        assert!(s.ssh_keys(id(1)).await.unwrap().is_empty());
+        s.set_ssh_keys(id(1), vec!["b".into(), "a".into(), "c".into()])
+            .await
+            .unwrap();
+        s.set_ssh_keys(id(2), vec!["x".into()]).await.unwrap();
+        s.set_ssh_keys(id(1), vec!["c".into(), "a".into()])
+            .await
+            .unwrap();
+        assert_eq!(s.ssh_keys(id(1)).await.unwrap(), ["c", "a"]);
+        assert_eq!(s.ssh_keys(id(2)).await.unwrap(), ["x"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -433,6 +433,50 @@ impl Systemd {
         u64::try_from(v).ok().filter(|m| *m != u64::MAX)
     }
 
+    /// How a unit's main process ended: `Ok(None)` while the unit is still up, `Some(None)` when
+    /// the unit is gone, else `Some(Some((ExecMainCode, ExecMainStatus)))` (code 1: exited with
+    /// status; 2, 3: killed or dumped by the signal in status).
+    pub async fn main_exit(&self, unit: &str) -> Result<Option<Option<(i32, i32)>>, SystemdError> {
+        let props = self.props_proxy(unit).await?;
+        let iface = |s: &'static str| zbus::names::InterfaceName::from_static_str_unchecked(s);
+        let u = match props.get_all(iface("org.freedesktop.systemd1.Unit")).await {
+            Ok(u) => u,
+            Err(zbus::fdo::Error::UnknownObject(_))
+            | Err(zbus::fdo::Error::UnknownInterface(_)) => return Ok(Some(None)),
+            Err(e) => return Err(zbus::Error::from(e).into()),
+        };
+        if prop::<String>(&u, "LoadState").as_deref() == Some("not-found") {
+            return Ok(Some(None));
+        }
+        let active: String = prop(&u, "ActiveState").unwrap_or_default();
+        if active != "inactive" && active != "failed" {
+            return Ok(None);
+        }
+        let s = props
+            .get_all(iface("org.freedesktop.systemd1.Service"))
+            .await
+            .unwrap_or_default();
+        Ok(Some(Some((
+            prop(&s, "ExecMainCode").unwrap_or(0),
+            prop(&s, "ExecMainStatus").unwrap_or(0),
+        ))))
+    }
+
+    /// Drops the reference a transient unit started with `AddRef=true` holds for this client
+    /// (it is then collected once inactive); ignores a unit already gone.
+    pub async fn unref(&self, unit: &str) {
+        let _ = self
+            .conn
+            .call_method(
+                Some("org.freedesktop.systemd1"),
+                unit_path(unit).as_str(),
+                Some("org.freedesktop.systemd1.Unit"),
+                "Unref",
+                &(),
+            )
+            .await;
+    }
+
     /// The project units systemd has loaded now.
     pub async fn list_project_units(&self) -> Result<Vec<(ProjectId, UnitInfo)>, SystemdError> {
         let units = self

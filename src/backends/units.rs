@@ -26,6 +26,7 @@ pub const BASE_SECCOMP_PROFILE: &str = "/usr/share/containers/seccomp.json";
 pub struct SystemdUnits {
     systemd: Systemd,
     settings: Settings,
+    netns: super::netns::Netns,
 }
 
 impl SystemdUnits {
@@ -34,6 +35,7 @@ impl SystemdUnits {
         Ok(SystemdUnits {
             systemd: Systemd::connect().await?,
             settings,
+            netns: super::netns::Netns::new(),
         })
     }
 
@@ -240,6 +242,20 @@ impl Units for SystemdUnits {
 
     async fn memory_current(&self, id: ProjectId) -> Option<u64> {
         self.systemd.memory_current(&id.unit_name()).await
+    }
+
+    async fn connect(
+        &self,
+        id: ProjectId,
+        main_pid: u32,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        self.netns.connect(id, main_pid, port, timeout).await
+    }
+
+    fn forget(&self, id: ProjectId) {
+        self.netns.forget(id)
     }
 
     /// Helpers run as oneshot units: podman needs more than the daemon's sandbox allows. The

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    ConfigError, HttpSettings, ProjectSettings, Settings, SnapshotSettings, StorageSettings,
+    ConfigError, HttpSettings, ProjectSettings, Settings, SnapshotSettings, SshSettings,
+    StorageSettings,
 };
 use crate::auth::AuthFragment;
 use crate::domain::limits::{Amount, LimitSettings, Networks, SliceSettings};
@@ -46,6 +47,10 @@ pub(super) struct Fragment {
     auth: AuthFragment,
     #[serde(default)]
     http: HttpFragment,
+    #[serde(default)]
+    ssh: SshFragment,
+    #[serde(default)]
+    proxy: crate::adapters::proxy::ProxyFragment,
 }
 
 impl Fragment {
@@ -68,6 +73,25 @@ impl Fragment {
         self.snapshots.apply(&mut s.snapshots, mark);
         s.auth.merge(self.auth, mark);
         self.http.apply(&mut s.http, mark);
+        self.ssh.apply(&mut s.ssh, mark);
+        s.proxy.merge(self.proxy, mark);
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SshFragment {
+    listen: Option<SocketAddr>,
+    autostart: Option<bool>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    keepalive: Option<Duration>,
+}
+
+impl SshFragment {
+    fn apply(self, s: &mut SshSettings, mark: Mark<'_>) {
+        put(&mut s.listen, self.listen.map(Some), "ssh.listen", mark);
+        put(&mut s.autostart, self.autostart, "ssh.autostart", mark);
+        put(&mut s.keepalive, self.keepalive, "ssh.keepalive", mark);
     }
 }
 

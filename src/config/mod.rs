@@ -47,6 +47,21 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The HTTP server.
     pub http: HttpSettings,
+    /// The SSH server (`adapters::ssh`).
+    pub ssh: SshSettings,
+    /// The proxy into projects (owned by `crate::adapters::proxy`).
+    pub proxy: crate::adapters::proxy::ProxySettings,
+}
+
+/// The SSH server into projects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshSettings {
+    /// Address bound when the `ssh` socket was not passed by systemd (`None`: no SSH then).
+    pub listen: Option<SocketAddr>,
+    /// Start a stopped project when an authorized key logs into it (otherwise refused).
+    pub autostart: bool,
+    /// Keepalive to idle clients (a dead client's session ends after 3 unanswered).
+    pub keepalive: Duration,
 }
 
 /// The HTTP server's own bounds.
@@ -173,6 +188,12 @@ impl Default for Settings {
             http: HttpSettings {
                 max_connections_per_peer: 64,
             },
+            ssh: SshSettings {
+                listen: None,
+                autostart: false,
+                keepalive: Duration::from_secs(30),
+            },
+            proxy: crate::adapters::proxy::ProxySettings::default(),
         }
     }
 }

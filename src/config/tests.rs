@@ -167,6 +167,8 @@ fn the_shipped_config_is_the_defaults() {
     s.auth.master_public_keys.clear();
     s.auth.admin_token_file = None;
     s.auth.master_issuer = None;
+    s.proxy.listen = None;
+    (s.proxy.tls_cert, s.proxy.tls_key) = (None, None);
     assert_eq!(s, Settings::default());
 }
 
@@ -207,6 +209,22 @@ fn storage_and_snapshot_settings_merge_and_validate() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("http.max_connections_per_peer"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[ssh]\nkeepalive = \"0s\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ssh.keepalive: must be 1s to 1h"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[ssh]\nlisten = \"nope\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid socket address"), "{e}");
+    let ok = m(&[(
+        "/etc/x/a.toml",
+        "[ssh]\nlisten = \"127.0.0.1:2222\"\nautostart = true\nkeepalive = \"10s\"\n",
+    )])
+    .expect("valid [ssh]");
+    assert_eq!(ok.ssh.listen, Some("127.0.0.1:2222".parse().expect("addr")));
+    assert!(ok.ssh.autostart);
+    assert_eq!(ok.ssh.keepalive, std::time::Duration::from_secs(10));
     let e = m(&[("/etc/x/a.toml", "[storage]\ndisk_quota = 5\n")])
         .unwrap_err()
         .to_string();
@@ -311,4 +329,34 @@ fn image_allowlist_and_journal_rate_limit_parse_and_are_checked() {
         e,
         "/etc/x/a.toml: projects.log_rate_limit_interval: must be at most 3600 seconds"
     );
+}
+
+#[test]
+fn proxy_settings_merge_and_validate() {
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[proxy]\nlisten = \"127.0.0.1:8081\"\ntimeout = \"5s\"\nautostart = true\n",
+    )])
+    .unwrap();
+    assert_eq!(s.proxy.listen, Some("127.0.0.1:8081".parse().unwrap()));
+    assert_eq!(s.proxy.timeout, Duration::from_secs(5));
+    assert!(s.proxy.autostart);
+    for (toml, key) in [
+        ("timeout = 0", "proxy.timeout"),
+        ("autostart_timeout = \"1h\"", "proxy.autostart_timeout"),
+        (
+            "max_connections_per_peer = 0",
+            "proxy.max_connections_per_peer",
+        ),
+        ("tls_cert = \"/c.pem\"", "proxy.tls_key"),
+        (
+            "tls_cert = \"c.pem\"\ntls_key = \"/k.pem\"",
+            "proxy.tls_cert",
+        ),
+    ] {
+        let e = m(&[("/etc/x/a.toml", &format!("[proxy]\n{toml}\n"))])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{toml}: {e}");
+    }
 }

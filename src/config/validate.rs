@@ -2,6 +2,7 @@
 //! fault; the loader adds the file that set it last.
 use super::Settings;
 use crate::domain::limits::{Amount, Networks};
+use std::time::Duration;
 
 /// Capabilities a project container may be configured to keep: podman's default set (all
 /// harmless inside a user namespace) plus NET_RAW (ping). Anything else is refused.
@@ -67,6 +68,9 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
     }
     if !(1..=4096).contains(&s.http.max_connections_per_peer) {
         return Err(("http.max_connections_per_peer", "must be 1 to 4096".into()));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.ssh.keepalive) {
+        return Err(("ssh.keepalive", "must be 1s to 1h".into()));
     }
     let r = &s.snapshots.retention;
     if [r.frequent, r.daily, r.weekly, r.monthly]
@@ -151,6 +155,7 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
         ));
     }
     validate_limits(s)?;
+    s.proxy.validate()?;
     s.auth.validate()
 }
 

@@ -20,8 +20,11 @@ use crate::ports::{
     UnitEvent,
 };
 
+mod files;
 mod ids;
+mod net;
 mod reserve;
+mod ssh;
 mod storage;
 mod tasks;
 #[cfg(test)]
@@ -116,6 +119,22 @@ pub enum Error {
     /// The image is not a plain reference, or not one the host allows.
     #[error(transparent)]
     ImageNotAllowed(#[from] crate::domain::images::ImageError),
+    /// An SSH key list is not acceptable.
+    #[error(transparent)]
+    InvalidSshKey(#[from] crate::domain::ssh_keys::KeyError),
+    /// The operation needs the project running (a connection into it).
+    #[error("project {0} is not running")]
+    ProjectNotRunning(ProjectId),
+    /// Nothing answers on the port inside the project.
+    #[error("project {id}: cannot connect to port {port}: {reason}")]
+    BackendUnavailable {
+        /// the project
+        id: ProjectId,
+        /// the port inside it
+        port: u16,
+        /// why
+        reason: String,
+    },
 }
 
 impl Error {
@@ -139,6 +158,9 @@ impl Error {
             Error::ProjectRunning(_) => "project_running",
             Error::StorageFull { .. } => "storage_full",
             Error::ImageNotAllowed(_) => "image_not_allowed",
+            Error::InvalidSshKey(_) => "invalid_ssh_key",
+            Error::ProjectNotRunning(_) => "project_not_running",
+            Error::BackendUnavailable { .. } => "backend_unavailable",
         }
     }
 }
@@ -383,6 +405,8 @@ impl Host {
             let before = e.state();
             if unit.is_none() {
                 e.memory_current = None;
+                // a stopped project's network namespace is not used again
+                self.units.forget(id);
             }
             e.unit = unit;
             let after = e.state();

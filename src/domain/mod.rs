@@ -6,3 +6,4 @@ pub mod limits;
 pub mod project;
 pub mod reserve;
 pub mod snapshots;
+pub mod ssh_keys;

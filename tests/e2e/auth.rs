@@ -327,8 +327,9 @@ fn the_daemon_unit_is_hardened() {
         .unwrap()
         .trim()
         .to_string();
-    // CAP_CHOWN (bit 0), CAP_DAC_OVERRIDE (1), CAP_FOWNER (3), CAP_SYS_ADMIN (21) only
-    assert_eq!(cap_bnd, "000000000020000b", "{status}");
+    // CAP_CHOWN (bit 0), CAP_DAC_OVERRIDE (1), CAP_FOWNER (3), CAP_SYS_PTRACE (19: the proxy
+    // opens a project's netns), CAP_SYS_ADMIN (21) only
+    assert_eq!(cap_bnd, "000000000028000b", "{status}");
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
     ok(&format!(

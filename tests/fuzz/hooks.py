@@ -10,6 +10,8 @@ negative cases stay negative. What is swapped:
              in a start config and in a live change (PATCH /config) alike
   env     -> in positive cases only, names the host refuses become FUZZ_<n> (OpenAPI 3.0 cannot
              state a rule for object keys; the spec says it in words)
+  keys    -> (PUT /projects/{id}/authorized-keys) each string of a schema-valid length becomes
+             a real OpenSSH public key (a random string is not one; the spec says it in words)
 Everything else (env values, network, cpu, swap, disk, scratch, tmp, ids, bodies) is fuzzed as
 generated.
 """
@@ -33,8 +35,25 @@ def _is_patch(op):
     return op is not None and op.method.upper() == "PATCH" and op.path.endswith("/config")
 
 
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHrkivy0+UVFGYDv11hiVT5n0uJUh1695nhM7H3MdrxZ fuzz"
+
+
+def _is_keys(op):
+    return op is not None and op.method.upper() == "PUT" and op.path.endswith("/authorized-keys")
+
+
+def _real_keys(body):
+    # only strings the schema allows (≤ 8192): a too-long one stays a negative case
+    if not isinstance(body, dict) or not isinstance(body.get("keys"), list):
+        return body
+    keys = [SSH_KEY if isinstance(k, str) and len(k) <= 8192 else k for k in body["keys"]]
+    return {**body, "keys": keys}
+
+
 @schemathesis.hook
 def map_body(context, body):
+    if _is_keys(context.operation):
+        return _real_keys(body)
     if _is_patch(context.operation) and isinstance(body, dict):
         return _floors(body)
     if not _is_start(context.operation):
@@ -48,6 +67,8 @@ def before_call(context, case, **kwargs):
     # assign only a changed body: setting case.body re-derives the case's metadata, and a
     # negative case whose body was left alone must stay one
     body = case.body
+    if _is_keys(case.operation):
+        body = _real_keys(body)
     if _is_patch(case.operation) and isinstance(body, dict):
         body = _floors(body)
     if _is_start(case.operation):

@@ -24,7 +24,7 @@ DIR=${TESTBED_DIR:-/var/tmp/cocalc-testbed}
 NAME=${TESTBED_NAME:-cocalc-tb}
 RUN=$DIR/run                   # per-boot state: rootfs copy, xchg, btrfs image, pids, cgroups
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-PKGS=catatonit,systemd,systemd-sysv,dbus,libpam-systemd,libnss-systemd,systemd-container,podman,runc,crun,conmon,netavark,aardvark-dns,slirp4netns,btrfs-progs,busybox-static,iproute2,iptables,curl,ca-certificates,procps,less,python3,python3-dbus,udev,jq,init-system-helpers
+PKGS=catatonit,openssh-client,openssh-server,systemd,systemd-sysv,dbus,libpam-systemd,libnss-systemd,systemd-container,podman,runc,crun,conmon,netavark,aardvark-dns,slirp4netns,btrfs-progs,busybox-static,iproute2,iptables,curl,ca-certificates,procps,less,python3,python3-dbus,udev,jq,init-system-helpers
 ROOTFS_REV=1                   # bump when the rootfs recipe below changes
 KEY=$(printf '%s\n%s\n' "$PKGS" "$ROOTFS_REV" | sha256sum | cut -c1-12)
 CACHE_DIR=${TESTBED_CACHE:-$DIR}  # several testbeds (TESTBED_NAME/TESTBED_DIR) can share one cache
@@ -64,6 +64,9 @@ build_rootfs() {
   ln -sf /dev/null "$tmp/etc/systemd/system/console-getty.service"
   ln -sf /dev/null "$tmp/etc/systemd/system/apt-daily.timer"
   ln -sf /dev/null "$tmp/etc/systemd/system/apt-daily-upgrade.timer"
+  # openssh-server is there for the SSH benchmark, which runs its own sshd: none on port 22.
+  ln -sf /dev/null "$tmp/etc/systemd/system/ssh.service"
+  ln -sf /dev/null "$tmp/etc/systemd/system/ssh.socket"
   # PID-1 wrapper: nspawn mounts the v1 controller hierarchies read-only, podman/runc need them
   # writable; podman asks for rlimits above what we may grant (no CAP_SYS_RESOURCE): cap them at
   # the hard limits we inherited; loop device nodes for btrfs images made inside.

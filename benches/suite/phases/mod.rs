@@ -22,6 +22,7 @@ mod density;
 mod latency;
 mod setup;
 mod snapshot;
+mod ssh;
 mod throughput;
 
 use cold::*;
@@ -266,6 +267,12 @@ const PHASES: &[Phase] = &[
         aliases: &["snapshots"],
         title: "6. snapshots",
         run: |c| Box::pin(snapshot::snapshots(c)),
+    },
+    Phase {
+        key: "ssh",
+        aliases: &[],
+        title: "7. ssh",
+        run: |c| Box::pin(ssh::ssh(c)),
     },
 ];
 

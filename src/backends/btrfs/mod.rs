@@ -258,6 +258,15 @@ impl crate::ports::Storage for Storage {
     async fn ensure_home(&self, id: ProjectId) -> Result<PathBuf, StorageError> {
         Storage::ensure_home(self, &id).await
     }
+    fn file_roots(&self, id: ProjectId) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
+        if !Storage::has_home(self, &id) {
+            return Ok(None);
+        }
+        Ok(Some((
+            self.home(&id),
+            Storage::ensure_snapshots_dir(self, &id)?,
+        )))
+    }
     async fn ensure_quotas(&self) -> Result<(), StorageError> {
         Storage::ensure_quotas(self).await.map(drop)
     }
