@@ -29,6 +29,10 @@ trait Manager {
     fn stop_project(&self, id: &str, force: bool) -> zbus::Result<BusDict>;
     fn set_project_limits(&self, id: &str, limits_json: &str) -> zbus::Result<BusDict>;
     fn sweep_snapshots(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn master_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn outbox_depth(&self) -> zbus::Result<u64>;
 }
 
 #[zbus::proxy(
@@ -205,6 +209,8 @@ pub enum Action {
     SnapshotRestore(ProjectId, String),
     /// `snapshot-sweep`
     SnapshotSweep,
+    /// `master-status`
+    MasterStatus,
 }
 
 /// The project object of a project this host knows (exit 4 otherwise).
@@ -352,6 +358,16 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
                 print_json(&api::SnapshotDone::Restored(name))?;
             } else {
                 println!("{id}: home restored from snapshot {name}");
+            }
+        }
+        Action::MasterStatus => {
+            let state = m.master_state().await?;
+            let depth = m.outbox_depth().await?;
+            if json_out {
+                print_json(&json!({"state": state, "outbox_depth": depth}))?;
+            } else {
+                println!("master link: {state}");
+                println!("outbox: {depth} report(s) waiting");
             }
         }
         Action::SnapshotSweep => {

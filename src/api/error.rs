@@ -76,6 +76,10 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The answer could not be encoded (a bug: never a `200 null`).
     Internal,
+    /// The project's snapshots are locked by a move to another host: it cannot be deleted.
+    SnapshotsLocked,
+    /// The query string has an unknown parameter or a bad value.
+    InvalidQuery,
 }
 
 /// One row of the table.
@@ -93,7 +97,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 28] = [
+    pub const ALL: [ErrorKind; 30] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -122,6 +126,8 @@ impl ErrorKind {
         ErrorKind::NotFound,
         ErrorKind::MethodNotAllowed,
         ErrorKind::Internal,
+        ErrorKind::SnapshotsLocked,
+        ErrorKind::InvalidQuery,
     ];
 
     /// The table.
@@ -186,6 +192,13 @@ impl ErrorKind {
             K::NotFound => r(404, "not_found", UNKNOWN, EXIT_FAILURE),
             K::MethodNotAllowed => r(405, "method_not_allowed", UNKNOWN, EXIT_FAILURE),
             K::Internal => r(500, "internal", "Failed", EXIT_FAILURE),
+            K::SnapshotsLocked => r(409, "snapshots_locked", "SnapshotsLocked", EXIT_FAILURE),
+            K::InvalidQuery => r(
+                400,
+                "invalid_query",
+                "org.freedesktop.DBus.Error.InvalidArgs",
+                EXIT_USAGE,
+            ),
         }
     }
 
@@ -267,6 +280,7 @@ impl From<core::Error> for WireError {
             E::ProjectRunning(_) => ErrorKind::ProjectRunning,
             E::StorageFull { .. } => ErrorKind::StorageFull,
             E::ImageNotAllowed(_) => ErrorKind::ImageNotAllowed,
+            E::SnapshotsLocked(_) => ErrorKind::SnapshotsLocked,
         };
         WireError::new(kind, e.to_string())
     }
@@ -344,7 +358,8 @@ mod tests {
     }
 
     /// The bus names clients have seen since the first release stay (plus StorageFull and
-    /// AccessDenied, new with the storage reserve and the D-Bus readers' check).
+    /// AccessDenied, new with the storage reserve and the D-Bus readers' check, and
+    /// SnapshotsLocked, new with the master's deletes).
     #[test]
     fn bus_names_are_the_published_ones() {
         let ours: HashSet<String> = ErrorKind::ALL
@@ -369,6 +384,7 @@ mod tests {
             "StorageFull",
             "AccessDenied",
             "Failed",
+            "SnapshotsLocked",
         ]
         .map(str::to_string)
         .into();

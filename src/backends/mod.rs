@@ -4,6 +4,8 @@ pub mod btrfs;
 pub mod egress;
 pub mod ids;
 pub mod journal;
+pub mod master;
+pub mod outbox_sql;
 pub mod podman;
 pub mod sim;
 pub mod sqlite;

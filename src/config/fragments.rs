@@ -46,6 +46,8 @@ pub(super) struct Fragment {
     auth: AuthFragment,
     #[serde(default)]
     http: HttpFragment,
+    #[serde(default)]
+    master: super::master::MasterFragment,
 }
 
 impl Fragment {
@@ -68,6 +70,7 @@ impl Fragment {
         self.snapshots.apply(&mut s.snapshots, mark);
         s.auth.merge(self.auth, mark);
         self.http.apply(&mut s.http, mark);
+        self.master.apply(&mut s.master, mark);
     }
 }
 

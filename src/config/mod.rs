@@ -14,11 +14,13 @@ use std::time::Duration;
 
 mod discovery;
 mod fragments;
+mod master;
 mod validate;
 
 pub use crate::auth::AuthSettings;
 pub use crate::units::{parse_duration, parse_size};
 pub use discovery::{DEFAULT_ROOTS, ROOTS_ENV, fragment_files, roots_from_env};
+pub use master::{MasterSettings, MasterUrl, parse_pin, parse_url};
 pub use validate::ALLOWED_CAPABILITIES;
 
 use crate::domain::limits::{Amount, LimitSettings, SliceSettings};
@@ -45,6 +47,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The HTTP server.
     pub http: HttpSettings,
+    /// The fleet's master (`[master]`; no url: standalone).
+    pub master: MasterSettings,
 }
 
 /// The HTTP server's own bounds.
@@ -171,6 +175,7 @@ impl Default for Settings {
             http: HttpSettings {
                 max_connections_per_peer: 64,
             },
+            master: MasterSettings::default(),
         }
     }
 }

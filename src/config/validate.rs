@@ -151,6 +151,7 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
         ));
     }
     validate_limits(s)?;
+    s.master.validate()?;
     s.auth.validate()
 }
 

@@ -21,6 +21,8 @@ use crate::ports::{
 };
 
 mod ids;
+pub mod link;
+mod remove;
 mod reserve;
 mod storage;
 mod tasks;
@@ -116,6 +118,9 @@ pub enum Error {
     /// The image is not a plain reference, or not one the host allows.
     #[error(transparent)]
     ImageNotAllowed(#[from] crate::domain::images::ImageError),
+    /// A move to another host holds the project's snapshots.
+    #[error("project {0} is being moved: its snapshots are locked, it cannot be deleted now")]
+    SnapshotsLocked(ProjectId),
 }
 
 impl Error {
@@ -139,6 +144,7 @@ impl Error {
             Error::ProjectRunning(_) => "project_running",
             Error::StorageFull { .. } => "storage_full",
             Error::ImageNotAllowed(_) => "image_not_allowed",
+            Error::SnapshotsLocked(_) => "snapshots_locked",
         }
     }
 }
@@ -222,6 +228,8 @@ pub struct Host {
     tasks: Tasks,
     /// the storage reserve as of the last disk refresh, and the homes held because of it
     reserve: Mutex<reserve::ReserveState>,
+    /// the master link, once started (`link`)
+    link: std::sync::OnceLock<Arc<link::Link>>,
 }
 
 /// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
@@ -295,6 +303,7 @@ impl Host {
             list_cache: Mutex::new((0, Arc::new(Vec::new()))),
             tasks: Tasks::new(),
             reserve: Mutex::new(reserve::ReserveState::default()),
+            link: std::sync::OnceLock::new(),
         });
         // watch before reading, so no change falls between the read and the stream
         let mut events = host.units.watch().await?;
@@ -701,6 +710,10 @@ impl Host {
                         .upsert(id, ProjectState::Opened, None, now)
                         .await?;
                 }
+                let failed = crate::domain::master::ReportKind::Failed;
+                self.store
+                    .report(id, failed, ProjectState::Opened, now)
+                    .await?;
                 tracing::warn!(project_id = %id, error = %reason, journal = %journal, "project start failed");
                 return Err(Error::StartFailed {
                     id,
