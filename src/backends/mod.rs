@@ -8,6 +8,7 @@ pub mod master;
 pub mod outbox_sql;
 pub mod podman;
 pub mod sim;
+pub mod sim_master;
 pub mod sqlite;
 pub mod systemd;
 pub mod units;

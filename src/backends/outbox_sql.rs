@@ -140,3 +140,93 @@ pub(crate) fn depth(c: &mut Connection) -> rusqlite::Result<u64> {
     c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
         .map(|n| n.max(0) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::backends::sqlite::Store;
+    use crate::domain::master::ReportKind;
+    use crate::domain::project::{ProjectId, ProjectState};
+    use crate::ports::Store as _;
+
+    fn id(n: u8) -> ProjectId {
+        format!("00000000-0000-4000-8000-0000000000{n:02x}")
+            .parse()
+            .unwrap()
+    }
+
+    fn events(v: &[crate::domain::master::Report]) -> Vec<(u64, ProjectId, ReportKind)> {
+        v.iter().map(|r| (r.seq, r.project_id, r.event)).collect()
+    }
+
+    #[tokio::test]
+    async fn reports_commit_with_their_state_change_survive_a_reopen_and_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("cph-outbox-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let _ = std::fs::remove_file(&path);
+        let s = Store::open(&path).unwrap();
+        // standalone: nothing is kept
+        s.upsert(id(1), ProjectState::Running, None, 1)
+            .await
+            .unwrap();
+        assert_eq!(s.outbox_depth().await.unwrap(), 0);
+        s.enable_outbox(4);
+        s.upsert(id(1), ProjectState::Opened, None, 2)
+            .await
+            .unwrap();
+        s.upsert(id(1), ProjectState::Opened, None, 3)
+            .await
+            .unwrap(); // no change: no report
+        s.upsert(id(2), ProjectState::Starting, None, 4)
+            .await
+            .unwrap(); // a step: no report
+        s.upsert(id(2), ProjectState::Running, None, 5)
+            .await
+            .unwrap();
+        s.report(id(3), ReportKind::Failed, ProjectState::Opened, 6)
+            .await
+            .unwrap();
+        let q = s.outbox_batch(10).await.unwrap();
+        assert_eq!(
+            events(&q),
+            [
+                (1, id(1), ReportKind::Stopped),
+                (2, id(2), ReportKind::Started),
+                (3, id(3), ReportKind::Failed)
+            ]
+        );
+        drop(s);
+        // reopened (a restart): still there, the sequence goes on
+        let s = Store::open(&path).unwrap();
+        s.enable_outbox(4);
+        assert_eq!(s.outbox_depth().await.unwrap(), 3);
+        s.outbox_ack(1).await.unwrap();
+        assert!(s.remove(id(2), 7).await.unwrap());
+        assert!(
+            !s.remove(id(2), 8).await.unwrap(),
+            "gone: nothing to report"
+        );
+        assert_eq!(s.project(id(2)).await.unwrap(), None);
+        s.upsert(id(1), ProjectState::Running, None, 9)
+            .await
+            .unwrap();
+        s.upsert(id(1), ProjectState::Opened, None, 10)
+            .await
+            .unwrap(); // 5 waiting: over 4
+        let q = s.outbox_batch(10).await.unwrap();
+        assert_eq!(
+            events(&q),
+            [
+                (3, id(3), ReportKind::Failed),
+                (4, id(2), ReportKind::Removed),
+                (5, id(1), ReportKind::Started),
+                (6, id(1), ReportKind::Stopped)
+            ],
+            "the oldest report of a project with a newer one went"
+        );
+        assert_eq!(events(&s.outbox_batch(1).await.unwrap()).len(), 1);
+        s.outbox_ack(6).await.unwrap();
+        assert_eq!(s.outbox_depth().await.unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

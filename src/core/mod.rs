@@ -22,6 +22,8 @@ use crate::ports::{
 
 mod ids;
 pub mod link;
+#[cfg(test)]
+mod master_tests;
 mod remove;
 mod reserve;
 mod storage;
