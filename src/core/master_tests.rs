@@ -225,3 +225,55 @@ async fn the_register_answer_is_handed_to_the_trust_and_standalone_hosts_keep_no
     assert_eq!(h.link_status().state, LinkState::Standalone);
     assert_eq!(h.host_view().master.state, LinkState::Standalone);
 }
+
+/// Checks `v` against `$defs/<def>` of the checked-in schema of the master protocol.
+fn check_schema(def: &str, v: &serde_json::Value) {
+    let mut schema: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/master-protocol.schema.json"))
+            .expect("the schema is JSON");
+    schema["$ref"] = format!("#/$defs/{def}").into();
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{def}: {errors:?} in {v}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_the_host_sends_matches_the_checked_in_schema() {
+    let (sim, master, trust) = (Sim::new(), SimMaster::new(), Arc::new(SimTrust::default()));
+    let h = linked(&sim, &master, &trust).await;
+    h.start(id(1), None).await.expect("start");
+    sim.units
+        .set_fault(id(2), Some(StartFault::Fail("x".into())));
+    let _ = h.start(id(2), None).await;
+    h.stop(id(1), false).await.expect("stop");
+    h.remove(id(1)).await.expect("delete");
+    eventually("4 reports", || master.deduped().len() == 4).await;
+    eventually("a heartbeat", || !master.received().heartbeats.is_empty()).await;
+    let got = master.received();
+    check_schema("RegisterRequest", &json(&got.registers[0]));
+    check_schema("Heartbeat", &json(&got.heartbeats[0]));
+    let states = crate::api::master::ProjectStates {
+        host_id: h.host_id().into(),
+        session_id: got.registers[0].session_id.clone(),
+        reports: master.deduped(),
+    };
+    check_schema("ProjectStates", &json(&states));
+    // what a master may answer parses, and the schema's answers are the host's
+    let answer = serde_json::json!({"public_keys": ["k"], "revoked": ["t-1"]});
+    check_schema("RegisterAnswer", &answer);
+    let parsed: RegisterAnswer = serde_json::from_value(answer).expect("parses");
+    check_schema("RegisterAnswer", &json(&parsed));
+    check_schema("RegisterAnswer", &serde_json::json!({}));
+    check_schema("ReportAnswer", &serde_json::json!({"acked": 4}));
+    // and the schema is not a yes to everything
+    let mut bad = json(&got.heartbeats[0]);
+    bad["running"] = (-1).into();
+    let mut schema: serde_json::Value =
+        serde_json::from_str(include_str!("../../docs/master-protocol.schema.json")).expect("json");
+    schema["$ref"] = "#/$defs/Heartbeat".into();
+    assert!(!jsonschema::is_valid(&schema, &bad));
+}
+
+fn json(v: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(v).expect("serializes")
+}
