@@ -312,3 +312,29 @@ fn image_allowlist_and_journal_rate_limit_parse_and_are_checked() {
         "/etc/x/a.toml: projects.log_rate_limit_interval: must be at most 3600 seconds"
     );
 }
+
+#[test]
+fn the_master_section_merges_and_names_bad_keys() {
+    let s = m(&[
+        (
+            "/usr/lib/x/config.toml",
+            "[master]\nurl = \"https://m.example/fleet\"\nname = \"h1\"\nheartbeat_interval = \"10s\"\n",
+        ),
+        ("/etc/x/config.d/50.toml", "[master]\nregion = \"eu\"\noutbox_limit = 5\n"),
+    ])
+    .unwrap();
+    assert_eq!(s.master.url.as_deref(), Some("https://m.example/fleet"));
+    assert_eq!(s.master.name.as_deref(), Some("h1"));
+    assert_eq!(s.master.region.as_deref(), Some("eu"));
+    assert_eq!(s.master.heartbeat_interval, Duration::from_secs(10));
+    assert_eq!(s.master.outbox_limit, 5);
+    let e = m(&[("/etc/x/a.toml", "[master]\nurl = \"http://192.0.2.7\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/etc/x/a.toml: master.url: "), "{e}");
+    assert!(e.contains("loopback"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[master]\ncredential = \"secret\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("credential"), "never a config value: {e}");
+}

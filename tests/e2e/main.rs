@@ -9,6 +9,7 @@ mod dbus;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod master;
 mod spine;
 mod storage;
 mod tb;
