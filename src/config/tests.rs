@@ -167,6 +167,9 @@ fn the_shipped_config_is_the_defaults() {
     s.auth.master_public_keys.clear();
     s.auth.admin_token_file = None;
     s.auth.master_issuer = None;
+    let m = &mut s.master;
+    (m.url, m.ca_file, m.name, m.region) = (None, None, None, None);
+    (m.public_url, m.ssh_endpoint) = (None, None);
     assert_eq!(s, Settings::default());
 }
 
