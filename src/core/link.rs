@@ -241,6 +241,44 @@ impl Host {
         self.tasks.spawn_loop("master link", async move {
             run(host, link, master, trust).await;
         });
+        self.spawn_recorder();
+    }
+
+    /// Records in the store the changes no call of the host made (a project that ended or
+    /// failed on its own, one started outside the host), so that they are reported too: the
+    /// store's upsert queues the report in the same transaction. A project whose lock is held
+    /// is skipped: the start, stop or delete in progress records its own outcome.
+    fn spawn_recorder(self: &Arc<Self>) {
+        let mut events = self.changes.subscribe();
+        let host = Arc::downgrade(self);
+        self.tasks.spawn_loop("state recorder", async move {
+            loop {
+                let id = match events.recv().await {
+                    Ok(super::HostEvent::State(id, _)) => id,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "state recorder: missed unit changes");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(h) = host.upgrade() else { return };
+                if !h.is_known(id) {
+                    continue;
+                }
+                let lock = h.lock(id);
+                let Ok(_guard) = lock.try_lock() else {
+                    continue;
+                };
+                // the state now, not the event's: a late event never writes an old state
+                let state = h.project_state(id);
+                if matches!(state, ProjectState::Running | ProjectState::Opened)
+                    && let Err(e) = h.store.upsert(id, state, None, now_ms()).await
+                {
+                    tracing::warn!(project_id = %id, error = %e, "state recorder: cannot record a change");
+                }
+            }
+        });
     }
 }
 

@@ -141,6 +141,32 @@ async fn master_down_during_changes_and_a_restart_loses_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_project_ending_on_its_own_is_reported() {
+    let (sim, master, trust) = (Sim::new(), SimMaster::new(), Arc::new(SimTrust::default()));
+    let h = linked(&sim, &master, &trust).await;
+    let a = id(1);
+    h.start(a, None).await.expect("start");
+    // the container exits (outside the host's calls): the unit fails, then is collected
+    sim.units
+        .set_external(a, Some(crate::domain::project::ActiveState::Failed));
+    eventually("stopped", || h.project_state(a) == ProjectState::Opened).await;
+    eventually("2 reports", || master.deduped().len() == 2).await;
+    assert_eq!(
+        kinds(&master),
+        [(a, ReportKind::Started), (a, ReportKind::Stopped)]
+    );
+    assert_eq!(
+        sim.store.row(a).map(|r| r.state),
+        Some(ProjectState::Opened)
+    );
+    // and started again by hand, outside the host
+    sim.units
+        .set_external(a, Some(crate::domain::project::ActiveState::Active));
+    eventually("3 reports", || master.deduped().len() == 3).await;
+    assert_eq!(master.deduped()[2].event, ReportKind::Started);
+}
+
+#[tokio::test(start_paused = true)]
 async fn over_its_limit_the_outbox_coalesces_the_oldest_per_project() {
     let sim = Sim::new();
     crate::ports::Store::enable_outbox(&*sim.store, 3);
