@@ -39,6 +39,8 @@ pub trait Trust: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default)]
 pub struct Link {
     status: Mutex<LinkStatus>,
+    /// homes at their quota as of the last disk refresh (a hit is reported once per crossing)
+    at_quota: Mutex<std::collections::HashSet<crate::domain::project::ProjectId>>,
 }
 
 impl Link {
@@ -146,6 +148,52 @@ impl Host {
         self.read_entries()
             .get(&id)
             .map_or(ProjectState::Opened, |e| e.state())
+    }
+
+    /// Reports the homes that reached their disk quota since the last disk refresh (`usage`),
+    /// once per crossing; homes held at their usage by the storage reserve are not hits.
+    pub(super) async fn note_quota_hits(
+        &self,
+        usage: &std::collections::HashMap<crate::domain::project::ProjectId, crate::ports::Usage>,
+        held: &std::collections::HashSet<crate::domain::project::ProjectId>,
+    ) {
+        let Some(link) = self.link.get() else { return };
+        let mut hits = Vec::new();
+        {
+            let mut at = link.at_quota.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, u) in usage {
+                let Some(q) = u.quota else {
+                    at.remove(id);
+                    continue;
+                };
+                // btrfs refuses a write that would cross the limit: "at" it is within 1% (1 MiB
+                // at least); back below 95% it may hit again
+                let slack = (q / 100).max(1 << 20);
+                if u.used.saturating_add(slack) >= q {
+                    if !held.contains(id) && at.insert(*id) {
+                        hits.push(*id);
+                    }
+                } else if u.used < q / 100 * 95 {
+                    at.remove(id);
+                }
+            }
+        }
+        for id in hits {
+            let state = self.project_state(id);
+            tracing::info!(project_id = %id, "project home at its disk quota");
+            if let Err(e) = self
+                .store
+                .report(
+                    id,
+                    crate::domain::master::ReportKind::Quota,
+                    state,
+                    now_ms(),
+                )
+                .await
+            {
+                tracing::warn!(project_id = %id, error = %e, "cannot queue the quota report");
+            }
+        }
     }
 
     /// The master link's state (standalone when no link runs).

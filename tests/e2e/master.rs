@@ -252,6 +252,28 @@ fn the_master_sees_register_heartbeats_and_ordered_reports() {
     wait_for("the 5 reports", 20, || {
         (master.reports(&[&a, &b]) == expected).then_some(())
     });
+    // a project stopped outside the host's calls is reported too
+    let c = new_id();
+    start(&c, None);
+    ok(&format!("systemctl stop cocalc-project-{c}.service"));
+    let expected_c = want(&[(&c, "started"), (&c, "stopped")]);
+    wait_for("the outside stop's report", 20, || {
+        (master.reports(&[&c]) == expected_c).then_some(())
+    });
+    // a home filling its quota is reported (once)
+    let d = new_id();
+    start(&d, Some(&format!("{{\"disk\":{}}}", 50 << 20)));
+    let o = sh(&format!(
+        "podman exec project-{d} sh -c 'dd if=/dev/zero of=/home/user/big bs=1M count=80 2>&1; sync'"
+    ));
+    assert!(o.stdout.contains("Disk quota exceeded"), "{}", o.stdout);
+    wait_for("the quota report", 30, || {
+        master
+            .reports(&[&d])
+            .contains(&(d.clone(), "quota".to_string()))
+            .then_some(())
+    });
+    stop(&d, false);
     wait_for("2 heartbeats", 10, || {
         (master.count("/heartbeat") >= 2).then_some(())
     });
