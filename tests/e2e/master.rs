@@ -233,6 +233,16 @@ fn the_master_sees_register_heartbeats_and_ordered_reports() {
     let (s, v) = http("GET", &format!("/projects/{b}/status"), None);
     assert_eq!((s, &v["state"]), (200, &json!("opened")), "{v}");
     assert!(!http("GET", "/projects", None).1.to_string().contains(&b));
+    let bpath = cocalc_project_host::adapters::dbus::project_path(&b.parse().unwrap());
+    assert_ne!(
+        sh(&format!(
+            "busctl introspect com.cocalc.ProjectHost1 {}",
+            bpath.as_str()
+        ))
+        .code,
+        0,
+        "its D-Bus object is gone"
+    );
     // idempotent
     let (s, v) = http("DELETE", &format!("/projects/{b}"), None);
     assert_eq!((s, &v["removed"]), (200, &json!(false)), "{v}");
