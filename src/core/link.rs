@@ -445,3 +445,37 @@ async fn session(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(8));
+        for cap in [1, 2, 4, 8, 8, 8] {
+            let d = b.next_delay();
+            let cap = Duration::from_secs(cap);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+        // never below the first delay, whatever the heartbeat
+        let mut b = Backoff::new(Duration::ZERO);
+        assert!(b.next_delay() <= Duration::from_secs(1));
+        assert!(b.next_delay() >= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn psi_lines_are_read_when_the_kernel_has_them() {
+        // on a kernel without PSI (or a sandbox hiding it) this is None, never a panic
+        if let Some(v) = psi("cpu") {
+            assert!(v >= 0.0);
+        }
+        assert_eq!(psi("no-such-resource"), None);
+    }
+}
