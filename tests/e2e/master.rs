@@ -218,18 +218,14 @@ fn the_master_sees_register_heartbeats_and_ordered_reports() {
 
     // DELETE: stops b, deletes its home and snapshots, reports it removed
     ok(&format!("cocalc-project-host snapshot create {b} keep"));
+    let home = format!("{}/project-{b}", tb::STORAGE);
+    let snaps = format!("{}/.snapshots/project-{b}", tb::STORAGE);
+    ok(&format!("ls -d {home} {snaps}/keep"));
     let (s, v) = http("DELETE", &format!("/projects/{b}"), None);
     assert_eq!((s, &v["removed"]), (200, &json!(true)), "{v}");
-    assert_eq!(
-        sh(&format!(
-            "ls -d {}/{b} {}/.snapshots/{b}",
-            tb::STORAGE,
-            tb::STORAGE
-        ))
-        .code,
-        2,
-        "home and snapshots gone"
-    );
+    for p in [&home, &snaps] {
+        assert_ne!(sh(&format!("ls -d {p}")).code, 0, "{p} is gone");
+    }
     let (s, v) = http("GET", &format!("/projects/{b}/status"), None);
     assert_eq!((s, &v["state"]), (200, &json!("opened")), "{v}");
     assert!(!http("GET", "/projects", None).1.to_string().contains(&b));
@@ -530,4 +526,59 @@ fn without_its_credential_the_host_runs_standalone() {
     let id = new_id();
     start(&id, None);
     stop(&id, false);
+}
+
+#[test]
+fn deletes_and_the_host_view_need_their_own_actions() {
+    let (seed, public) = keypair();
+    let _auth = DropIn::install(
+        CONF,
+        &format!("[auth]\nmaster_public_keys = [\"{public}\"]\nmax_token_lifetime = 3600\n"),
+    );
+    let (a, b) = (new_id(), new_id());
+    start(&a, None);
+    ok(&format!(
+        "podman exec project-{a} sh -c 'echo keep > /home/user/keep'"
+    ));
+    let t = cocalc_project_host::auth::now_secs();
+    let host = tb::host_id();
+    let tok = |projects: Value, actions: Value| {
+        let claims = json!({"aud": host, "sub": "e2e", "iat": t, "exp": t + 600,
+            "scope": {"projects": projects, "actions": actions}});
+        cocalc_project_host::auth::sign(&seed, &claims).unwrap()
+    };
+    // everything but delete on a, and delete on b only: neither deletes a
+    let all_but = tok(
+        json!([a]),
+        json!([
+            "list", "status", "start", "stop", "config", "snapshot", "revoke", "host"
+        ]),
+    );
+    let other = tok(json!([b]), json!(["delete"]));
+    for t in [&all_but, &other] {
+        let (s, v) = http_as(As::Bearer(t), "DELETE", &format!("/projects/{a}"), None);
+        assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    }
+    let (s, v) = http_as(As::Nobody, "DELETE", &format!("/projects/{a}"), None);
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(tb::status(&a)["state"], "running", "untouched");
+    ok(&format!("ls -d {}/project-{a}", tb::STORAGE));
+    ok(&format!("podman exec project-{a} cat /home/user/keep"));
+    // GET /host needs the host action
+    let (s, v) = http_as(
+        As::Bearer(&tok(json!("*"), json!(["list"]))),
+        "GET",
+        "/host",
+        None,
+    );
+    assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    // the delete action on a does it
+    let del = tok(json!([a]), json!(["delete"]));
+    let (s, v) = http_as(As::Bearer(&del), "DELETE", &format!("/projects/{a}"), None);
+    assert_eq!((s, &v["removed"]), (200, &json!(true)), "{v}");
+    assert_ne!(
+        sh(&format!("ls -d {}/project-{a}", tb::STORAGE)).code,
+        0,
+        "home gone"
+    );
 }
