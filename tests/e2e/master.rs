@@ -297,7 +297,7 @@ fn the_master_sees_register_heartbeats_and_ordered_reports() {
 }
 
 #[test]
-fn with_the_master_down_during_five_changes_and_a_restart_none_is_lost() {
+fn with_the_master_down_during_five_changes_a_crash_and_a_restart_none_is_lost() {
     let master = TestMaster::up(9182, "");
     let _cred = Credential::install("e2e-credential-2");
     let _link = link("http://127.0.0.1:9182", "");
@@ -307,10 +307,21 @@ fn with_the_master_down_during_five_changes_and_a_restart_none_is_lost() {
     start(&a, None);
     start(&b, None);
     stop(&a, false);
+    // a crash (SIGKILL: no shutdown at all) between the changes; systemd restarts the daemon
+    let pid = ok("systemctl show -p MainPID --value cocalc-project-host.service");
+    ok("systemctl kill --signal=SIGKILL cocalc-project-host.service");
+    wait_for("the daemon back after the crash", 20, || {
+        let now = ok("systemctl show -p MainPID --value cocalc-project-host.service");
+        (now != pid
+            && now != "0"
+            && sh("systemctl is-active cocalc-project-host.service").code == 0)
+            .then_some(())
+    });
     start(&a, None);
     stop(&b, false);
     let m = wait_state("offline");
     assert!(m["last_error"].as_str().unwrap().contains("connect"), "{m}");
+    // and a restart
     ok("systemctl restart cocalc-project-host.service");
     let m = wait_for("the outbox after the restart", 20, || {
         let m = host_link();
