@@ -35,6 +35,7 @@ use subtle::ConstantTimeEq;
 
 use crate::domain::project::ProjectId;
 
+pub mod fleet;
 pub mod revocation;
 mod settings;
 pub use settings::{AuthFragment, AuthSettings};
@@ -73,12 +74,16 @@ pub enum Action {
     Proxy,
     /// the project's files (`/<id>/files/<path>`)
     Files,
+    /// `GET /host` (the host's id, capacity, counts and master link; host-wide, no project)
+    Host,
+    /// `DELETE /projects/:id` (stop, then delete its home and snapshots)
+    Delete,
 }
 
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 12] = [
         Action::List,
         Action::Status,
         Action::Start,
@@ -89,6 +94,8 @@ impl Action {
         Action::SshKeys,
         Action::Proxy,
         Action::Files,
+        Action::Host,
+        Action::Delete,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -105,6 +112,8 @@ impl Action {
             Action::Admin => "admin",
             Action::Proxy => "proxy",
             Action::Files => "files",
+            Action::Host => "host",
+            Action::Delete => "delete",
         }
     }
 
@@ -155,7 +164,7 @@ impl Principal {
                 scope.actions.contains(&action)
                     && match project {
                         Some(id) => covers(&scope.projects, id),
-                        None => matches!(action, Action::List | Action::Revoke),
+                        None => matches!(action, Action::List | Action::Revoke | Action::Host),
                     }
             }
         }
@@ -338,6 +347,9 @@ pub struct Auth {
     validation: Validation,
     max_lifetime: u64,
     revoked: crate::auth::revocation::Revocations,
+    /// the master's own key set from its register answer (`fleet`): when set, used instead
+    /// of `keys`
+    fleet_keys: std::sync::Arc<std::sync::RwLock<Option<Vec<DecodingKey>>>>,
 }
 
 impl fmt::Debug for Auth {
@@ -382,6 +394,7 @@ impl Auth {
             validation,
             max_lifetime: max_lifetime_secs,
             revoked: crate::auth::revocation::Revocations::default(),
+            fleet_keys: Default::default(),
         }
     }
 
@@ -445,6 +458,11 @@ impl Auth {
         .with_issuer(settings.master_issuer.as_deref()))
     }
 
+    /// Replaces the configured master keys by the master's own set (`auth::fleet`).
+    pub fn set_fleet_keys(&self, keys: Vec<DecodingKey>) {
+        *self.fleet_keys.write().unwrap_or_else(|p| p.into_inner()) = Some(keys);
+    }
+
     /// How many admin tokens and master keys are configured (for the startup log line).
     pub fn counts(&self) -> (usize, usize) {
         (self.admin.len(), self.keys.len())
@@ -481,13 +499,15 @@ impl Auth {
         if token.bytes().filter(|b| *b == b'.').count() != 2 {
             return Err(Denied::Invalid("not a known admin token nor a JWT".into()));
         }
-        if self.keys.is_empty() {
+        let fleet = self.fleet_keys.read().unwrap_or_else(|p| p.into_inner());
+        let keys = fleet.as_deref().unwrap_or(&self.keys);
+        if keys.is_empty() {
             return Err(Denied::Invalid(
                 "master tokens are not accepted: no auth.master_public_keys".into(),
             ));
         }
         let mut last = Denied::Invalid("no key".into());
-        for key in &self.keys {
+        for key in keys {
             match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
                 Ok(data) => {
                     let c = data.claims;

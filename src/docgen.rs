@@ -451,8 +451,10 @@ mod tests {
     #[test]
     fn documented_values_are_valid_config() {
         // every `#key = value` line, uncommented, is accepted by the real parser and validator
+        // (master.pin_sha256 excludes master.ca_file: config::tests parses it on its own)
         let text: String = CONFIG_DOC
             .lines()
+            .filter(|l| !l.starts_with("#pin_sha256 = "))
             .map(|l| match key_line(l) {
                 Some((k, v)) => format!("{k} = {v}\n"),
                 None if l.starts_with('[') => format!("{l}\n"),

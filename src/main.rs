@@ -107,6 +107,12 @@ enum ClientCommand {
     /// Read-only snapshots of a project's home.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Show the link to the master (state, reports waiting).
+    MasterStatus {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Take and prune the rolling snapshots of all projects now
     /// (cocalc-project-host-snapshots.timer runs this every 15 minutes).
     SnapshotSweep,
@@ -311,6 +317,7 @@ fn client(cmd: ClientCommand) -> ExitCode {
             };
             (parsed(&id).map(|id| Action::AuthorizedKeys(id, keys)), json)
         }
+        ClientCommand::MasterStatus { json } => (Ok(Action::MasterStatus), json),
         ClientCommand::Snapshot(c) => match c {
             SnapshotCommand::List { id, json } => (parsed(&id).map(Action::SnapshotList), json),
             SnapshotCommand::Create { id, name, json } => {
@@ -443,6 +450,39 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The master client `[master]` asks for; `None` (standalone, said in the log) without a url,
+/// without the credential, or with TLS settings that cannot be used: never a crash loop.
+fn master_client(
+    m: &config::MasterSettings,
+) -> Option<cocalc_project_host::backends::master::HttpMaster> {
+    use cocalc_project_host::backends::master::{HttpMaster, load_credential};
+    let url = m.url.as_deref()?;
+    let credential = match load_credential() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                message_id = "c2a7e41b0d9f4e3a8b5c6d7e8f901a23",
+                master = url,
+                error = %e,
+                "master link: no credential (systemd credential master-credential): running standalone"
+            );
+            return None;
+        }
+    };
+    match HttpMaster::new(m, credential) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(
+                message_id = "c2a7e41b0d9f4e3a8b5c6d7e8f901a23",
+                master = url,
+                error = %e,
+                "master link: cannot set up the client: running standalone"
+            );
+            None
+        }
+    }
+}
+
 fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     // before any thread exists: listenfd reads and clears LISTEN_* from the environment
     let mut listeners = activation::take_listeners(listen.unwrap_or(settings.listen))
@@ -462,12 +502,18 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
     let auth_settings = settings.auth.clone();
     rt.block_on(async move {
         let store = Host::open_store(&settings)?;
+        // before the host reconciles: the changes it finds are reported too
+        let master = master_client(&settings.master);
+        if master.is_some() {
+            store.outbox().enable(settings.master.outbox_limit);
+        }
+        let has_master = settings.master.url.is_some();
         let host = Host::new(settings, store.clone()).await?;
         let auth = std::sync::Arc::new(
             auth::Auth::load(&auth_settings, host.host_id())
                 .context("cannot load the API's tokens and keys")?
                 .with_revocations(
-                    auth::revocation::Revocations::load(store, auth::now_secs())
+                    auth::revocation::Revocations::load(store.clone(), auth::now_secs())
                         .await
                         .context("cannot read the token revocation list")?,
                 ),
@@ -484,6 +530,16 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         match ssh::start(ssh_listener, host.clone()).await? {
             Some(a) => tracing::info!(address = %a, "ssh: serving"),
             None => tracing::info!("ssh: no ssh socket and no ssh.listen: SSH is off"),
+        }
+        // after the SSH server: register carries its host key
+        if has_master {
+            let keys = auth_settings.master_public_keys.clone();
+            let trust = auth::fleet::FleetTrust::load(auth.clone(), store.clone(), keys)
+                .await
+                .context("cannot read the master's stored keys")?;
+            if let Some(m) = master {
+                host.start_link(std::sync::Arc::new(m), std::sync::Arc::new(trust));
+            }
         }
         let addr = listeners.http.local_addr()?;
         let activated = listeners.activated;

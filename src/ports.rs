@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use crate::domain::ids::Forbidden;
 use crate::domain::images::ImageRef;
 use crate::domain::limits::{Limits, SliceSettings};
+use crate::domain::master::{Report, ReportKind};
 use crate::domain::project::{ProjectId, ProjectState, RunConfig, UnitInfo};
 use crate::domain::snapshots::SnapshotName;
 
@@ -222,6 +223,9 @@ pub trait Storage: Send + Sync + Debug {
     /// The project's home and snapshots directory for file access (`None`: it has no home);
     /// makes sure the snapshots directory exists.
     fn file_roots(&self, id: ProjectId) -> Result<Option<(PathBuf, PathBuf)>, StorageError>;
+    /// Deletes the project's home, snapshots and scratch (the project is stopped); deleting
+    /// what is not there is no error.
+    async fn delete_project(&self, id: ProjectId) -> Result<(), StorageError>;
 }
 
 /// Picks a free id range base given every base taken (`None`: none free).
@@ -254,4 +258,59 @@ pub trait Store: Send + Sync + Debug {
     async fn ssh_keys(&self, id: ProjectId) -> Result<Vec<String>, StoreError>;
     /// Replaces the project's SSH public keys.
     async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError>;
+    /// Queues a report to the master that comes with no state change (a failed start).
+    async fn report(
+        &self,
+        id: ProjectId,
+        kind: ReportKind,
+        state: ProjectState,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Forgets a project and queues its `removed` report, in one transaction; whether it was
+    /// known.
+    async fn remove(&self, id: ProjectId, now_ms: u64) -> Result<bool, StoreError>;
+    /// Starts keeping reports to the master (at most `limit`): `upsert`s that change whether a
+    /// project runs queue one in the same transaction. Off by default (a standalone host).
+    fn enable_outbox(&self, limit: usize);
+    /// The oldest `max` queued reports, in sequence order.
+    async fn outbox_batch(&self, max: usize) -> Result<Vec<Report>, StoreError>;
+    /// Forgets the reports up to `seq` (the master has them).
+    async fn outbox_ack(&self, seq: u64) -> Result<(), StoreError>;
+    /// How many reports are queued.
+    async fn outbox_depth(&self) -> Result<u64, StoreError>;
+    /// Returns once a report was queued since the last call (or at once if one was before).
+    async fn outbox_wait(&self);
+}
+
+/// Why a call to the master failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MasterError {
+    /// It could not be reached (connect, TLS, timeout, a broken answer).
+    #[error("master unreachable: {0}")]
+    Unreachable(String),
+    /// It answered with an error status.
+    #[error("master refused ({status}): {message}")]
+    Refused {
+        /// the HTTP status
+        status: u16,
+        /// its answer, shortened
+        message: String,
+    },
+}
+
+/// The fleet's master (`docs/master-protocol.md`): the host reports to it.
+#[async_trait]
+pub trait Master: Send + Sync + Debug {
+    /// `POST /register`; the master's answer.
+    async fn register(
+        &self,
+        msg: &crate::api::master::Register,
+    ) -> Result<crate::api::master::RegisterAnswer, MasterError>;
+    /// `POST /heartbeat`.
+    async fn heartbeat(&self, msg: &crate::api::master::Heartbeat) -> Result<(), MasterError>;
+    /// `POST /project-state`; the highest sequence number the master acknowledges.
+    async fn report(
+        &self,
+        msg: &crate::api::master::ProjectStates,
+    ) -> Result<crate::api::master::ReportAnswer, MasterError>;
 }

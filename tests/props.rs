@@ -77,7 +77,8 @@ proptest! {
                 | Route::DeleteSnapshot(id, _)
                 | Route::RestoreSnapshot(id, _)
                 | Route::AuthorizedKeys(id)
-                | Route::SetAuthorizedKeys(id),
+                | Route::SetAuthorizedKeys(id)
+                | Route::Remove(id),
             ) => {
                 prop_assert!(p.contains(&id.to_string()));
             }
@@ -85,6 +86,7 @@ proptest! {
             Ok(Route::Revoke) => prop_assert_eq!(p.as_str(), "/auth/revoked"),
             Ok(Route::Health) => prop_assert_eq!(p.as_str(), "/healthz"),
             Ok(Route::List) => prop_assert_eq!(p.as_str(), "/projects"),
+            Ok(Route::Host) => prop_assert_eq!(p.as_str(), "/host"),
             Err(e) => prop_assert!([400, 404, 405].contains(&e.status.as_u16()), "{:?}", e),
         }
     }

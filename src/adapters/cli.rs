@@ -31,6 +31,10 @@ trait Manager {
     fn sweep_snapshots(&self) -> zbus::Result<String>;
     fn get_authorized_keys(&self, id: &str) -> zbus::Result<Vec<String>>;
     fn set_authorized_keys(&self, id: &str, keys: &[String]) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn master_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn outbox_depth(&self) -> zbus::Result<u64>;
 }
 
 #[zbus::proxy(
@@ -219,6 +223,8 @@ pub enum Action {
     SnapshotSweep,
     /// `authorized-keys ID [--set FILE]`: the keys to set (`None`: show them)
     AuthorizedKeys(ProjectId, Option<Vec<String>>),
+    /// `master-status`
+    MasterStatus,
 }
 
 /// The project object of a project this host knows (exit 4 otherwise).
@@ -379,6 +385,16 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
                 print_json(&api::SnapshotDone::Restored(name))?;
             } else {
                 println!("{id}: home restored from snapshot {name}");
+            }
+        }
+        Action::MasterStatus => {
+            let state = m.master_state().await?;
+            let depth = m.outbox_depth().await?;
+            if json_out {
+                print_json(&json!({"state": state, "outbox_depth": depth}))?;
+            } else {
+                println!("master link: {state}");
+                println!("outbox: {depth} report(s) waiting");
             }
         }
         Action::SnapshotSweep => {

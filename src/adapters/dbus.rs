@@ -301,6 +301,18 @@ impl Manager {
         Ok(prop_host(&self.host)?.running_count() as u32)
     }
 
+    /// The link to the master: standalone, connecting, connected or offline.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn master_state(&self) -> zbus::fdo::Result<String> {
+        Ok(prop_host(&self.host)?.link_status().state.as_str().into())
+    }
+
+    /// Project-state reports waiting to be delivered to the master.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn outbox_depth(&self) -> zbus::fdo::Result<u64> {
+        Ok(prop_host(&self.host)?.link_status().outbox_depth)
+    }
+
     /// A project's state changed (whichever adapter or outside event caused it).
     #[zbus(signal)]
     async fn project_state_changed(
@@ -564,6 +576,19 @@ async fn publish(
                 let iface = p.get().await;
                 iface.state_changed(p.signal_emitter()).await?;
                 iface.main_p_i_d_changed(p.signal_emitter()).await?; // zbus derives the name from "MainPID"
+            }
+        }
+        HostEvent::Removed(id) => {
+            if exported.remove(&id) {
+                let path = project_path(&id);
+                server.remove::<Project, _>(&path).await?;
+                Manager::project_removed(manager.signal_emitter(), &id.to_string(), path.as_ref())
+                    .await?;
+                manager
+                    .get()
+                    .await
+                    .project_count_changed(manager.signal_emitter())
+                    .await?;
             }
         }
     }

@@ -106,6 +106,10 @@ pub enum Route {
     AuthorizedKeys(ProjectId),
     /// `PUT /projects/:id/authorized-keys`
     SetAuthorizedKeys(ProjectId),
+    /// `GET /host` (admin, or a master token with the `host` action)
+    Host,
+    /// `DELETE /projects/:id` (admin, or a master token with the `delete` action)
+    Remove(ProjectId),
 }
 
 fn parse_id(id: &str) -> Result<ProjectId, ApiError> {
@@ -171,6 +175,8 @@ impl Route {
             Route::AuthorizedKeys(id) | Route::SetAuthorizedKeys(id) => {
                 Some((Action::SshKeys, Some(*id)))
             }
+            Route::Host => Some((Action::Host, None)),
+            Route::Remove(id) => Some((Action::Delete, Some(*id))),
         }
     }
 }
@@ -185,6 +191,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["healthz"] => (Method::GET, Route::Health),
         ["projects"] => (Method::GET, Route::List),
         ["auth", "revoked"] => (Method::POST, Route::Revoke),
+        ["host"] => (Method::GET, Route::Host),
+        // only DELETE: any other method on it stays "no such endpoint", as before it existed
+        ["projects", id] if *method == Method::DELETE && !id.is_empty() => {
+            (Method::DELETE, Route::Remove(parse_id(id)?))
+        }
         ["projects", id, "config"] => {
             let id = parse_id(id)?;
             return match *method {
@@ -355,12 +366,14 @@ async fn dispatch(
         Route::Health => Ok(json_response(StatusCode::OK, &json!({"ok": true}))),
         Route::List => {
             // written out directly: ids are hex and dashes, times are numbers (no escaping)
+            let only = api::master::parse_list_query(req.uri().query())?;
             let list = host.list();
             let mut body = String::with_capacity(16 + list.len() * 72);
             body.push_str("{\"projects\":[");
             for (id, last) in list
                 .iter()
                 .filter(|(id, _)| principal.as_ref().is_none_or(|p| p.sees(id)))
+                .filter(|(id, _)| only.is_none_or(|s| host.project_state(*id) == s))
             {
                 if !body.ends_with('[') {
                     body.push(',');
@@ -376,6 +389,17 @@ async fn dispatch(
             Ok(r)
         }
         Route::Status(id) => answer(StatusCode::OK, &StatusAnswer::from(&host.status(id))),
+        Route::Host => answer(StatusCode::OK, &host.host_view()),
+        Route::Remove(id) => {
+            let r = host.remove(id).await?;
+            tracing::info!(
+                principal = principal.as_ref().map(Principal::name),
+                project_id = %id,
+                removed = r.removed,
+                "project delete"
+            );
+            answer(StatusCode::OK, &r)
+        }
         Route::Start(id) => {
             let body: api::StartRequest = read_json(req).await?;
             // a start-only token starts with the stored config; sending one replaces it (and
@@ -697,6 +721,16 @@ mod tests {
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
         let e = code(Method::POST, "/healthz");
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        // a project itself only takes DELETE (anything else: no such endpoint, as before)
+        let e = code(Method::GET, &format!("/projects/{ID}"));
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        let e = code(Method::DELETE, "/projects/..");
+        assert_eq!(e.code, "invalid_project_id");
+        assert_eq!(
+            route(&Method::DELETE, &format!("/projects/{ID}")),
+            Ok(Route::Remove(ID.parse().unwrap()))
+        );
+        assert_eq!(route(&Method::GET, "/host"), Ok(Route::Host));
     }
 
     /// docs/openapi.yaml and the router describe the same endpoints.
@@ -739,6 +773,8 @@ mod tests {
             Route::SetQuota(id),
             Route::SweepSnapshots,
             Route::Revoke,
+            Route::Host,
+            Route::Remove(id),
         ] {
             assert!(
                 documented

@@ -107,6 +107,10 @@ pub enum ErrorKind {
     RangeNotSatisfiable,
     /// The filesystem refused the operation on a project's file.
     PermissionDenied,
+    /// The project's snapshots are locked by a move to another host: it cannot be deleted.
+    SnapshotsLocked,
+    /// The query string has an unknown parameter or a bad value.
+    InvalidQuery,
 }
 
 /// One row of the table.
@@ -124,7 +128,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 43] = [
+    pub const ALL: [ErrorKind; 45] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -168,6 +172,8 @@ impl ErrorKind {
         ErrorKind::QuotaExceeded,
         ErrorKind::RangeNotSatisfiable,
         ErrorKind::PermissionDenied,
+        ErrorKind::SnapshotsLocked,
+        ErrorKind::InvalidQuery,
     ];
 
     /// The table.
@@ -252,6 +258,13 @@ impl ErrorKind {
             K::QuotaExceeded => r(507, "quota_exceeded", "Failed", EXIT_FAILURE),
             K::RangeNotSatisfiable => r(416, "range_not_satisfiable", "Failed", EXIT_FAILURE),
             K::PermissionDenied => r(403, "permission_denied", DENIED, EXIT_FAILURE),
+            K::SnapshotsLocked => r(409, "snapshots_locked", "SnapshotsLocked", EXIT_FAILURE),
+            K::InvalidQuery => r(
+                400,
+                "invalid_query",
+                "org.freedesktop.DBus.Error.InvalidArgs",
+                EXIT_USAGE,
+            ),
         }
     }
 
@@ -336,6 +349,7 @@ impl From<core::Error> for WireError {
             E::InvalidSshKey(_) => ErrorKind::InvalidSshKey,
             E::ProjectNotRunning(_) => ErrorKind::ProjectNotRunning,
             E::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
+            E::SnapshotsLocked(_) => ErrorKind::SnapshotsLocked,
         };
         WireError::new(kind, e.to_string())
     }
@@ -434,7 +448,8 @@ mod tests {
     }
 
     /// The bus names clients have seen since the first release stay (plus StorageFull and
-    /// AccessDenied, new with the storage reserve and the D-Bus readers' check).
+    /// AccessDenied, new with the storage reserve and the D-Bus readers' check, and
+    /// SnapshotsLocked, new with the master's deletes).
     #[test]
     fn bus_names_are_the_published_ones() {
         let ours: HashSet<String> = ErrorKind::ALL
@@ -459,6 +474,7 @@ mod tests {
             "StorageFull",
             "AccessDenied",
             "Failed",
+            "SnapshotsLocked",
         ]
         .map(str::to_string)
         .into();

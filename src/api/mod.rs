@@ -2,6 +2,7 @@
 //! parsers they share, and the one error table (kind → HTTP status + JSON code, D-Bus error
 //! name, CLI exit code).
 pub mod error;
+pub mod master;
 pub mod parse;
 pub mod types;
 

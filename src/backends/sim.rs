@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::core::Backends;
 use crate::domain::ids::Forbidden;
 use crate::domain::limits::{Limits, SliceSettings};
+use crate::domain::master::{Report, ReportKind};
 use crate::domain::project::{ActiveState, ProjectId, ProjectState, RunConfig, UnitInfo};
 use crate::domain::reserve::Space;
 use crate::domain::snapshots::SnapshotName;
@@ -395,6 +396,12 @@ impl ports::Storage for SimStorage {
         lock(&self.given).insert(path.to_path_buf(), uid);
         Ok(())
     }
+    async fn delete_project(&self, id: ProjectId) -> Result<(), StorageError> {
+        lock(&self.snapshots).remove(&id);
+        lock(&self.homes).remove(&id);
+        lock(&self.limits).remove(&id);
+        Ok(())
+    }
     fn has_home(&self, id: ProjectId) -> bool {
         lock(&self.homes).contains_key(&id)
     }
@@ -547,6 +554,10 @@ pub struct SimStore {
     ranges: Mutex<HashMap<ProjectId, u32>>,
     fail_upserts: Mutex<bool>,
     ssh_keys: Mutex<HashMap<ProjectId, Vec<String>>>,
+    /// the master outbox: (last sequence number, queue); kept only once enabled (limit > 0)
+    outbox: Mutex<(u64, Vec<Report>)>,
+    outbox_limit: AtomicUsize,
+    outbox_notify: tokio::sync::Notify,
 }
 
 impl SimStore {
@@ -570,6 +581,29 @@ impl SimStore {
                 last_touched,
             },
         );
+    }
+    /// The queued reports, in order.
+    pub fn outbox(&self) -> Vec<Report> {
+        lock(&self.outbox).1.clone()
+    }
+    fn append(&self, id: ProjectId, event: ReportKind, state: ProjectState, now_ms: u64) {
+        let limit = self.outbox_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return;
+        }
+        let mut o = lock(&self.outbox);
+        o.0 += 1;
+        let seq = o.0;
+        o.1.push(Report {
+            seq,
+            project_id: id,
+            event,
+            state,
+            at_ms: now_ms,
+        });
+        crate::domain::master::bound(&mut o.1, limit);
+        drop(o);
+        self.outbox_notify.notify_one();
     }
     /// How many rows there are.
     pub fn len(&self) -> usize {
@@ -603,6 +637,10 @@ impl ports::Store for SimStore {
             return Err(StoreError::Gone);
         }
         let mut rows = lock(&self.rows);
+        // one lock for the row and its report, as the real store's transaction
+        if let Some(kind) = ReportKind::of_change(rows.get(&id).map(|r| r.state), state) {
+            self.append(id, kind, state, now_ms);
+        }
         let r = rows.entry(id).or_insert_with(|| ProjectRow {
             id,
             state,
@@ -648,5 +686,40 @@ impl ports::Store for SimStore {
         }
         lock(&self.ssh_keys).insert(id, keys);
         Ok(())
+    }
+    async fn report(
+        &self,
+        id: ProjectId,
+        kind: ReportKind,
+        state: ProjectState,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.append(id, kind, state, now_ms);
+        Ok(())
+    }
+    async fn remove(&self, id: ProjectId, now_ms: u64) -> Result<bool, StoreError> {
+        let mut rows = lock(&self.rows);
+        lock(&self.ranges).remove(&id);
+        let known = rows.remove(&id).is_some();
+        if known {
+            self.append(id, ReportKind::Removed, ProjectState::Opened, now_ms);
+        }
+        Ok(known)
+    }
+    fn enable_outbox(&self, limit: usize) {
+        self.outbox_limit.store(limit.max(1), Ordering::Relaxed);
+    }
+    async fn outbox_batch(&self, max: usize) -> Result<Vec<Report>, StoreError> {
+        Ok(lock(&self.outbox).1.iter().take(max).cloned().collect())
+    }
+    async fn outbox_ack(&self, seq: u64) -> Result<(), StoreError> {
+        lock(&self.outbox).1.retain(|r| r.seq > seq);
+        Ok(())
+    }
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        Ok(lock(&self.outbox).1.len() as u64)
+    }
+    async fn outbox_wait(&self) {
+        self.outbox_notify.notified().await
     }
 }

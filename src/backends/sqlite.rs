@@ -6,6 +6,8 @@ use std::sync::mpsc;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use crate::backends::outbox_sql;
+use crate::domain::master::{Report, ReportKind};
 use crate::domain::project::{ProjectId, ProjectState, RunConfig};
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -14,6 +16,8 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 #[derive(Clone, Debug)]
 pub struct Store {
     tx: mpsc::Sender<Job>,
+    /// the master link's outbox (off until `[master]` turns it on)
+    outbox: std::sync::Arc<crate::backends::outbox_sql::OutboxSettings>,
 }
 
 /// A store failure.
@@ -109,6 +113,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::backends::ids::SCHEMA)?;
+        conn.execute_batch(crate::backends::outbox_sql::SCHEMA)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("store".into())
@@ -118,7 +123,10 @@ impl Store {
                 }
             })
             .map_err(|_| StoreError::Gone)?;
-        Ok(Store { tx })
+        Ok(Store {
+            tx,
+            outbox: Default::default(),
+        })
     }
 
     pub(crate) async fn call<T: Send + 'static>(
@@ -222,15 +230,88 @@ impl Store {
             ),
             None => None,
         };
+        let outbox = self.outbox.clone();
         self.call(move |c| {
-            c.execute(
+            // the state change and its report to the master commit together (or neither)
+            let tx = c.transaction()?;
+            let before: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM projects WHERE id=?1",
+                    [id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.execute(
                 "INSERT INTO projects(id, state, config, created, last_touched) VALUES(?1, ?2, COALESCE(?3, '{}'), ?4, ?4)
                  ON CONFLICT(id) DO UPDATE SET state=?2, config=COALESCE(?3, config), last_touched=MAX(last_touched, ?4)",
                 params![id.to_string(), state.as_str(), config, now_ms as i64],
             )?;
+            let before = before.and_then(|b| {
+                serde_json::from_value::<ProjectState>(serde_json::Value::String(b)).ok()
+            });
+            let reported = match ReportKind::of_change(before, state) {
+                Some(kind) => outbox_sql::append(&tx, &outbox, id, kind, state, now_ms)?,
+                None => false,
+            };
+            tx.commit()?;
+            if reported {
+                outbox.notify.notify_one();
+            }
             Ok(())
         })
         .await
+    }
+
+    /// Queues a report that comes with no state change (a failed start), when reports are kept.
+    pub async fn report(
+        &self,
+        id: ProjectId,
+        kind: ReportKind,
+        state: ProjectState,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let outbox = self.outbox.clone();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let reported = outbox_sql::append(&tx, &outbox, id, kind, state, now_ms)?;
+            tx.commit()?;
+            if reported {
+                outbox.notify.notify_one();
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forgets a project (its row and id range) and queues its `removed` report, in one
+    /// transaction. Whether it was known.
+    pub async fn remove(&self, id: ProjectId, now_ms: u64) -> Result<bool, StoreError> {
+        let outbox = self.outbox.clone();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute("DELETE FROM projects WHERE id=?1", [id.to_string()])?;
+            tx.execute("DELETE FROM id_ranges WHERE project=?1", [id.to_string()])?;
+            let reported = n > 0
+                && outbox_sql::append(
+                    &tx,
+                    &outbox,
+                    id,
+                    ReportKind::Removed,
+                    ProjectState::Opened,
+                    now_ms,
+                )?;
+            tx.commit()?;
+            if reported {
+                outbox.notify.notify_one();
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// The outbox's switch, limit and wake-up (shared by every clone).
+    pub fn outbox(&self) -> &std::sync::Arc<outbox_sql::OutboxSettings> {
+        &self.outbox
     }
 
     /// Records a touch without waiting for it (coalesced by SQLite's MAX).
@@ -317,6 +398,34 @@ impl crate::ports::Store for Store {
     }
     async fn set_ssh_keys(&self, id: ProjectId, keys: Vec<String>) -> Result<(), StoreError> {
         Store::set_ssh_keys(self, id, keys).await
+    }
+    async fn report(
+        &self,
+        id: ProjectId,
+        kind: ReportKind,
+        state: ProjectState,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        Store::report(self, id, kind, state, now_ms).await
+    }
+    async fn remove(&self, id: ProjectId, now_ms: u64) -> Result<bool, StoreError> {
+        Store::remove(self, id, now_ms).await
+    }
+    fn enable_outbox(&self, limit: usize) {
+        self.outbox.enable(limit)
+    }
+    async fn outbox_batch(&self, max: usize) -> Result<Vec<Report>, StoreError> {
+        self.call(move |c| Ok(outbox_sql::batch(c, max)?)).await
+    }
+    async fn outbox_ack(&self, seq: u64) -> Result<(), StoreError> {
+        self.call(move |c| Ok(outbox_sql::ack(c, seq).map(|_| ())?))
+            .await
+    }
+    async fn outbox_depth(&self) -> Result<u64, StoreError> {
+        self.call(|c| Ok(outbox_sql::depth(c)?)).await
+    }
+    async fn outbox_wait(&self) {
+        self.outbox.notify.notified().await
     }
 }
 

@@ -51,6 +51,8 @@ pub(super) struct Fragment {
     ssh: SshFragment,
     #[serde(default)]
     proxy: crate::adapters::proxy::ProxyFragment,
+    #[serde(default)]
+    master: super::master::MasterFragment,
 }
 
 impl Fragment {
@@ -75,6 +77,7 @@ impl Fragment {
         self.http.apply(&mut s.http, mark);
         self.ssh.apply(&mut s.ssh, mark);
         s.proxy.merge(self.proxy, mark);
+        self.master.apply(&mut s.master, mark);
     }
 }
 

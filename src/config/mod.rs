@@ -15,12 +15,14 @@ use std::time::Duration;
 mod discovery;
 mod fragments;
 mod keys;
+mod master;
 mod validate;
 
 pub use crate::auth::AuthSettings;
 pub use crate::units::{parse_duration, parse_size};
 pub use discovery::{DEFAULT_ROOTS, ROOTS_ENV, fragment_files, roots_from_env};
 pub use keys::keys;
+pub use master::{MasterSettings, MasterUrl, parse_pin, parse_url};
 pub use validate::ALLOWED_CAPABILITIES;
 
 use crate::domain::limits::{Amount, LimitSettings, SliceSettings};
@@ -51,6 +53,8 @@ pub struct Settings {
     pub ssh: SshSettings,
     /// The proxy into projects (owned by `crate::adapters::proxy`).
     pub proxy: crate::adapters::proxy::ProxySettings,
+    /// The fleet's master (`[master]`; no url: standalone).
+    pub master: MasterSettings,
 }
 
 /// The SSH server into projects.
@@ -194,6 +198,7 @@ impl Default for Settings {
                 keepalive: Duration::from_secs(30),
             },
             proxy: crate::adapters::proxy::ProxySettings::default(),
+            master: MasterSettings::default(),
         }
     }
 }

@@ -149,8 +149,22 @@ fn the_shipped_config_is_the_defaults() {
     let text = include_str!("../../packaging/config.toml");
     assert_eq!(m(&[("config.toml", text)]).unwrap(), Settings::default());
     // uncommented, every documented key parses and still gives the defaults
+    // ca_file and pin_sha256 exclude each other: the example pin is parsed on its own below
+    let pin = text
+        .lines()
+        .find_map(|l| l.strip_prefix("#pin_sha256 = "))
+        .expect("packaging/config.toml documents master.pin_sha256");
+    let alone = format!("[master]\npin_sha256 = {pin}\n");
+    assert!(
+        m(&[("config.toml", &alone)])
+            .unwrap()
+            .master
+            .pin_sha256
+            .is_some()
+    );
     let uncommented: String = text
         .lines()
+        .filter(|l| !l.starts_with("#pin_sha256 = "))
         .map(|l| {
             l.strip_prefix('#')
                 .filter(|r| !r.starts_with(' ') && !r.is_empty())
@@ -168,7 +182,11 @@ fn the_shipped_config_is_the_defaults() {
     s.auth.admin_token_file = None;
     s.auth.master_issuer = None;
     s.proxy.listen = None;
+    s.ssh.listen = None;
     (s.proxy.tls_cert, s.proxy.tls_key) = (None, None);
+    let m = &mut s.master;
+    (m.url, m.ca_file, m.name, m.region) = (None, None, None, None);
+    (m.public_url, m.ssh_endpoint) = (None, None);
     assert_eq!(s, Settings::default());
 }
 
@@ -359,4 +377,30 @@ fn proxy_settings_merge_and_validate() {
             .to_string();
         assert!(e.contains(key), "{toml}: {e}");
     }
+}
+
+#[test]
+fn the_master_section_merges_and_names_bad_keys() {
+    let s = m(&[
+        (
+            "/usr/lib/x/config.toml",
+            "[master]\nurl = \"https://m.example/fleet\"\nname = \"h1\"\nheartbeat_interval = \"10s\"\n",
+        ),
+        ("/etc/x/config.d/50.toml", "[master]\nregion = \"eu\"\noutbox_limit = 5\n"),
+    ])
+    .unwrap();
+    assert_eq!(s.master.url.as_deref(), Some("https://m.example/fleet"));
+    assert_eq!(s.master.name.as_deref(), Some("h1"));
+    assert_eq!(s.master.region.as_deref(), Some("eu"));
+    assert_eq!(s.master.heartbeat_interval, Duration::from_secs(10));
+    assert_eq!(s.master.outbox_limit, 5);
+    let e = m(&[("/etc/x/a.toml", "[master]\nurl = \"http://192.0.2.7\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/etc/x/a.toml: master.url: "), "{e}");
+    assert!(e.contains("loopback"), "{e}");
+    let e = m(&[("/etc/x/a.toml", "[master]\ncredential = \"secret\"\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("credential"), "never a config value: {e}");
 }

@@ -156,6 +156,7 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
     }
     validate_limits(s)?;
     s.proxy.validate()?;
+    s.master.validate()?;
     s.auth.validate()
 }
 

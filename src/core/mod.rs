@@ -22,7 +22,11 @@ use crate::ports::{
 
 mod files;
 mod ids;
+pub mod link;
+#[cfg(test)]
+mod master_tests;
 mod net;
+mod remove;
 mod reserve;
 mod ssh;
 mod storage;
@@ -135,6 +139,9 @@ pub enum Error {
         /// why
         reason: String,
     },
+    /// A move to another host holds the project's snapshots.
+    #[error("project {0} is being moved: its snapshots are locked, it cannot be deleted now")]
+    SnapshotsLocked(ProjectId),
 }
 
 impl Error {
@@ -161,6 +168,7 @@ impl Error {
             Error::InvalidSshKey(_) => "invalid_ssh_key",
             Error::ProjectNotRunning(_) => "project_not_running",
             Error::BackendUnavailable { .. } => "backend_unavailable",
+            Error::SnapshotsLocked(_) => "snapshots_locked",
         }
     }
 }
@@ -172,6 +180,8 @@ pub enum HostEvent {
     New(ProjectId),
     /// A project's state changed.
     State(ProjectId, ProjectState),
+    /// A project was deleted from this host (`DELETE /projects/:id`): it is no longer known.
+    Removed(ProjectId),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -233,6 +243,9 @@ pub struct Host {
     store: Arc<dyn ports::Store>,
     units: Arc<dyn ports::Units>,
     storage: Arc<dyn ports::Storage>,
+    /// The SSH gateway's host key (OpenSSH public key line), once the SSH server has loaded it:
+    /// `GET /host` and the master's `register` carry it.
+    ssh_host_key: std::sync::OnceLock<String>,
     projects: RwLock<HashMap<ProjectId, Entry>>,
     locks: Mutex<HashMap<ProjectId, Arc<tokio::sync::Mutex<()>>>>,
     changes: broadcast::Sender<HostEvent>,
@@ -244,6 +257,8 @@ pub struct Host {
     tasks: Tasks,
     /// the storage reserve as of the last disk refresh, and the homes held because of it
     reserve: Mutex<reserve::ReserveState>,
+    /// the master link, once started (`link`)
+    link: std::sync::OnceLock<Arc<link::Link>>,
 }
 
 /// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
@@ -310,6 +325,7 @@ impl Host {
             store: b.store,
             units: b.units,
             storage: b.storage,
+            ssh_host_key: std::sync::OnceLock::new(),
             projects: RwLock::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             changes,
@@ -317,6 +333,7 @@ impl Host {
             list_cache: Mutex::new((0, Arc::new(Vec::new()))),
             tasks: Tasks::new(),
             reserve: Mutex::new(reserve::ReserveState::default()),
+            link: std::sync::OnceLock::new(),
         });
         // watch before reading, so no change falls between the read and the stream
         let mut events = host.units.watch().await?;
@@ -365,6 +382,16 @@ impl Host {
     /// adapters stopped taking requests.
     pub async fn shutdown(&self, drain: Duration) {
         self.tasks.shutdown(drain).await
+    }
+
+    /// Records the SSH gateway's host key (set once, by the SSH server at start).
+    pub fn set_ssh_host_key(&self, public_key_line: String) {
+        let _ = self.ssh_host_key.set(public_key_line);
+    }
+
+    /// The SSH gateway's host key, if SSH is served.
+    pub fn ssh_host_key(&self) -> Option<String> {
+        self.ssh_host_key.get().cloned()
     }
 
     /// This host's id (stable across restarts).
@@ -725,6 +752,10 @@ impl Host {
                         .upsert(id, ProjectState::Opened, None, now)
                         .await?;
                 }
+                let failed = crate::domain::master::ReportKind::Failed;
+                self.store
+                    .report(id, failed, ProjectState::Opened, now)
+                    .await?;
                 tracing::warn!(project_id = %id, error = %reason, journal = %journal, "project start failed");
                 return Err(Error::StartFailed {
                     id,

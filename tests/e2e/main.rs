@@ -10,6 +10,7 @@ mod files;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod master;
 mod packaging;
 mod proxy;
 mod spine;

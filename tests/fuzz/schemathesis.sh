@@ -2,7 +2,9 @@
 # Fuzzes the live daemon in the testbed with schemathesis (PyPI) against docs/openapi.yaml: every
 # response must match the schema, no 5xx, no crash, schema-valid requests accepted (positive_data_acceptance:
 # the spec promises no more than the host takes); unauthenticated/unsupported requests must be
-# refused properly. The e2e test `auth::schemathesis_*` runs it; scripts/test installs it first.
+# refused properly. Not use_after_free: every project id answers on every host (a status of an
+# unknown id is `opened`, a config PATCH records it), so after DELETE /projects/:id the id is still
+# there, without its data, by design (docs/master-protocol.md). The e2e test `auth::schemathesis_*` runs it; scripts/test installs it first.
 #
 #   tests/fuzz/schemathesis.sh install        make the venv target/schemathesis (pinned version)
 #   tests/fuzz/schemathesis.sh run [ARGS...]  fuzz (testbed up, package installed); ARGS go to
@@ -40,6 +42,7 @@ run() {
       --url http://127.0.0.1:9002 \
       --header "Authorization: Bearer $token" \
       --checks all \
+      --exclude-checks use_after_free \
       --phases examples,coverage,fuzzing,stateful \
       --max-examples "${FUZZ_EXAMPLES:-50}" \
       --seed "${FUZZ_SEED:-7}" \

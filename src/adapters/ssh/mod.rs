@@ -369,6 +369,11 @@ pub async fn start(
     };
     let addr = listener.local_addr()?;
     let key = load_or_create_host_key(&settings.state_dir)?;
+    host.set_ssh_host_key(
+        key.public_key()
+            .to_openssh()
+            .context("ssh: cannot encode the host's public key")?,
+    );
     let runner = crate::backends::session::SystemdSessions::connect()
         .await
         .context("ssh: cannot reach systemd")?;

@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::domain::project::ProjectId;
 use crate::domain::snapshots::SnapshotName;
 
+mod remove;
 mod subvol;
 pub use subvol::{
     Qgroup, QuotaMode, Role, SCRATCH_DIR, SNAPSHOTS_DIR, Subvol, parse_qgroups, parse_subvolumes,
@@ -365,6 +366,9 @@ impl crate::ports::Storage for Storage {
         quotas: bool,
     ) -> Result<(), StorageError> {
         Storage::restore(self, &id, name, limit, quotas).await
+    }
+    async fn delete_project(&self, id: ProjectId) -> Result<(), StorageError> {
+        Storage::delete_project(self, &id).await
     }
 }
 
