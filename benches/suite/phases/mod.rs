@@ -20,6 +20,7 @@ mod burst;
 mod cold;
 mod density;
 mod latency;
+mod proxy;
 mod setup;
 mod snapshot;
 mod throughput;
@@ -266,6 +267,12 @@ const PHASES: &[Phase] = &[
         aliases: &["snapshots"],
         title: "6. snapshots",
         run: |c| Box::pin(snapshot::snapshots(c)),
+    },
+    Phase {
+        key: "proxy",
+        aliases: &[],
+        title: "7. proxy",
+        run: |c| Box::pin(proxy::proxy(c)),
     },
 ];
 
