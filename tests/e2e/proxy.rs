@@ -413,3 +413,61 @@ fn tls_serves_secure_cookies_and_reloads_its_certificate_on_sighup() {
     );
     sh("rm -f /etc/cocalc-project-host/proxy*.crt /etc/cocalc-project-host/proxy*.key");
 }
+
+#[test]
+fn a_master_token_of_one_project_is_refused_on_another() {
+    use base64::Engine as _;
+    // a master key the daemon trusts while the drop-in lives
+    let mut seed = [0u8; 32];
+    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+    let _d = DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-proxy-master.toml",
+        &format!("[auth]\nmaster_public_keys = [\"{b64}\"]\n"),
+    );
+    let p = Project::start();
+    let (a, b) = (p.id.clone(), new_id());
+    let now = cocalc_project_host::auth::now_secs();
+    let token = |actions: &[&str]| {
+        cocalc_project_host::auth::sign(
+            &seed,
+            &json!({"aud": tb::host_id(), "sub": "e2e", "exp": now + 600,
+                    "scope": {"projects": [a], "actions": actions}}),
+        )
+        .unwrap()
+    };
+    let proxy_only = token(&["proxy"]);
+    let bearer = |t: &str| format!("-H 'Authorization: Bearer {t}'");
+    assert_eq!(
+        curl(&format!(
+            "{} {PROXY}/{a}/server/8000/hello.txt",
+            bearer(&proxy_only)
+        )),
+        (200, "hello\n".into())
+    );
+    // project B with A's token: by header and by ?token=
+    let (s, body) = curl(&format!(
+        "{} {PROXY}/{b}/server/8000/hello.txt",
+        bearer(&proxy_only)
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
+    let (s, body) = curl(&format!(
+        "'{PROXY}/{b}/server/8000/hello.txt?token={proxy_only}'"
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
+    // A's files need the files action; a status-only token may not proxy
+    let (s, body) = curl(&format!(
+        "{} {PROXY}/{a}/files/hello.txt",
+        bearer(&proxy_only)
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
+    let (s, body) = curl(&format!(
+        "{} {PROXY}/{a}/server/8000/hello.txt",
+        bearer(&token(&["status"]))
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
+}
