@@ -558,11 +558,20 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         let proxy_task = match proxy_listener {
             Some(l) => {
                 let l = tokio::net::TcpListener::from_std(l)?;
-                tracing::info!(address = %l.local_addr()?, "serving the proxy");
+                let ps = &host.settings().proxy;
+                // a TLS listener without its certificate must not fall back to plain HTTP
+                let tls = match (&ps.tls_cert, &ps.tls_key) {
+                    (Some(c), Some(k)) => Some(std::sync::Arc::new(
+                        cocalc_project_host::adapters::proxy::tls::Tls::new(c.clone(), k.clone())
+                            .map_err(|e| anyhow::anyhow!("proxy TLS: {e}"))?,
+                    )),
+                    _ => None,
+                };
+                tracing::info!(address = %l.local_addr()?, tls = tls.is_some(), "serving the proxy");
                 let px = cocalc_project_host::adapters::proxy::Proxy::new(
                     host.clone(),
                     auth.clone(),
-                    false,
+                    tls,
                 )
                 .context("cannot set up the proxy (its cookie key in the state directory)")?;
                 let stop = proxy_stop.clone();

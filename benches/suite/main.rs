@@ -8,8 +8,8 @@
 //! Sizes come from the environment: BENCH_N (30), BENCH_WARMUP (2), BENCH_BURST (50),
 //! BENCH_BURST_REPS (3), BENCH_DENSITY (200), BENCH_CONNS (64), BENCH_LOAD_SECS (10),
 //! BENCH_RESTARTS (3), BENCH_SNAP_BIG_MB (1024), BENCH_SSH_MB (1024),
-//! BENCH_NGINX (/xchg/nginx/usr/sbin/nginx);
-//! BENCH_PHASES=cold,latency,burst,density,snapshot,ssh runs only those (default: all; aliases:
+//! BENCH_NGINX (/xchg/nginx/usr/sbin/nginx); BENCH_PROXY_BIG_MB (1024);
+//! BENCH_PHASES=cold,latency,burst,density,snapshot,ssh,proxy runs only those (default: all; aliases:
 //! start = latency, throughput = density, snapshots = snapshot); an unknown name is an error.
 //! One file per phase in phases/ (the table `phases::PHASES`).
 #![allow(clippy::unwrap_used)] // a bench tool: a panic is the report
@@ -21,6 +21,32 @@ use std::path::PathBuf;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `suite load ADDR PATH CONNS WARM_MS SECS`: one load run, its figures as JSON on stdout (the
+    // proxy phase runs it inside a project's network namespace under nsenter)
+    if args.first().map(String::as_str) == Some("load") && args.len() == 6 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let num = |i: usize| args[i].parse::<u64>().unwrap();
+        let target = http::Target::Tcp(args[1].parse().unwrap());
+        let l = rt.block_on(http::load(
+            &target,
+            &args[2],
+            num(3) as usize,
+            std::time::Duration::from_millis(num(4)),
+            std::time::Duration::from_secs(num(5)),
+        ));
+        match l {
+            Ok(l) => println!("{}", serde_json::to_string(&l).unwrap()),
+            Err(e) => {
+                eprintln!("load: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if args.first().map(String::as_str) != Some("run") {
         // `cargo bench` lands here: the suite needs the testbed machine
         println!(

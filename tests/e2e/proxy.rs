@@ -48,12 +48,17 @@ struct Project {
 
 impl Project {
     fn start() -> Project {
+        Project::start_at(PROXY, "")
+    }
+
+    /// Started and waited for through the proxy at `base` (with extra curl options).
+    fn start_at(base: &str, curl_opts: &str) -> Project {
         let id = new_id();
         tb::start(&id, Some(&project_cmd()));
         let p = Project { id };
         wait_for("the project's server and files", 60, || {
             let o = sh(&format!(
-                "curl -sf {} {PROXY}/{}/server/8000/ready",
+                "curl -sf {curl_opts} {} {base}/{}/server/8000/ready",
                 tb::AUTH,
                 p.id
             ));
@@ -304,4 +309,165 @@ fn a_daemon_restart_loses_no_proxied_request() {
         "150 200",
         "every request answered 200 across the restart"
     );
+}
+
+/// A self-signed certificate for 127.0.0.1 made on the host (the machine has no openssl), put
+/// at `/etc/cocalc-project-host/proxy.{crt,key}` inside.
+fn install_cert(tag: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("px-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("c.pem"), dir.join("k.pem"));
+    let o = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={tag}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("run openssl");
+    assert!(
+        o.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    tb::push(&crt, &format!("/etc/cocalc-project-host/proxy-{tag}.crt"));
+    tb::push(&key, &format!("/etc/cocalc-project-host/proxy-{tag}.key"));
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&format!(
+        "cp /etc/cocalc-project-host/proxy-{tag}.crt /etc/cocalc-project-host/proxy.crt && \
+         cp /etc/cocalc-project-host/proxy-{tag}.key /etc/cocalc-project-host/proxy.key && \
+         chmod 600 /etc/cocalc-project-host/proxy*.key"
+    ));
+    format!("/etc/cocalc-project-host/proxy-{tag}.crt")
+}
+
+#[test]
+fn tls_serves_secure_cookies_and_reloads_its_certificate_on_sighup() {
+    let first = install_cert("first");
+    let _d = DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-proxy-tls.toml",
+        "[proxy]\ntls_cert = \"/etc/cocalc-project-host/proxy.crt\"\ntls_key = \"/etc/cocalc-project-host/proxy.key\"\n",
+    );
+    let p = Project::start_at("https://127.0.0.1:8080", &format!("--cacert {first}"));
+    let id = &p.id;
+    let base = "https://127.0.0.1:8080";
+    assert_eq!(
+        curl(&format!(
+            "--cacert {first} {} {base}/{id}/server/8000/hello.txt",
+            tb::AUTH
+        )),
+        (200, "hello\n".into())
+    );
+    let (s, env) = curl(&format!(
+        "--cacert {first} {} {base}/{id}/server/8000/cgi-bin/env",
+        tb::AUTH
+    ));
+    assert_eq!(s, 200);
+    assert!(env.contains("HTTP_X_FORWARDED_PROTO=https"), "{env}");
+    let head = ok(&format!(
+        "curl -s -o /dev/null -D - --cacert {first} '{base}/{id}/server/8000/?token='$(cat {})",
+        tb::ADMIN_TOKEN_FILE
+    ));
+    assert!(head.to_lowercase().contains("; secure"), "{head}");
+    // plain HTTP on the TLS listener gets nothing served
+    let o = sh(&format!(
+        "curl -sf -m 5 {} http://127.0.0.1:8080/{id}/server/8000/hello.txt",
+        tb::AUTH
+    ));
+    assert_ne!(o.code, 0, "plain HTTP answered: {}", o.stdout);
+    // a new certificate, SIGHUP: new connections get it, the daemon keeps running
+    let pid = ok("systemctl show -p MainPID --value cocalc-project-host.service");
+    let second = install_cert("second");
+    ok("systemctl kill -s HUP cocalc-project-host.service");
+    wait_for("the reloaded certificate", 10, || {
+        let o = sh(&format!(
+            "curl -sf --cacert {second} {} {base}/{id}/server/8000/hello.txt",
+            tb::AUTH
+        ));
+        (o.code == 0).then_some(())
+    });
+    let o = sh(&format!(
+        "curl -sf --cacert {first} {} {base}/{id}/server/8000/hello.txt",
+        tb::AUTH
+    ));
+    assert_ne!(o.code, 0, "the old certificate is still served");
+    assert_eq!(
+        ok("systemctl show -p MainPID --value cocalc-project-host.service"),
+        pid
+    );
+    sh("rm -f /etc/cocalc-project-host/proxy*.crt /etc/cocalc-project-host/proxy*.key");
+}
+
+#[test]
+fn a_master_token_of_one_project_is_refused_on_another() {
+    use base64::Engine as _;
+    // a master key the daemon trusts while the drop-in lives
+    let mut seed = [0u8; 32];
+    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+    let _d = DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-proxy-master.toml",
+        &format!("[auth]\nmaster_public_keys = [\"{b64}\"]\n"),
+    );
+    let p = Project::start();
+    let (a, b) = (p.id.clone(), new_id());
+    let now = cocalc_project_host::auth::now_secs();
+    let token = |actions: &[&str]| {
+        cocalc_project_host::auth::sign(
+            &seed,
+            &json!({"aud": tb::host_id(), "sub": "e2e", "exp": now + 600,
+                    "scope": {"projects": [a], "actions": actions}}),
+        )
+        .unwrap()
+    };
+    let proxy_only = token(&["proxy"]);
+    let bearer = |t: &str| format!("-H 'Authorization: Bearer {t}'");
+    assert_eq!(
+        curl(&format!(
+            "{} {PROXY}/{a}/server/8000/hello.txt",
+            bearer(&proxy_only)
+        )),
+        (200, "hello\n".into())
+    );
+    // project B with A's token: by header and by ?token=
+    let (s, body) = curl(&format!(
+        "{} {PROXY}/{b}/server/8000/hello.txt",
+        bearer(&proxy_only)
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
+    let (s, body) = curl(&format!(
+        "'{PROXY}/{b}/server/8000/hello.txt?token={proxy_only}'"
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
+    // A's files need the files action; a status-only token may not proxy
+    let (s, body) = curl(&format!(
+        "{} {PROXY}/{a}/files/hello.txt",
+        bearer(&proxy_only)
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
+    let (s, body) = curl(&format!(
+        "{} {PROXY}/{a}/server/8000/hello.txt",
+        bearer(&token(&["status"]))
+    ));
+    assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
 }

@@ -20,6 +20,7 @@ mod burst;
 mod cold;
 mod density;
 mod latency;
+mod proxy;
 mod setup;
 mod snapshot;
 mod ssh;
@@ -273,6 +274,12 @@ const PHASES: &[Phase] = &[
         aliases: &[],
         title: "7. ssh",
         run: |c| Box::pin(ssh::ssh(c)),
+    },
+    Phase {
+        key: "proxy",
+        aliases: &[],
+        title: "8. proxy",
+        run: |c| Box::pin(proxy::proxy(c)),
     },
 ];
 

@@ -39,6 +39,7 @@ pub mod route;
 mod settings;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub use settings::{ProxyFragment, ProxySettings};
 
 /// The proxy's response body: streamed from a project, or built here.
@@ -110,7 +111,7 @@ pub struct Proxy {
     auth: Arc<Auth>,
     key: cookie::Key,
     pool: Arc<forward::Pool>,
-    tls: bool,
+    tls: Option<Arc<tls::Tls>>,
     stop: CancellationToken,
 }
 
@@ -140,8 +141,13 @@ impl Caller {
 }
 
 impl Proxy {
-    /// The proxy over `host`, with its cookie key from the state directory (made on first use).
-    pub fn new(host: Arc<Host>, auth: Arc<Auth>, tls: bool) -> std::io::Result<Arc<Proxy>> {
+    /// The proxy over `host`, with its cookie key from the state directory (made on first use),
+    /// serving TLS with `tls` when given.
+    pub fn new(
+        host: Arc<Host>,
+        auth: Arc<Auth>,
+        tls: Option<Arc<tls::Tls>>,
+    ) -> std::io::Result<Arc<Proxy>> {
         let key = cookie::Key::load_or_create(&host.settings().state_dir)?;
         Ok(Arc::new(Proxy {
             host,
@@ -192,7 +198,7 @@ impl Proxy {
                 &self.key.sign(&grant),
                 r.id,
                 exp.saturating_sub(now),
-                self.tls,
+                self.tls.is_some(),
             );
             return Ok((Caller::Token(v.principal), Some(set)));
         }
@@ -240,7 +246,13 @@ impl Proxy {
         match self.dispatch(req, peer).await {
             Ok(r) => Ok(r),
             Err(e) => {
-                if e.kind.status() >= 500 && e.kind != ErrorKind::ProjectNotRunning {
+                // a stopped project or an app not listening are the users' everyday cases
+                if e.kind.status() >= 500
+                    && !matches!(
+                        e.kind,
+                        ErrorKind::ProjectNotRunning | ErrorKind::BackendUnavailable
+                    )
+                {
                     tracing::info!(%method, %path, code = e.kind.code(), error = %e.message, "proxy request failed");
                 }
                 Ok(match e.kind {
@@ -360,7 +372,7 @@ impl Proxy {
             &mut parts.headers,
             &headers::Forwarded {
                 peer: peer.ip(),
-                proto: if self.tls { "https" } else { "http" },
+                proto: if self.tls.is_some() { "https" } else { "http" },
                 prefix,
                 upgrade,
             },
@@ -431,14 +443,62 @@ pub async fn run(
     auth: Arc<Auth>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let px = Proxy::new(host, auth, false)?;
+    let px = Proxy::new(host, auth, None)?;
     serve(listener, px, shutdown).await;
     Ok(())
+}
+
+/// Re-reads the TLS certificate and key on each SIGHUP until the proxy stops.
+fn reload_on_sighup(t: Arc<tls::Tls>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "proxy: cannot watch SIGHUP: the TLS certificate is not reloaded");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match t.reload() {
+                    Ok(()) => tracing::info!("proxy: TLS certificate and key reloaded (SIGHUP)"),
+                    Err(e) => tracing::warn!(error = %e, "proxy: TLS reload failed, the previous certificate stays"),
+                },
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Serves one connection (plain or TLS) until it ends, or gracefully once `closing` fires.
+async fn serve_conn<I>(io: I, px: Arc<Proxy>, peer: SocketAddr, closing: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| px.clone().handle(req, peer));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = closing.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// Serves an already built proxy (see [`run`]).
 pub async fn serve(listener: TcpListener, px: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     px.watch_projects();
+    if let Some(t) = &px.tls {
+        reload_on_sighup(t.clone(), px.stop.clone());
+    }
     let conns = TaskTracker::new();
     let closing = CancellationToken::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -470,19 +530,15 @@ pub async fn serve(listener: TcpListener, px: Arc<Proxy>, shutdown: impl Future<
         let px = px.clone();
         let closing = closing.clone();
         conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| px.clone().handle(req, peer));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_headers(MAX_HEADERS)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = closing.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match px.tls.as_ref().map(|t| t.acceptor()) {
+                None => serve_conn(TokioIo::new(stream), px, peer, closing).await,
+                // the handshake is bounded like a request head (slowloris)
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_conn(TokioIo::new(s), px, peer, closing).await,
+                        Ok(Err(e)) => tracing::debug!(peer = %peer.ip(), error = %e, "proxy: TLS handshake failed"),
+                        Err(_) => tracing::debug!(peer = %peer.ip(), "proxy: TLS handshake timed out"),
+                    }
                 }
             }
             drop(slot);

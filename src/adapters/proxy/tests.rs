@@ -79,7 +79,7 @@ async fn bed(tweak: impl FnOnce(&mut Settings)) -> Bed {
         host.host_id(),
         3600,
     ));
-    let px = super::Proxy::new(host.clone(), auth, false).unwrap();
+    let px = super::Proxy::new(host.clone(), auth, None).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
