@@ -67,12 +67,16 @@ pub enum Action {
     Revoke,
     /// host-wide operations (`POST /snapshots/sweep`): admin tokens only, never in a scope
     Admin,
+    /// `GET /projects/:id/logs` (the project's journal)
+    Logs,
+    /// `GET /metrics` (host-wide, no project)
+    Metrics,
 }
 
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 9] = [
         Action::List,
         Action::Status,
         Action::Start,
@@ -80,6 +84,8 @@ impl Action {
         Action::Config,
         Action::Snapshot,
         Action::Revoke,
+        Action::Logs,
+        Action::Metrics,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -93,6 +99,8 @@ impl Action {
             Action::Snapshot => "snapshot",
             Action::Revoke => "revoke",
             Action::Admin => "admin",
+            Action::Logs => "logs",
+            Action::Metrics => "metrics",
         }
     }
 
@@ -143,7 +151,7 @@ impl Principal {
                 scope.actions.contains(&action)
                     && match project {
                         Some(id) => covers(&scope.projects, id),
-                        None => matches!(action, Action::List | Action::Revoke),
+                        None => matches!(action, Action::List | Action::Revoke | Action::Metrics),
                     }
             }
         }

@@ -75,7 +75,8 @@ proptest! {
                 | Route::Snapshots(id)
                 | Route::CreateSnapshot(id)
                 | Route::DeleteSnapshot(id, _)
-                | Route::RestoreSnapshot(id, _),
+                | Route::RestoreSnapshot(id, _)
+                | Route::Logs(id),
             ) => {
                 prop_assert!(p.contains(&id.to_string()));
             }
@@ -83,6 +84,8 @@ proptest! {
             Ok(Route::Revoke) => prop_assert_eq!(p.as_str(), "/auth/revoked"),
             Ok(Route::Health) => prop_assert_eq!(p.as_str(), "/healthz"),
             Ok(Route::List) => prop_assert_eq!(p.as_str(), "/projects"),
+            Ok(Route::Events) => prop_assert_eq!(p.as_str(), "/events"),
+            Ok(Route::Metrics) => prop_assert_eq!(p.as_str(), "/metrics"),
             Err(e) => prop_assert!([400, 404, 405].contains(&e.status.as_u16()), "{:?}", e),
         }
     }

@@ -548,6 +548,11 @@ async fn publish(
                 iface.main_p_i_d_changed(p.signal_emitter()).await?; // zbus derives the name from "MainPID"
             }
         }
+        // no D-Bus signal of their own: `GET /events` carries them
+        HostEvent::StartFailed(..)
+        | HostEvent::SnapshotCreated(..)
+        | HostEvent::SnapshotDeleted(..)
+        | HostEvent::QuotaHit { .. } => {}
     }
     Ok(())
 }

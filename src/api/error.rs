@@ -19,6 +19,8 @@ pub const DBUS_ERROR_PREFIX: &str = "com.cocalc.ProjectHost1.Error.";
 pub enum ErrorKind {
     /// The id is not a lowercase UUID.
     InvalidProjectId,
+    /// A query parameter is not valid (`lines`, `since`, `follow`, `Last-Event-ID`).
+    InvalidQuery,
     /// The run config or a limit is not acceptable (the core's validation).
     InvalidConfig,
     /// The JSON body (or a D-Bus JSON argument) is malformed, of the wrong shape or has an
@@ -93,8 +95,9 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 28] = [
+    pub const ALL: [ErrorKind; 29] = [
         ErrorKind::InvalidProjectId,
+        ErrorKind::InvalidQuery,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
         ErrorKind::BadBody,
@@ -139,6 +142,7 @@ impl ErrorKind {
         const UNKNOWN: &str = "org.freedesktop.DBus.Error.UnknownMethod";
         match self {
             K::InvalidProjectId => r(400, "invalid_project_id", "InvalidProjectId", EXIT_USAGE),
+            K::InvalidQuery => r(400, "invalid_query", "InvalidConfig", EXIT_USAGE),
             K::InvalidConfig => r(400, "invalid_config", "InvalidConfig", EXIT_USAGE),
             K::InvalidBody => r(400, "invalid_body", "InvalidConfig", EXIT_USAGE),
             K::BadBody => r(400, "bad_body", "Failed", EXIT_FAILURE),
@@ -267,6 +271,7 @@ impl From<core::Error> for WireError {
             E::ProjectRunning(_) => ErrorKind::ProjectRunning,
             E::StorageFull { .. } => ErrorKind::StorageFull,
             E::ImageNotAllowed(_) => ErrorKind::ImageNotAllowed,
+            E::Journal { .. } => ErrorKind::SystemdUnavailable,
         };
         WireError::new(kind, e.to_string())
     }

@@ -3,6 +3,7 @@
 pub mod ids;
 pub mod images;
 pub mod limits;
+pub mod phases;
 pub mod project;
 pub mod reserve;
 pub mod snapshots;
