@@ -166,7 +166,17 @@ pub fn parse(json_lines: &str, since: Option<u64>) -> Vec<LogLine> {
             let suppressed = number(field(&v, "N_DROPPED"));
             let message = match suppressed {
                 Some(n) => format!("suppressed {n} lines (journald rate limit)"),
-                None => field(&v, "MESSAGE").map(text).unwrap_or_default(),
+                None => {
+                    let mut m = field(&v, "MESSAGE").map(text).unwrap_or_default();
+                    // conmon passes the container's line with its newline
+                    if m.ends_with('\n') {
+                        m.pop();
+                        if m.ends_with('\r') {
+                            m.pop();
+                        }
+                    }
+                    m
+                }
             };
             Some(LogLine {
                 cursor,
@@ -251,7 +261,7 @@ mod tests {
     #[test]
     fn parses_entries_binary_messages_and_suppression_notices() {
         let out = [
-            r#"{"__CURSOR":"s=1;i=1","__REALTIME_TIMESTAMP":"1700000000000001","PRIORITY":"6","MESSAGE":"line 1"}"#,
+            r#"{"__CURSOR":"s=1;i=1","__REALTIME_TIMESTAMP":"1700000000000001","PRIORITY":"6","MESSAGE":"line 1\r\n"}"#,
             r#"{"__CURSOR":"s=1;i=2","__REALTIME_TIMESTAMP":"1700000000000002","PRIORITY":"3","MESSAGE":[104,105,255]}"#,
             r#"{"__CURSOR":"s=1;i=3","__REALTIME_TIMESTAMP":"1700000000000003","PRIORITY":"4","MESSAGE":"Suppressed 1234 messages from x.service","N_DROPPED":"1234"}"#,
             "not json",

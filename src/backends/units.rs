@@ -185,6 +185,9 @@ impl Units for SystemdUnits {
                 .into_iter()
                 .filter(|(k, _)| *k != CPU_QUOTA),
         );
+        // CPUUsageNSec for /metrics (on cgroup v1 systemd reads cpuacct only with accounting on;
+        // on v2 it is always there)
+        props.push(("CPUAccounting", Variant::from(true)));
         let since = SystemTime::now();
         let t0 = std::time::Instant::now();
         match self.start_unit(&unit, &props).await {

@@ -9,6 +9,7 @@ mod dbus;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod observe;
 mod spine;
 mod storage;
 mod tb;

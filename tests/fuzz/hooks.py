@@ -10,6 +10,7 @@ negative cases stay negative. What is swapped:
              in a start config and in a live change (PATCH /config) alike
   env     -> in positive cases only, names the host refuses become FUZZ_<n> (OpenAPI 3.0 cannot
              state a rule for object keys; the spec says it in words)
+  follow  -> 0 on GET /events and /projects/{id}/logs when valid (their streams never end)
 Everything else (env values, network, cpu, swap, disk, scratch, tmp, ids, bodies) is fuzzed as
 generated.
 """
@@ -57,6 +58,22 @@ def before_call(context, case, **kwargs):
             body = _valid_env_names(body)
     if body != case.body:
         case.body = body
+    _no_streams(case)
+
+
+def _no_streams(case):
+    # GET /events streams by default and logs with follow=1 stream until the client goes: a
+    # fuzzed request would wait for its timeout. Valid follow values (or none) become follow=0 (a
+    # replay that ends); an invalid one is left alone (a negative case, answered 400 at once).
+    op = case.operation
+    if op is None or op.method.upper() != "GET":
+        return
+    if op.path != "/events" and not op.path.endswith("/logs"):
+        return
+    query = dict(case.query or {})
+    if query.get("follow") in (None, "0", "1", 0, 1, True, False):
+        query["follow"] = "0"
+        case.query = query
 
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
