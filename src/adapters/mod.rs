@@ -5,4 +5,6 @@ pub mod connlimit;
 pub mod dbus;
 pub mod http;
 pub mod local_access;
+pub mod observe_cli;
 pub mod sse;
+pub mod top;

@@ -82,6 +82,8 @@ pub struct ProjectSample {
     pub id: ProjectId,
     /// its state
     pub state: ProjectState,
+    /// when its unit became active (ms since the epoch)
+    pub started_at_ms: Option<u64>,
     /// memory of its unit, bytes (running projects)
     pub memory: Option<u64>,
     /// CPU time of its unit (running projects)
@@ -308,6 +310,7 @@ mod tests {
         ProjectSample {
             id: format!("6f1c2d3e-0000-4000-8000-{n:012x}").parse().unwrap(),
             state,
+            started_at_ms: None,
             memory: Some(1 << 20),
             cpu_nsec: Some(1_500_000_000),
             disk_used: Some(4096),

@@ -422,21 +422,29 @@ impl Host {
 
     /// The metrics exposition (from memory: no fork, no D-Bus call).
     pub fn render_metrics(&self) -> String {
-        let samples: Vec<metrics::ProjectSample> = self
-            .read_entries()
+        self.metrics
+            .render(&self.samples(), crate::backends::procself::read())
+    }
+
+    /// What the core holds of each project (known, or with a unit up) for metrics and `top`.
+    pub fn samples(&self) -> Vec<metrics::ProjectSample> {
+        self.read_entries()
             .iter()
             .filter(|(_, e)| e.known || e.unit.is_some())
             .map(|(id, e)| metrics::ProjectSample {
                 id: *id,
                 state: e.state(),
+                started_at_ms: e
+                    .unit
+                    .as_ref()
+                    .map(|u| u.active_enter_usec / 1000)
+                    .filter(|t| *t != 0),
                 memory: e.memory_current,
                 cpu_nsec: e.cpu_nsec,
                 disk_used: e.disk.and_then(|d| d.used),
                 disk_quota: e.disk.and_then(|d| d.quota),
             })
-            .collect();
-        self.metrics
-            .render(&samples, crate::backends::procself::read())
+            .collect()
     }
 
     /// A project's journal (the container's output and its unit's messages), oldest first.
