@@ -453,3 +453,107 @@ fn logs_and_events_stay_within_a_tokens_projects() {
     ));
     assert!(text.ends_with("# EOF"), "{text}");
 }
+
+/// Runs `cocalc-project-host top` under a pty (160x40) for `secs`, then presses q; the screen
+/// output and the exit code.
+const TOP_UNDER_PTY: &str = r#"
+import fcntl, os, pty, select, struct, sys, termios, time
+secs = float(sys.argv[1])
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    os.environ["TERM"] = "xterm"
+    os.execvp("cocalc-project-host", ["cocalc-project-host", "top", "--sort", "memory"])
+out = b""
+end = time.time() + secs
+while time.time() < end:
+    r, _, _ = select.select([fd], [], [], 0.1)
+    if r:
+        try:
+            out += os.read(fd, 65536)
+        except OSError:
+            break
+os.write(fd, b"q")
+end = time.time() + 5
+code = None
+while time.time() < end:
+    p, status = os.waitpid(pid, os.WNOHANG)
+    if p:
+        code = os.waitstatus_to_exitcode(status)
+        break
+    r, _, _ = select.select([fd], [], [], 0.1)
+    if r:
+        try:
+            out += os.read(fd, 65536)
+        except OSError:
+            pass
+sys.stdout.write(out.decode(errors="replace"))
+print("\nEXIT", code)
+"#;
+
+#[test]
+fn cli_logs_events_and_top_under_a_pty() {
+    let (a, b) = (new_id(), new_id());
+    start(
+        &a,
+        Some(r#"{"cmd":["sh","-c","echo hello-a; while true; do sleep 1; echo tick-a; done"]}"#),
+    );
+    start(&b, Some(r#"{"cmd":["sh","-c","echo hello-b; sleep 600"]}"#));
+    tb::wait_for("hello-a through the CLI", 20, || {
+        let o = sh(&format!("cocalc-project-host logs {a} -n 100"));
+        (o.code == 0 && o.stdout.contains("hello-a")).then_some(())
+    });
+    let json = ok(&format!("cocalc-project-host logs {a} -n 3 --json"));
+    assert_eq!(json.lines().count(), 3, "{json}");
+    for l in json.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert!(v["cursor"].as_str().unwrap().starts_with("s="), "{v}");
+    }
+    // -f keeps printing: ticks that came after it started
+    let o = sh(&format!(
+        "timeout 3 cocalc-project-host logs -f -n 1 {a}; echo rc=$?"
+    ));
+    assert!(o.stdout.matches("tick-a").count() >= 2, "{}", o.stdout);
+    assert!(o.stdout.contains("rc=124"), "{}", o.stdout);
+    // a bad id or count: usage errors, exit 2
+    assert_eq!(sh("cocalc-project-host logs nope").code, 2);
+    assert_eq!(
+        sh(&format!("cocalc-project-host logs {a} -n 20000")).code,
+        2
+    );
+    // events: a follower started before a stop sees it
+    let follower = std::thread::spawn(|| sh("timeout 6 cocalc-project-host events --json"));
+    std::thread::sleep(Duration::from_secs(2));
+    stop(&b, false);
+    let o = follower.join().unwrap();
+    let seen: Vec<Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        seen.iter()
+            .any(|e| e["project_id"] == b.as_str() && e["state"] == "opened"),
+        "{}",
+        o.stdout
+    );
+    start(&b, Some(r#"{"cmd":["sh","-c","sleep 600"]}"#));
+    // top shows both, and q quits it cleanly
+    let out = tb::sh_in(
+        "cat > /tmp/e2e-top.py && python3 /tmp/e2e-top.py 3",
+        TOP_UNDER_PTY.as_bytes(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for id in [&a, &b] {
+        assert!(
+            out.stdout.contains(id.as_str()),
+            "{id} not in top:\n{}",
+            out.stdout
+        );
+    }
+    // ratatui positions each word: the title's words are there, cursor moves between them
+    assert!(out.stdout.contains("project(s)"), "{}", out.stdout);
+    assert!(out.stdout.trim_end().ends_with("EXIT 0"), "{}", out.stdout);
+    stop(&a, true);
+    stop(&b, true);
+}
