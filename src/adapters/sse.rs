@@ -58,6 +58,15 @@ fn stream_body(rx: mpsc::Receiver<Bytes>) -> Body {
     BodyExt::boxed(StreamBody::new(s))
 }
 
+/// Sends a chunk; `false` when the stream is over (the client went, or the daemon stops: a client
+/// that stopped reading must not hold a stream, and the core, past shutdown).
+async fn send(tx: &mpsc::Sender<Bytes>, b: Bytes, closing: &CancellationToken) -> bool {
+    tokio::select! {
+        r = tx.send(b) => r.is_ok(),
+        () = closing.cancelled() => false,
+    }
+}
+
 fn sse_response(body: Body) -> Response<Body> {
     let mut r = Response::new(body);
     *r.status_mut() = StatusCode::OK;
@@ -197,7 +206,7 @@ pub fn events(
             if seen.is_none() {
                 seen = Some(r.newest);
             }
-            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+            if !out.is_empty() && !send(&tx, Bytes::from(out), &closing).await {
                 return;
             }
             if !follow {
@@ -206,7 +215,7 @@ pub fn events(
             tokio::select! {
                 c = wake.changed() => if c.is_err() { return },
                 () = tokio::time::sleep(KEEPALIVE) => {
-                    if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                    if !send(&tx, Bytes::from_static(b": keepalive\n\n"), &closing).await {
                         return;
                     }
                 }
@@ -241,7 +250,7 @@ pub async fn follow_logs(
     tokio::spawn(async move {
         let mut cursor = first.last().map(|l| l.cursor.clone());
         let out: String = first.iter().map(log_frame).collect();
-        if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+        if !out.is_empty() && !send(&tx, Bytes::from(out), &closing).await {
             return;
         }
         let mut quiet = Duration::ZERO;
@@ -279,7 +288,7 @@ pub async fn follow_logs(
                 cursor = lines.last().map(|l| l.cursor.clone());
                 lines.iter().map(log_frame).collect()
             };
-            if tx.send(Bytes::from(out)).await.is_err() {
+            if !send(&tx, Bytes::from(out), &closing).await {
                 return;
             }
         }
@@ -360,5 +369,62 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    async fn next_chunk(body: &mut Body) -> String {
+        let f = tokio::time::timeout(Duration::from_secs(2), body.frame())
+            .await
+            .expect("a frame within 2 s")
+            .expect("the stream goes on")
+            .expect("no error");
+        String::from_utf8(f.into_data().expect("data").to_vec()).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn the_event_stream_follows_resumes_and_reports_gaps() {
+        let sim = crate::backends::sim::Sim::new();
+        let host = Host::with_backends(crate::config::Settings::default(), sim.backends())
+            .await
+            .expect("a host");
+        let id: ProjectId = "6f1c2d3e-0000-4000-8000-000000000001".parse().unwrap();
+        let closing = CancellationToken::new();
+        let r = events(&host, None, true, |_| true, closing.clone());
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        let mut live = r.into_body();
+        host.start(id, None).await.expect("start");
+        let mut got = String::new();
+        while !got.contains("\"state\":\"running\"") {
+            got.push_str(&next_chunk(&mut live).await);
+        }
+        let first: u64 = got
+            .lines()
+            .find_map(|l| l.strip_prefix("id: "))
+            .and_then(|v| v.parse().ok())
+            .expect("an id");
+        assert!(got.contains("event: new\n"), "{got}");
+        // a replay after the first event holds the rest, and ends
+        let mut replay = events(&host, Some(first), false, |_| true, closing.clone()).into_body();
+        let rest = next_chunk(&mut replay).await;
+        assert!(!rest.contains(&format!("id: {first}\n")), "{rest}");
+        assert!(rest.contains("event: state"), "{rest}");
+        assert!(replay.frame().await.is_none(), "a replay ends");
+        // far behind: `lost` first
+        let mut behind = events(&host, Some(1), false, |_| true, closing.clone()).into_body();
+        let b = next_chunk(&mut behind).await;
+        assert!(
+            b.starts_with(&format!("id: {}\nevent: lost\n", first - 1)),
+            "{b}"
+        );
+        // a token that does not see the project gets none of its events
+        let mut other =
+            events(&host, Some(first - 1), false, |_| false, closing.clone()).into_body();
+        assert!(other.frame().await.is_none());
+        // shutdown ends a live stream
+        closing.cancel();
+        let end = tokio::time::timeout(Duration::from_secs(2), async {
+            while live.frame().await.is_some() {}
+        })
+        .await;
+        assert!(end.is_ok(), "the stream ended at shutdown");
     }
 }
