@@ -103,9 +103,10 @@ pub fn params(query: Option<&str>) -> Result<Params, WireError> {
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match k.as_ref() {
             "follow" if p.follow.is_none() => {
+                // exactly as documented (the fuzzer holds the API to its spec)
                 p.follow = Some(match v.as_ref() {
-                    "1" | "true" => true,
-                    "0" | "false" => false,
+                    "1" => true,
+                    "0" => false,
                     _ => return Err(bad("follow: 0 or 1")),
                 })
             }
@@ -331,6 +332,7 @@ mod tests {
             "lines=x",
             "lines=10001",
             "follow=yes",
+            "follow=true",
             "follow=1&follow=0",
             "nope=1",
         ] {

@@ -133,6 +133,11 @@ fn logs_first_last_since_follow_and_resume() {
         .filter(|e| e["event"] == "log" && e["data"]["message"] == "tick")
         .collect();
     assert!(ticks.len() >= 2, "{followed:?}");
+    let lags: Vec<i64> = ticks
+        .iter()
+        .map(|t| t["recv_us"].as_i64().unwrap() - t["data"]["usec"].as_i64().unwrap())
+        .collect();
+    println!("followed log lines arrived after (µs): {lags:?}");
     for t in &ticks {
         let lag =
             t["recv_us"].as_u64().unwrap() as i64 - t["data"]["usec"].as_u64().unwrap() as i64;
@@ -309,6 +314,7 @@ fn metrics_parse_move_after_a_start_and_phase_timings_add_up() {
     let part = |k: &str| ph[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {v}"));
     let sum = part("storage") + part("unit") + part("podman") + part("ready");
     let total = part("total");
+    println!("start phases (ms): {ph}");
     assert!(total > 0 && sum <= total, "{ph}");
     assert!(
         (total - sum) * 20 <= total,
