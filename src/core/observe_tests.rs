@@ -160,3 +160,41 @@ async fn scrape_of_500_projects_over_the_sim() {
     assert!(text.contains("cocalc_projects{state=\"running\"} 500"));
     assert_eq!(text.matches("cocalc_project_memory_bytes{").count(), 500);
 }
+
+#[tokio::test]
+async fn a_home_reaching_its_quota_is_one_event_per_crossing() {
+    let sim = Sim::new();
+    let h = host(&sim).await;
+    let p = id(7);
+    h.start(p, None).await.expect("start");
+    h.set_disk_quota(p, Some(1 << 30)).await.expect("quota");
+    let hits = |h: &Host| {
+        h.events()
+            .since(None)
+            .events
+            .into_iter()
+            .filter(|e| matches!(e.event, HostEvent::QuotaHit { id, .. } if id == p))
+            .count()
+    };
+    sim.storage.set_used(p, 5 << 20);
+    h.refresh_storage().await;
+    assert_eq!(hits(&h), 0);
+    sim.storage.set_used(p, 1 << 30);
+    h.refresh_storage().await;
+    h.refresh_storage().await;
+    assert_eq!(hits(&h), 1, "still full: no second event");
+    let last = h.events().since(None).events.pop().map(|e| e.event);
+    assert_eq!(
+        last,
+        Some(HostEvent::QuotaHit {
+            id: p,
+            used: 1 << 30,
+            quota: 1 << 30
+        })
+    );
+    sim.storage.set_used(p, 5 << 20);
+    h.refresh_storage().await;
+    sim.storage.set_used(p, 1 << 30);
+    h.refresh_storage().await;
+    assert_eq!(hits(&h), 2, "a new crossing");
+}
