@@ -505,10 +505,14 @@ async fn observe(
     closing: &tokio_util::sync::CancellationToken,
     req: &Request<Incoming>,
 ) -> Option<Result<Response<sse::Body>, ApiError>> {
-    if !matches!(
-        route(req.method(), req.uri().path()),
-        Ok(Route::Logs(_) | Route::Events | Route::Metrics)
-    ) {
+    // a string test first: every other request goes on to `dispatch` without a second parse
+    let path = req.uri().path();
+    if !(path == "/events" || path == "/metrics" || path.ends_with("/logs"))
+        || !matches!(
+            route(req.method(), path),
+            Ok(Route::Logs(_) | Route::Events | Route::Metrics)
+        )
+    {
         return None;
     }
     let r = async {
