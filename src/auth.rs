@@ -78,12 +78,16 @@ pub enum Action {
     Host,
     /// `DELETE /projects/:id` (stop, then delete its home and snapshots)
     Delete,
+    /// `GET /projects/:id/logs` (the project's journal)
+    Logs,
+    /// `GET /metrics` (host-wide, no project)
+    Metrics,
 }
 
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 14] = [
         Action::List,
         Action::Status,
         Action::Start,
@@ -96,6 +100,8 @@ impl Action {
         Action::Files,
         Action::Host,
         Action::Delete,
+        Action::Logs,
+        Action::Metrics,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -114,6 +120,8 @@ impl Action {
             Action::Files => "files",
             Action::Host => "host",
             Action::Delete => "delete",
+            Action::Logs => "logs",
+            Action::Metrics => "metrics",
         }
     }
 
@@ -164,7 +172,10 @@ impl Principal {
                 scope.actions.contains(&action)
                     && match project {
                         Some(id) => covers(&scope.projects, id),
-                        None => matches!(action, Action::List | Action::Revoke | Action::Host),
+                        None => matches!(
+                            action,
+                            Action::List | Action::Revoke | Action::Host | Action::Metrics
+                        ),
                     }
             }
         }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cocalc_project_host::adapters::cli::{self as client, Action};
-use cocalc_project_host::adapters::{dbus, http, ssh};
+use cocalc_project_host::adapters::{dbus, http, observe_cli, ssh};
 use cocalc_project_host::backends::btrfs;
 use cocalc_project_host::core::Host;
 use cocalc_project_host::domain::project::RunConfig;
@@ -116,6 +116,32 @@ enum ClientCommand {
     /// Take and prune the rolling snapshots of all projects now
     /// (cocalc-project-host-snapshots.timer runs this every 15 minutes).
     SnapshotSweep,
+    /// Show a project's journal (its container's output and its unit's messages).
+    Logs {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the newest lines (1..=10000).
+        #[arg(short = 'n', long, default_value_t = 200)]
+        lines: u32,
+        /// One JSON object per line (cursor, time, usec, priority, message, suppressed).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the host's lifecycle events (start, stop, snapshots, quota, failures) until ^C.
+    Events {
+        /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live view of the running projects (CPU, memory, uptime, disk); q quits.
+    Top {
+        /// Sort by (c and m switch while running).
+        #[arg(long, value_enum, default_value = "cpu")]
+        sort: cocalc_project_host::adapters::top::SortBy,
+    },
     /// Change a project's limits: at once when it runs, and for its next start.
     SetLimits {
         /// Project id (lowercase UUID).
@@ -271,6 +297,24 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 fn client(cmd: ClientCommand) -> ExitCode {
     let parsed = |id: &str| client::parse_id(id);
     let (action, json) = match cmd {
+        ClientCommand::Logs {
+            id,
+            follow,
+            lines,
+            json,
+        } => {
+            return match parsed(&id) {
+                Ok(id) => observe_cli::main(observe_cli::logs(id, lines, follow, json)),
+                Err(e) => {
+                    eprintln!("cocalc-project-host: {}", e.message);
+                    ExitCode::from(e.code)
+                }
+            };
+        }
+        ClientCommand::Events { json } => return observe_cli::main(observe_cli::events(json)),
+        ClientCommand::Top { sort } => {
+            return observe_cli::main(cocalc_project_host::adapters::top::run(sort));
+        }
         ClientCommand::List { json } => (Ok(Action::List), json),
         ClientCommand::Status { id, json } => (parsed(&id).map(Action::Status), json),
         ClientCommand::Start {

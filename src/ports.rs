@@ -18,6 +18,7 @@ use crate::domain::project::{ProjectId, ProjectState, RunConfig, UnitInfo};
 use crate::domain::snapshots::SnapshotName;
 
 pub use crate::backends::btrfs::{QuotaMode, Role, StorageError};
+pub use crate::backends::journal_read::{LogLine, LogQuery, LogSince};
 pub use crate::backends::sqlite::{ProjectRow, StoreError};
 pub use crate::backends::systemd::SystemdError as UnitError;
 
@@ -81,6 +82,15 @@ pub enum StartError {
     },
 }
 
+/// How long the unit backend's part of a start took (see `domain::phases`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartTimings {
+    /// until the backend had the unit's start job taken
+    pub unit: Duration,
+    /// from then until the unit was up
+    pub podman: Duration,
+}
+
 /// A short-lived helper job run on behalf of a project (outside the daemon's sandbox).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Helper {
@@ -102,7 +112,7 @@ pub trait Units: Send + Sync + Debug {
     /// A project unit's state; `None` when it is not loaded.
     async fn info(&self, id: ProjectId) -> Result<Option<UnitInfo>, UnitError>;
     /// Starts the project's unit and waits until it is up (or failed).
-    async fn start(&self, plan: StartPlan) -> Result<(), StartError>;
+    async fn start(&self, plan: StartPlan) -> Result<StartTimings, StartError>;
     /// Stops the unit and waits (a unit that does not exist is stopped).
     async fn stop(&self, id: ProjectId, timeout: Duration) -> Result<(), UnitError>;
     /// Kills every process of the unit at once.
@@ -130,6 +140,11 @@ pub trait Units: Send + Sync + Debug {
     ) -> std::io::Result<tokio::net::TcpStream>;
     /// Forgets what `connect` cached about the project (its unit is gone).
     fn forget(&self, id: ProjectId);
+    /// CPU time used by the unit (ns), when known.
+    async fn cpu_usage_nsec(&self, id: ProjectId) -> Option<u64>;
+    /// The unit's journal entries `q` asks for, oldest first (the error says why it could not
+    /// be read).
+    async fn journal(&self, id: ProjectId, q: &LogQuery) -> Result<Vec<LogLine>, String>;
 }
 
 /// One subvolume of the project storage that belongs to a project.

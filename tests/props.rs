@@ -78,7 +78,8 @@ proptest! {
                 | Route::RestoreSnapshot(id, _)
                 | Route::AuthorizedKeys(id)
                 | Route::SetAuthorizedKeys(id)
-                | Route::Remove(id),
+                | Route::Remove(id)
+                | Route::Logs(id),
             ) => {
                 prop_assert!(p.contains(&id.to_string()));
             }
@@ -87,6 +88,8 @@ proptest! {
             Ok(Route::Health) => prop_assert_eq!(p.as_str(), "/healthz"),
             Ok(Route::List) => prop_assert_eq!(p.as_str(), "/projects"),
             Ok(Route::Host) => prop_assert_eq!(p.as_str(), "/host"),
+            Ok(Route::Events) => prop_assert_eq!(p.as_str(), "/events"),
+            Ok(Route::Metrics) => prop_assert_eq!(p.as_str(), "/metrics"),
             Err(e) => prop_assert!([400, 404, 405].contains(&e.status.as_u16()), "{:?}", e),
         }
     }

@@ -277,6 +277,74 @@ impl Manager {
         })
     }
 
+    /// A project's journal as `GET /projects/:id/logs` gives it: JSON lines (one string each),
+    /// oldest first; at most `lines` (0: 200), after `since` (`""`: the newest; else an RFC 3339
+    /// time, µs since the epoch, or a journal cursor). `cocalc-project-host logs` follows by
+    /// asking again after the last cursor.
+    async fn get_project_logs(
+        &self,
+        id: &str,
+        lines: u32,
+        since: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<String>, Error> {
+        operator(conn, &hdr).await?;
+        let id = parse_id(id)?;
+        let q = super::observe_cli::log_query(lines, since)?;
+        let lines = self.host()?.logs(id, &q).await?;
+        Ok(lines
+            .iter()
+            .map(|l| serde_json::to_string(&api::LogAnswer::from(l)).unwrap_or_default())
+            .collect())
+    }
+
+    /// The events after id `after` as `GET /events` sends them (JSON strings, a `lost` one first
+    /// when the ring no longer holds some), and the newest id. `after` = 0: none, just the newest
+    /// id (where a follower starts).
+    async fn get_events(
+        &self,
+        after: u64,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(u64, Vec<String>), Error> {
+        operator(conn, &hdr).await?;
+        let host = self.host()?;
+        if after == 0 {
+            return Ok((host.events().latest(), Vec::new()));
+        }
+        Ok(super::observe_cli::replay(
+            &host.events().since(Some(after)),
+        ))
+    }
+
+    /// The projects with a unit up, for `cocalc-project-host top`: (id, state, started at ms,
+    /// memory bytes, CPU ns, disk used bytes, disk quota bytes), 0 where unknown.
+    async fn get_top(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<(String, String, u64, u64, u64, u64, u64)>, Error> {
+        operator(conn, &hdr).await?;
+        Ok(self
+            .host()?
+            .samples()
+            .into_iter()
+            .filter(|p| p.state != crate::domain::project::ProjectState::Opened)
+            .map(|p| {
+                (
+                    p.id.to_string(),
+                    p.state.to_string(),
+                    p.started_at_ms.unwrap_or(0),
+                    p.memory.unwrap_or(0),
+                    p.cpu_nsec.unwrap_or(0),
+                    p.disk_used.unwrap_or(0),
+                    p.disk_quota.unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
     /// Version of the daemon.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
@@ -591,6 +659,11 @@ async fn publish(
                     .await?;
             }
         }
+        // no D-Bus signal of their own: `GET /events` carries them
+        HostEvent::StartFailed(..)
+        | HostEvent::SnapshotCreated(..)
+        | HostEvent::SnapshotDeleted(..)
+        | HostEvent::QuotaHit { .. } => {}
     }
     Ok(())
 }

@@ -24,6 +24,8 @@ use crate::domain::limits::LimitsPatch;
 use crate::domain::project::ProjectId;
 use crate::domain::snapshots::SnapshotName;
 
+use super::sse;
+
 /// Largest request body accepted (a start config is a few hundred bytes).
 pub const MAX_BODY: usize = 64 * 1024;
 /// Most connections served at once; more wait in the listen backlog.
@@ -110,6 +112,12 @@ pub enum Route {
     Host,
     /// `DELETE /projects/:id` (admin, or a master token with the `delete` action)
     Remove(ProjectId),
+    /// `GET /projects/:id/logs` (JSON lines, or SSE with `follow=1`)
+    Logs(ProjectId),
+    /// `GET /events` (SSE)
+    Events,
+    /// `GET /metrics` (Prometheus/OpenMetrics text)
+    Metrics,
 }
 
 fn parse_id(id: &str) -> Result<ProjectId, ApiError> {
@@ -177,6 +185,10 @@ impl Route {
             }
             Route::Host => Some((Action::Host, None)),
             Route::Remove(id) => Some((Action::Delete, Some(*id))),
+            Route::Logs(id) => Some((Action::Logs, Some(*id))),
+            // each event is filtered by the projects the token sees (as the list is)
+            Route::Events => Some((Action::List, None)),
+            Route::Metrics => Some((Action::Metrics, None)),
         }
     }
 }
@@ -196,6 +208,9 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["projects", id] if *method == Method::DELETE && !id.is_empty() => {
             (Method::DELETE, Route::Remove(parse_id(id)?))
         }
+        ["events"] => (Method::GET, Route::Events),
+        ["metrics"] => (Method::GET, Route::Metrics),
+        ["projects", id, "logs"] => (Method::GET, Route::Logs(parse_id(id)?)),
         ["projects", id, "config"] => {
             let id = parse_id(id)?;
             return match *method {
@@ -539,7 +554,156 @@ async fn dispatch(
             let projects = outcomes.iter().map(api::SweepProject::from).collect();
             answer(StatusCode::OK, &api::SweepAnswer { now, projects })
         }
+        // answered by `observe` before dispatch
+        Route::Logs(_) | Route::Events | Route::Metrics => Err(ApiError::new(
+            ErrorKind::Internal,
+            "observation routes are not dispatched",
+        )),
     }
+}
+
+/// Serves the observation routes (logs, events, metrics: their bodies may stream); `None` for
+/// every other request (it goes to `dispatch`).
+async fn observe(
+    host: &Arc<Host>,
+    auth: &Auth,
+    closing: &tokio_util::sync::CancellationToken,
+    req: &Request<Incoming>,
+) -> Option<Result<Response<sse::Body>, ApiError>> {
+    // a string test first: every other request goes on to `dispatch` without a second parse
+    let path = req.uri().path();
+    if !(path == "/events" || path == "/metrics" || path.ends_with("/logs"))
+        || !matches!(
+            route(req.method(), path),
+            Ok(Route::Logs(_) | Route::Events | Route::Metrics)
+        )
+    {
+        return None;
+    }
+    let r = async {
+        let (r, principal) = admit(auth, req)?;
+        let p = sse::params(req.uri().query())?;
+        let last_id = req
+            .headers()
+            .get("last-event-id")
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| ApiError::new(ErrorKind::InvalidQuery, "Last-Event-ID: not text"))
+            })
+            .transpose()?;
+        let only = |what: &str| {
+            ApiError::new(
+                ErrorKind::InvalidQuery,
+                format!("{} takes {what} only", req.uri().path()),
+            )
+        };
+        match r {
+            Route::Metrics => {
+                if p != sse::Params::default() {
+                    return Err(only("no parameters"));
+                }
+                let mut resp = Response::new(BodyExt::boxed(Full::new(Bytes::from(
+                    host.render_metrics(),
+                ))));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(core::metrics::CONTENT_TYPE),
+                );
+                Ok(resp)
+            }
+            Route::Events => {
+                if p.lines.is_some() || p.since.is_some() {
+                    return Err(only("follow"));
+                }
+                let seen = last_id
+                    .map(|s| {
+                        s.trim().parse::<u64>().map_err(|_| {
+                            ApiError::new(ErrorKind::InvalidQuery, "Last-Event-ID: an event id")
+                        })
+                    })
+                    .transpose()?;
+                let sees = move |id: &ProjectId| principal.as_ref().is_none_or(|p| p.sees(id));
+                Ok(sse::events(
+                    host,
+                    seen,
+                    p.follow.unwrap_or(true),
+                    sees,
+                    closing.clone(),
+                ))
+            }
+            Route::Logs(id) => {
+                // Last-Event-ID (an SSE client reconnecting) wins over `since`
+                let since = match last_id.as_deref().or(p.since.as_deref()) {
+                    Some(s) => Some(sse::log_since(s)?),
+                    None => None,
+                };
+                let q = crate::ports::LogQuery {
+                    lines: p
+                        .lines
+                        .unwrap_or(crate::backends::journal_read::DEFAULT_LINES),
+                    since,
+                };
+                if p.follow == Some(true) {
+                    return Ok(sse::follow_logs(host, id, q, closing.clone()).await?);
+                }
+                let lines = host.logs(id, &q).await?;
+                let mut body = String::with_capacity(lines.len() * 160);
+                for l in &lines {
+                    let line = serde_json::to_string(&api::LogAnswer::from(l)).map_err(|e| {
+                        ApiError::new(ErrorKind::Internal, format!("cannot encode: {e}"))
+                    })?;
+                    body.push_str(&line);
+                    body.push('\n');
+                }
+                let mut resp = Response::new(BodyExt::boxed(Full::new(Bytes::from(body))));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/x-ndjson"),
+                );
+                Ok(resp)
+            }
+            _ => Err(ApiError::new(
+                ErrorKind::Internal,
+                "not an observation route",
+            )),
+        }
+    }
+    .await;
+    Some(r)
+}
+
+/// The route template of a path for metrics (`/projects/:id/status`): ids and snapshot names
+/// replaced, so labels stay few; paths that route nowhere are all `unmatched`.
+fn route_template(method: &Method, path: &str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static TEMPLATES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    if route(method, path).is_err() {
+        return "unmatched";
+    }
+    let mut t = String::with_capacity(path.len());
+    let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    for (i, s) in segs.iter().enumerate() {
+        t.push('/');
+        let name = i >= 1 && segs[i - 1] == "snapshots" && segs[0] == "projects";
+        if (i == 1 && segs[0] == "projects") || name {
+            t.push_str(if name { ":name" } else { ":id" });
+        } else {
+            t.push_str(s);
+        }
+    }
+    // the templates are the router's few shapes: interned once each
+    let mut map = TEMPLATES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = map.get(&t) {
+        return s;
+    }
+    let s: &'static str = Box::leak(t.clone().into_boxed_str());
+    map.insert(t, s);
+    s
 }
 
 /// A JSON answer; a value that cannot be encoded is a 500 `internal`, never a `200 null`.
@@ -556,10 +720,19 @@ fn answer<T: Serialize>(status: StatusCode, v: &T) -> Result<Response<Full<Bytes
 async fn handle(
     host: Arc<Host>,
     auth: Arc<Auth>,
+    closing: tokio_util::sync::CancellationToken,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<sse::Body>, Infallible> {
+    let t0 = std::time::Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let resp = match dispatch(&host, &auth, req).await {
+    let observed = observe(&host, &auth, &closing, &req).await;
+    let result = match observed {
+        Some(r) => r,
+        None => dispatch(&host, &auth, req)
+            .await
+            .map(|r| r.map(BodyExt::boxed)),
+    };
+    let resp = match result {
         Ok(r) => r,
         Err(e) => {
             if e.status.is_server_error() {
@@ -583,9 +756,16 @@ async fn handle(
             {
                 r.headers_mut().insert(hyper::header::ALLOW, v);
             }
-            r
+            r.map(BodyExt::boxed)
         }
     };
+    // a stream counts when its head is sent (its length is the client's)
+    host.metrics().http(
+        method.as_str(),
+        route_template(&method, &path),
+        resp.status().as_u16(),
+        t0.elapsed(),
+    );
     Ok(resp)
 }
 
@@ -600,6 +780,8 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let peers = super::connlimit::PeerLimiter::new(host.settings().http.max_connections_per_peer);
+    // ends the event and log streams at shutdown (they would hold the graceful wait)
+    let closing = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -624,8 +806,10 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let (host, auth) = (host.clone(), auth.clone());
-        let svc = hyper::service::service_fn(move |req| handle(host.clone(), auth.clone(), req));
+        let (host, auth, closing) = (host.clone(), auth.clone(), closing.clone());
+        let svc = hyper::service::service_fn(move |req| {
+            handle(host.clone(), auth.clone(), closing.clone(), req)
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
@@ -640,6 +824,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    closing.cancel();
     // A connection accepted just before shutdown may not have sent its request yet; hyper counts
     // it idle and would close it unanswered. Give such clients a moment to be read first (only
     // when there are connections: a restart of an idle daemon does not wait).
@@ -775,6 +960,9 @@ mod tests {
             Route::Revoke,
             Route::Host,
             Route::Remove(id),
+            Route::Logs(id),
+            Route::Events,
+            Route::Metrics,
         ] {
             assert!(
                 documented
@@ -875,6 +1063,53 @@ mod tests {
             Some((Action::Start, Some(id)))
         );
         assert_eq!(Route::Stop(id).permission(), Some((Action::Stop, Some(id))));
+        assert_eq!(Route::Logs(id).permission(), Some((Action::Logs, Some(id))));
+        assert_eq!(Route::Events.permission(), Some((Action::List, None)));
+        assert_eq!(Route::Metrics.permission(), Some((Action::Metrics, None)));
         assert_eq!(route(&Method::GET, OPEN_PATH), Ok(Route::Health));
+    }
+
+    #[test]
+    fn observation_routes_and_their_metric_templates() {
+        let id: ProjectId = ID.parse().unwrap();
+        assert_eq!(route(&Method::GET, "/events"), Ok(Route::Events));
+        assert_eq!(route(&Method::GET, "/metrics"), Ok(Route::Metrics));
+        assert_eq!(
+            route(&Method::GET, &format!("/projects/{ID}/logs")),
+            Ok(Route::Logs(id))
+        );
+        let e = route(&Method::POST, "/events").unwrap_err();
+        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        let e = route(&Method::GET, "/projects/x/logs").unwrap_err();
+        assert_eq!(e.code, "invalid_project_id");
+        let t = |m: Method, p: &str| route_template(&m, p);
+        assert_eq!(
+            t(Method::GET, &format!("/projects/{ID}/status")),
+            "/projects/:id/status"
+        );
+        assert_eq!(
+            t(
+                Method::DELETE,
+                &format!("/projects/{ID}/snapshots/before-x")
+            ),
+            "/projects/:id/snapshots/:name"
+        );
+        assert_eq!(
+            t(Method::POST, &format!("/projects/{ID}/snapshots/a/restore")),
+            "/projects/:id/snapshots/:name/restore"
+        );
+        assert_eq!(t(Method::GET, "/metrics"), "/metrics");
+        assert_eq!(t(Method::GET, "/projects"), "/projects");
+        // random paths and bad ids cannot grow the label set
+        assert_eq!(t(Method::GET, "/x/y/z"), "unmatched");
+        assert_eq!(t(Method::GET, "/projects/x/status"), "unmatched");
+        // interned: the same template is the same string
+        assert!(std::ptr::eq(
+            t(Method::GET, &format!("/projects/{ID}/logs")),
+            t(
+                Method::GET,
+                "/projects/6f1c2d3e-0000-4000-8000-000000000002/logs"
+            )
+        ));
     }
 }

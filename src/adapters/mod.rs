@@ -6,5 +6,8 @@ pub mod dbus;
 pub mod files;
 pub mod http;
 pub mod local_access;
+pub mod observe_cli;
 pub mod proxy;
+pub mod sse;
 pub mod ssh;
+pub mod top;

@@ -19,6 +19,8 @@ pub const DBUS_ERROR_PREFIX: &str = "com.cocalc.ProjectHost1.Error.";
 pub enum ErrorKind {
     /// The id is not a lowercase UUID.
     InvalidProjectId,
+    /// A query parameter is not valid (`lines`, `since`, `follow`, `Last-Event-ID`).
+    InvalidQuery,
     /// The run config or a limit is not acceptable (the core's validation).
     InvalidConfig,
     /// The JSON body (or a D-Bus JSON argument) is malformed, of the wrong shape or has an
@@ -109,8 +111,6 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The project's snapshots are locked by a move to another host: it cannot be deleted.
     SnapshotsLocked,
-    /// The query string has an unknown parameter or a bad value.
-    InvalidQuery,
 }
 
 /// One row of the table.
@@ -130,6 +130,7 @@ impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
     pub const ALL: [ErrorKind; 45] = [
         ErrorKind::InvalidProjectId,
+        ErrorKind::InvalidQuery,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
         ErrorKind::BadBody,
@@ -173,7 +174,6 @@ impl ErrorKind {
         ErrorKind::RangeNotSatisfiable,
         ErrorKind::PermissionDenied,
         ErrorKind::SnapshotsLocked,
-        ErrorKind::InvalidQuery,
     ];
 
     /// The table.
@@ -191,6 +191,7 @@ impl ErrorKind {
         const UNKNOWN: &str = "org.freedesktop.DBus.Error.UnknownMethod";
         match self {
             K::InvalidProjectId => r(400, "invalid_project_id", "InvalidProjectId", EXIT_USAGE),
+            K::InvalidQuery => r(400, "invalid_query", "InvalidConfig", EXIT_USAGE),
             K::InvalidConfig => r(400, "invalid_config", "InvalidConfig", EXIT_USAGE),
             K::InvalidBody => r(400, "invalid_body", "InvalidConfig", EXIT_USAGE),
             K::BadBody => r(400, "bad_body", "Failed", EXIT_FAILURE),
@@ -259,12 +260,6 @@ impl ErrorKind {
             K::RangeNotSatisfiable => r(416, "range_not_satisfiable", "Failed", EXIT_FAILURE),
             K::PermissionDenied => r(403, "permission_denied", DENIED, EXIT_FAILURE),
             K::SnapshotsLocked => r(409, "snapshots_locked", "SnapshotsLocked", EXIT_FAILURE),
-            K::InvalidQuery => r(
-                400,
-                "invalid_query",
-                "org.freedesktop.DBus.Error.InvalidArgs",
-                EXIT_USAGE,
-            ),
         }
     }
 
@@ -350,6 +345,7 @@ impl From<core::Error> for WireError {
             E::ProjectNotRunning(_) => ErrorKind::ProjectNotRunning,
             E::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
             E::SnapshotsLocked(_) => ErrorKind::SnapshotsLocked,
+            E::Journal { .. } => ErrorKind::SystemdUnavailable,
         };
         WireError::new(kind, e.to_string())
     }

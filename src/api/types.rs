@@ -104,6 +104,25 @@ pub struct StatusAnswer {
     /// writes that grow a home are refused until space is freed
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_full: Option<StorageFullAnswer>,
+    /// ms per phase of the project's last start (while it runs, after a start by this daemon)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_timings_ms: Option<PhaseTimingsAnswer>,
+}
+
+/// ms per start phase (see `domain::phases`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Variant)]
+#[zbus(signature = "dict")]
+pub struct PhaseTimingsAnswer {
+    /// home, id range, snapshots dir, scratch
+    pub storage: u64,
+    /// until systemd took the start job
+    pub unit: u64,
+    /// the job taken to the unit up
+    pub podman: u64,
+    /// the unit up to the host recording it
+    pub ready: u64,
+    /// the whole start
+    pub total: u64,
 }
 
 impl From<&Status> for StatusAnswer {
@@ -120,6 +139,13 @@ impl From<&Status> for StatusAnswer {
             storage_full: s.storage_full.map(|f| StorageFullAnswer {
                 free: f.free,
                 reserve: f.reserve,
+            }),
+            phase_timings_ms: s.phase_timings_ms.map(|p| PhaseTimingsAnswer {
+                storage: p.storage,
+                unit: p.unit,
+                podman: p.podman,
+                ready: p.ready,
+                total: p.total,
             }),
         }
     }
@@ -477,6 +503,136 @@ pub struct DirListing {
     pub truncated: bool,
 }
 
+/// One event of `GET /events` (the `data` of its SSE frame; `type` is also the frame's `event`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventAnswer {
+    /// monotonically increasing (the frame's `id`, what `Last-Event-ID` resumes from)
+    pub id: u64,
+    /// ms since the epoch
+    pub time: u64,
+    /// `new | state | start_failed | snapshot_created | snapshot_deleted | quota_hit | lost`
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// the project (absent for `lost`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    /// the new state (`state`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// the snapshot (`snapshot_*`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// why (`start_failed`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// bytes used and the quota (`quota_hit`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    /// the quota, bytes (`quota_hit`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    /// first and last id missed (`lost`: the ring no longer holds them)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    /// last id missed (`lost`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+}
+
+impl EventAnswer {
+    fn bare(id: u64, time: u64, kind: &str) -> EventAnswer {
+        EventAnswer {
+            id,
+            time,
+            kind: kind.to_string(),
+            project_id: None,
+            state: None,
+            name: None,
+            reason: None,
+            used: None,
+            quota: None,
+            from: None,
+            to: None,
+        }
+    }
+
+    /// The gap event: ids `from..=to` are gone from the ring.
+    pub fn lost(from: u64, to: u64, time: u64) -> EventAnswer {
+        EventAnswer {
+            from: Some(from),
+            to: Some(to),
+            ..EventAnswer::bare(to, time, "lost")
+        }
+    }
+}
+
+impl From<&crate::core::Numbered> for EventAnswer {
+    fn from(n: &crate::core::Numbered) -> EventAnswer {
+        use crate::core::HostEvent as E;
+        let (kind, id) = match &n.event {
+            E::New(id) => ("new", id),
+            E::State(id, _) => ("state", id),
+            E::StartFailed(id, _) => ("start_failed", id),
+            E::SnapshotCreated(id, _) => ("snapshot_created", id),
+            E::SnapshotDeleted(id, _) => ("snapshot_deleted", id),
+            E::QuotaHit { id, .. } => ("quota_hit", id),
+            E::Removed(id) => ("removed", id),
+        };
+        let mut a = EventAnswer {
+            project_id: Some(id.to_string()),
+            ..EventAnswer::bare(n.id, n.time_ms, kind)
+        };
+        match &n.event {
+            E::New(_) | E::Removed(_) => {}
+            E::State(_, s) => a.state = Some(s.as_str().to_string()),
+            E::StartFailed(_, r) => a.reason = Some(r.clone()),
+            E::SnapshotCreated(_, name) | E::SnapshotDeleted(_, name) => {
+                a.name = Some(name.to_string())
+            }
+            E::QuotaHit { used, quota, .. } => {
+                a.used = Some(*used);
+                a.quota = Some(*quota);
+            }
+        }
+        a
+    }
+}
+
+/// One line of `GET /projects/:id/logs` (a JSON line, or the `data` of an SSE `log` frame).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogAnswer {
+    /// the journal cursor: `since=<cursor>` or `Last-Event-ID` resumes after this line
+    pub cursor: String,
+    /// RFC 3339, UTC, µs
+    pub time: String,
+    /// µs since the epoch (`since=<µs>` takes it)
+    pub usec: u64,
+    /// syslog priority, 0 (emerg) .. 7 (debug)
+    pub priority: u8,
+    /// the line
+    pub message: String,
+    /// lines journald dropped under the project's log rate limit (this entry stands for them)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
+}
+
+impl From<&crate::ports::LogLine> for LogAnswer {
+    fn from(l: &crate::ports::LogLine) -> LogAnswer {
+        let time = i64::try_from(l.time_usec)
+            .ok()
+            .and_then(|us| jiff::Timestamp::from_microsecond(us).ok())
+            .map_or_else(String::new, |t| format!("{t:.6}"));
+        LogAnswer {
+            cursor: l.cursor.clone(),
+            time,
+            usec: l.time_usec,
+            priority: l.priority,
+            message: l.message.clone(),
+            suppressed: l.suppressed,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,6 +655,13 @@ mod tests {
                 free: 10,
                 reserve: 50,
             }),
+            phase_timings_ms: Some(crate::domain::phases::PhaseTimings {
+                storage: 1,
+                unit: 2,
+                podman: 3,
+                ready: 4,
+                total: 11,
+            }),
         }
     }
 
@@ -515,6 +678,7 @@ mod tests {
             started_at: None,
             disk: Some(DiskStatus::default()),
             storage_full: None,
+            phase_timings_ms: None,
             ..s
         };
         let ours = serde_json::to_value(StatusAnswer::from(&bare)).unwrap();
@@ -542,6 +706,7 @@ mod tests {
                 used: Some(7),
             }),
             storage_full: None,
+            phase_timings_ms: None,
             ..a
         };
         let d = bare.to_bus().unwrap();

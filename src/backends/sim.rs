@@ -88,6 +88,8 @@ pub struct SimUnits {
     ports: Mutex<HashMap<(ProjectId, u16), std::net::SocketAddr>>,
     /// Projects whose connect cache was dropped, in order.
     pub forgotten: Mutex<Vec<ProjectId>>,
+    /// The units' journal: one line per start and stop, and what tests log.
+    journal: Mutex<Vec<(ProjectId, ports::LogLine)>>,
 }
 
 impl SimUnits {
@@ -151,6 +153,21 @@ impl SimUnits {
     fn emit(&self, ev: UnitEvent) {
         lock(&self.watchers).retain(|w| w.send(ev.clone()).is_ok());
     }
+    /// Writes a line to the unit's journal (as the container printing it).
+    pub fn log(&self, id: ProjectId, message: &str) {
+        let mut j = lock(&self.journal);
+        let i = j.len() + 1;
+        j.push((
+            id,
+            ports::LogLine {
+                cursor: format!("s={:032x};i={i:x};b={:032x};m=0;t=0;x=0", 0x51, 0),
+                time_usec: crate::core::now_ms() * 1000 + i as u64,
+                priority: 6,
+                message: message.to_string(),
+                suppressed: None,
+            },
+        ));
+    }
 }
 
 #[async_trait]
@@ -175,8 +192,9 @@ impl ports::Units for SimUnits {
     async fn info(&self, id: ProjectId) -> Result<Option<UnitInfo>, UnitError> {
         Ok(lock(&self.units).get(&id).cloned())
     }
-    async fn start(&self, plan: StartPlan) -> Result<(), StartError> {
+    async fn start(&self, plan: StartPlan) -> Result<ports::StartTimings, StartError> {
         let id = plan.id;
+        let t0 = std::time::Instant::now();
         lock(&self.plans).insert(id, plan);
         if lock(&self.units).contains_key(&id) {
             // as systemd: a loaded unit of that name refuses a new transient one
@@ -200,11 +218,16 @@ impl ports::Units for SimUnits {
             }
             Some(StartFault::Vanish) => {
                 self.remove(id);
-                Ok(())
+                Ok(ports::StartTimings::default())
             }
             None => {
                 self.set_external(id, Some(ActiveState::Active));
-                Ok(())
+                self.log(id, "Started sim unit.");
+                // the simulated job is taken at once; the delay is podman's
+                Ok(ports::StartTimings {
+                    unit: Duration::ZERO,
+                    podman: t0.elapsed(),
+                })
             }
         }
     }
@@ -272,6 +295,30 @@ impl ports::Units for SimUnits {
     }
     fn forget(&self, id: ProjectId) {
         lock(&self.forgotten).push(id);
+    }
+    async fn cpu_usage_nsec(&self, id: ProjectId) -> Option<u64> {
+        lock(&self.units).contains_key(&id).then_some(250_000_000)
+    }
+    async fn journal(
+        &self,
+        id: ProjectId,
+        q: &ports::LogQuery,
+    ) -> Result<Vec<ports::LogLine>, String> {
+        let j = lock(&self.journal);
+        let mine = j.iter().filter(|(p, _)| *p == id).map(|(_, l)| l);
+        let after: Vec<&ports::LogLine> = match &q.since {
+            None => mine.collect(),
+            Some(ports::LogSince::Time(us)) => mine.filter(|l| l.time_usec >= *us).collect(),
+            Some(ports::LogSince::Cursor(c)) => {
+                let all: Vec<_> = mine.collect();
+                match all.iter().position(|l| l.cursor == c.as_str()) {
+                    Some(at) => all[at + 1..].to_vec(),
+                    None => all,
+                }
+            }
+        };
+        let skip = after.len().saturating_sub(q.lines as usize);
+        Ok(after[skip..].iter().map(|l| (*l).clone()).collect())
     }
 }
 

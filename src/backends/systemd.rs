@@ -311,13 +311,29 @@ impl Systemd {
         props: &[(&str, Variant<'_>)],
         timeout: Duration,
     ) -> Result<(), SystemdError> {
+        self.start_transient_timed(unit, props, timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Systemd::start_transient`], timed: how long until systemd took the start job, and how
+    /// long from then until the job was done.
+    pub async fn start_transient_timed(
+        &self,
+        unit: &str,
+        props: &[(&str, Variant<'_>)],
+        timeout: Duration,
+    ) -> Result<(Duration, Duration), SystemdError> {
+        let t0 = std::time::Instant::now();
         // listen before calling: a fast job can finish before the call returns
         let jobs = self.job_stream().await?;
         let job = self
             .manager
             .start_transient_unit(unit, "fail", props, &[])
             .await?;
-        self.wait_job(jobs, &job, unit, timeout).await
+        let queued = t0.elapsed();
+        self.wait_job(jobs, &job, unit, timeout).await?;
+        Ok((queued, t0.elapsed() - queued))
     }
 
     /// Runs `argv` to completion as the transient oneshot service `unit` and waits for it: how the
@@ -475,6 +491,16 @@ impl Systemd {
                 &(),
             )
             .await;
+    }
+
+    /// CPU time used by the unit (ns), when systemd accounts it.
+    pub async fn cpu_usage_nsec(&self, unit: &str) -> Option<u64> {
+        let props = self.props_proxy(unit).await.ok()?;
+        let iface = zbus::names::InterfaceName::from_static_str_unchecked(
+            "org.freedesktop.systemd1.Service",
+        );
+        let v = props.get(iface, "CPUUsageNSec").await.ok()?;
+        u64::try_from(v).ok().filter(|m| *m != u64::MAX)
     }
 
     /// The project units systemd has loaded now.

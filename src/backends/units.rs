@@ -13,7 +13,9 @@ use crate::cmd;
 use crate::config::Settings;
 use crate::domain::limits::{self, Limits, SliceSettings};
 use crate::domain::project::{ProjectId, UnitInfo};
-use crate::ports::{Helper, StartError, StartPlan, UnitEvents, Units};
+use crate::ports::{
+    Helper, LogLine, LogQuery, StartError, StartPlan, StartTimings, UnitEvents, Units,
+};
 use crate::seccomp;
 
 /// The unit property of a project's CPU limit.
@@ -65,10 +67,14 @@ impl SystemdUnits {
         &self,
         unit: &str,
         props: &[(&str, Variant<'_>)],
-    ) -> Result<(), SystemdError> {
+    ) -> Result<(Duration, Duration), SystemdError> {
         let timeout = Duration::from_secs(150);
         for _ in 0..50 {
-            match self.systemd.start_transient(unit, props, timeout).await {
+            match self
+                .systemd
+                .start_transient_timed(unit, props, timeout)
+                .await
+            {
                 Err(SystemdError::Bus(zbus::Error::MethodError(n, _, _)))
                     if n.as_str() == "org.freedesktop.systemd1.UnitExists" =>
                 {
@@ -78,7 +84,9 @@ impl SystemdUnits {
                 r => return r,
             }
         }
-        self.systemd.start_transient(unit, props, timeout).await
+        self.systemd
+            .start_transient_timed(unit, props, timeout)
+            .await
     }
 
     /// podman's own `Error:` line of the unit's last start attempt (see `journal`).
@@ -140,7 +148,7 @@ impl Units for SystemdUnits {
         self.systemd.unit_info(&id.unit_name()).await
     }
 
-    async fn start(&self, plan: StartPlan) -> Result<(), StartError> {
+    async fn start(&self, plan: StartPlan) -> Result<StartTimings, StartError> {
         let StartPlan {
             id,
             config,
@@ -179,9 +187,17 @@ impl Units for SystemdUnits {
                 .into_iter()
                 .filter(|(k, _)| *k != CPU_QUOTA),
         );
+        // CPUUsageNSec for /metrics (on cgroup v1 systemd reads cpuacct only with accounting on;
+        // on v2 it is always there)
+        props.push(("CPUAccounting", Variant::from(true)));
         let since = SystemTime::now();
+        let t0 = std::time::Instant::now();
         match self.start_unit(&unit, &props).await {
-            Ok(()) => Ok(()),
+            // the retries while an old unit of the name is collected count as the unit's phase
+            Ok((_, podman)) => Ok(StartTimings {
+                unit: t0.elapsed().saturating_sub(podman),
+                podman,
+            }),
             Err(e) => {
                 let journal = self.journal_tail(&unit, since).await;
                 // podman says what went wrong in its "Error: …" line: only podman's own, cut (the
@@ -256,6 +272,14 @@ impl Units for SystemdUnits {
 
     fn forget(&self, id: ProjectId) {
         self.netns.forget(id)
+    }
+
+    async fn cpu_usage_nsec(&self, id: ProjectId) -> Option<u64> {
+        self.systemd.cpu_usage_nsec(&id.unit_name()).await
+    }
+
+    async fn journal(&self, id: ProjectId, q: &LogQuery) -> Result<Vec<LogLine>, String> {
+        crate::backends::journal_read::read(&id.unit_name(), q).await
     }
 
     /// Helpers run as oneshot units: podman needs more than the daemon's sandbox allows. The

@@ -20,12 +20,16 @@ use crate::ports::{
     UnitEvent,
 };
 
+mod events;
 mod files;
 mod ids;
 pub mod link;
 #[cfg(test)]
 mod master_tests;
+pub mod metrics;
 mod net;
+#[cfg(test)]
+mod observe_tests;
 mod remove;
 mod reserve;
 mod ssh;
@@ -33,6 +37,7 @@ mod storage;
 mod tasks;
 #[cfg(test)]
 mod tests;
+pub use events::{EventRing, Numbered, Replay};
 pub use storage::{SnapshotInfo, SweepOutcome};
 pub use tasks::Tasks;
 
@@ -142,6 +147,14 @@ pub enum Error {
     /// A move to another host holds the project's snapshots.
     #[error("project {0} is being moved: its snapshots are locked, it cannot be deleted now")]
     SnapshotsLocked(ProjectId),
+    /// The project's journal could not be read.
+    #[error("logs of project {id} cannot be read: {reason}")]
+    Journal {
+        /// the project
+        id: ProjectId,
+        /// why
+        reason: String,
+    },
 }
 
 impl Error {
@@ -169,6 +182,7 @@ impl Error {
             Error::ProjectNotRunning(_) => "project_not_running",
             Error::BackendUnavailable { .. } => "backend_unavailable",
             Error::SnapshotsLocked(_) => "snapshots_locked",
+            Error::Journal { .. } => "systemd_unavailable",
         }
     }
 }
@@ -182,6 +196,21 @@ pub enum HostEvent {
     State(ProjectId, ProjectState),
     /// A project was deleted from this host (`DELETE /projects/:id`): it is no longer known.
     Removed(ProjectId),
+    /// A start failed (the reason as the start answer gives it).
+    StartFailed(ProjectId, String),
+    /// A snapshot was taken.
+    SnapshotCreated(ProjectId, SnapshotName),
+    /// A snapshot was deleted.
+    SnapshotDeleted(ProjectId, SnapshotName),
+    /// A project's home reached its disk quota (once per crossing, from the disk refresh).
+    QuotaHit {
+        /// the project
+        id: ProjectId,
+        /// bytes referenced
+        used: u64,
+        /// the quota
+        quota: u64,
+    },
 }
 
 #[derive(Debug, Default, Clone)]
@@ -195,6 +224,10 @@ struct Entry {
     disk: Option<DiskStatus>,
     /// the last touch time sent to the store
     persisted_touch: u64,
+    /// CPU time of the unit (ns), refreshed with the memory
+    cpu_nsec: Option<u64>,
+    /// the phases of the last start by this daemon (while the unit is up)
+    phases: Option<crate::domain::phases::PhaseTimings>,
 }
 
 /// Known projects with their last touch (ms), most recent first; shared, not copied.
@@ -259,6 +292,10 @@ pub struct Host {
     reserve: Mutex<reserve::ReserveState>,
     /// the master link, once started (`link`)
     link: std::sync::OnceLock<Arc<link::Link>>,
+    /// every published event, numbered, for `GET /events`
+    events: events::EventRing,
+    /// what `/metrics` exposes
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
@@ -319,10 +356,15 @@ impl Host {
         use anyhow::Context as _;
         let host_id = b.store.host_id().await?;
         let (changes, _) = broadcast::channel(1024);
+        let metrics = Arc::new(metrics::Metrics::new());
+        let store: Arc<dyn ports::Store> = Arc::new(metrics::TimedStore {
+            inner: b.store,
+            metrics: metrics.clone(),
+        });
         let host = Arc::new(Host {
             settings,
             host_id,
-            store: b.store,
+            store,
             units: b.units,
             storage: b.storage,
             ssh_host_key: std::sync::OnceLock::new(),
@@ -334,6 +376,8 @@ impl Host {
             tasks: Tasks::new(),
             reserve: Mutex::new(reserve::ReserveState::default()),
             link: std::sync::OnceLock::new(),
+            events: events::EventRing::new(events::CAPACITY, now_ms().saturating_mul(1000)),
+            metrics,
         });
         // watch before reading, so no change falls between the read and the stream
         let mut events = host.units.watch().await?;
@@ -409,6 +453,61 @@ impl Host {
         self.changes.subscribe()
     }
 
+    /// The numbered ring of the core's events (`GET /events`).
+    pub fn events(&self) -> &EventRing {
+        &self.events
+    }
+
+    /// Where the core and adapters record metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Publishes an event: numbered into the ring, then to subscribers (D-Bus).
+    fn emit(&self, ev: HostEvent) {
+        self.events.push(ev.clone(), now_ms());
+        let _ = self.changes.send(ev);
+    }
+
+    /// The metrics exposition (from memory: no fork, no D-Bus call).
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .render(&self.samples(), crate::backends::procself::read())
+    }
+
+    /// What the core holds of each project (known, or with a unit up) for metrics and `top`.
+    pub fn samples(&self) -> Vec<metrics::ProjectSample> {
+        self.read_entries()
+            .iter()
+            .filter(|(_, e)| e.known || e.unit.is_some())
+            .map(|(id, e)| metrics::ProjectSample {
+                id: *id,
+                state: e.state(),
+                started_at_ms: e
+                    .unit
+                    .as_ref()
+                    .map(|u| u.active_enter_usec / 1000)
+                    .filter(|t| *t != 0),
+                memory: e.memory_current,
+                cpu_nsec: e.cpu_nsec,
+                disk_used: e.disk.and_then(|d| d.used),
+                disk_quota: e.disk.and_then(|d| d.quota),
+            })
+            .collect()
+    }
+
+    /// A project's journal (the container's output and its unit's messages), oldest first.
+    pub async fn logs(
+        &self,
+        id: ProjectId,
+        q: &ports::LogQuery,
+    ) -> Result<Vec<ports::LogLine>, Error> {
+        self.units
+            .journal(id, q)
+            .await
+            .map_err(|reason| Error::Journal { id, reason })
+    }
+
     fn entries(&self) -> EntriesMut<'_> {
         EntriesMut {
             guard: self.projects.write().unwrap_or_else(|p| p.into_inner()),
@@ -434,6 +533,8 @@ impl Host {
                 e.memory_current = None;
                 // a stopped project's network namespace is not used again
                 self.units.forget(id);
+                e.cpu_nsec = None;
+                e.phases = None;
             }
             e.unit = unit;
             let after = e.state();
@@ -441,7 +542,7 @@ impl Host {
         };
         if let Some(state) = changed {
             tracing::info!(project_id = %id, state = %state, "project state changed");
-            let _ = self.changes.send(HostEvent::State(id, state));
+            self.emit(HostEvent::State(id, state));
         }
     }
 
@@ -528,8 +629,10 @@ impl Host {
             .collect();
         for id in running {
             let m = self.units.memory_current(id).await;
+            let cpu = self.units.cpu_usage_nsec(id).await;
             if let Some(e) = self.entries().get_mut(&id) {
                 e.memory_current = m;
+                e.cpu_nsec = cpu;
             }
         }
     }
@@ -544,7 +647,7 @@ impl Host {
             !std::mem::replace(&mut e.known, true)
         };
         if new {
-            let _ = self.changes.send(HostEvent::New(id));
+            self.emit(HostEvent::New(id));
         }
     }
 
@@ -597,6 +700,7 @@ impl Host {
             started_at: u.map(|u| u.active_enter_usec / 1000).filter(|t| *t != 0),
             disk: e.disk,
             storage_full: self.storage_full(),
+            phase_timings_ms: e.phases.filter(|_| u.is_some()),
         }
     }
 
@@ -662,7 +766,8 @@ impl Host {
         config: Option<RunConfig>,
     ) -> Result<Status, Error> {
         let host = self.clone();
-        match self
+        let t0 = std::time::Instant::now();
+        let r = match self
             .tasks
             .spawn_work(async move { host.start_now(id, config).await })
             .await
@@ -673,7 +778,12 @@ impl Host {
                 reason: format!("start task failed: {e}"),
                 journal: String::new(),
             }),
+        };
+        self.metrics.start(r.is_ok(), t0.elapsed());
+        if let Err(Error::StartFailed { reason, .. }) = &r {
+            self.emit(HostEvent::StartFailed(id, reason.clone()));
         }
+        r
     }
 
     /// The image a config runs, when it is a plain reference the host allows (nothing else may
@@ -687,6 +797,7 @@ impl Host {
     }
 
     async fn start_now(&self, id: ProjectId, config: Option<RunConfig>) -> Result<Status, Error> {
+        let t_start = std::time::Instant::now();
         if let Some(c) = &config {
             c.validate()?;
             self.image_of(c)?;
@@ -718,6 +829,7 @@ impl Host {
         };
         let image = self.image_of(&config)?;
         self.check_reserve(id, "start")?;
+        let t_storage = std::time::Instant::now();
         let home = self.storage.ensure_home(id).await?;
         let limits = self.limits_of(&config)?;
         let id_base = self.id_range(id).await?;
@@ -734,9 +846,11 @@ impl Host {
             tmp,
             limits,
         };
+        let storage_took = t_storage.elapsed();
         tracing::info!(project_id = %id, unit = %self.units.unit_name(id), "starting project");
-        match self.units.start(plan).await {
-            Ok(()) => {}
+        let t_unit = std::time::Instant::now();
+        let unit_timings = match self.units.start(plan).await {
+            Ok(t) => t,
             Err(StartError::Prepare(reason)) => {
                 return Err(Error::StartFailed {
                     id,
@@ -763,7 +877,10 @@ impl Host {
                     journal: crate::cmd::tail(&journal, 6),
                 });
             }
-        }
+        };
+        let t_ready = std::time::Instant::now();
+        // what the backend did not account to itself (its own preparation) counts as the unit's
+        let unit_took = t_unit.elapsed().saturating_sub(unit_timings.podman);
         if let Err(e) = self.units.set_cpu_quota(id, Some(limits.cpu)).await {
             // never leave a project running without its CPU limit
             self.clean_up_failed_start(id).await;
@@ -775,13 +892,33 @@ impl Host {
         }
         let info = self.units.info(id).await?;
         self.set_unit(id, info);
-        let status = self.status_of(id);
+        let state = self.status_of(id).state;
         let now = now_ms();
-        self.store
-            .upsert(id, status.state, Some(config), now)
-            .await?;
+        self.store.upsert(id, state, Some(config), now).await?;
         self.mark_known(id, now);
-        tracing::info!(project_id = %id, state = %status.state, main_pid = status.main_pid, "project started");
+        let phases = crate::domain::phases::PhaseTimings::new(
+            storage_took,
+            unit_took,
+            unit_timings.podman,
+            t_ready.elapsed(),
+            t_start.elapsed(),
+        );
+        if let Some(e) = self.entries().get_mut(&id) {
+            e.phases = Some(phases);
+        }
+        let status = self.status_of(id);
+        // journald fields PROJECT_ID, PHASE_*_MS (the journald layer upper-cases field names)
+        tracing::info!(
+            project_id = %id,
+            state = %status.state,
+            main_pid = status.main_pid,
+            phase_storage_ms = phases.storage,
+            phase_unit_ms = phases.unit,
+            phase_podman_ms = phases.podman,
+            phase_ready_ms = phases.ready,
+            phase_total_ms = phases.total,
+            "project started"
+        );
         Ok(status)
     }
 
@@ -814,7 +951,8 @@ impl Host {
     /// Runs to completion on its own task, like [`Host::start`].
     pub async fn stop(self: &Arc<Self>, id: ProjectId, force: bool) -> Result<Status, Error> {
         let host = self.clone();
-        match self
+        let t0 = std::time::Instant::now();
+        let r = match self
             .tasks
             .spawn_work(async move { host.stop_now(id, force).await })
             .await
@@ -824,7 +962,9 @@ impl Host {
                 id,
                 reason: format!("stop task failed: {e}"),
             }),
-        }
+        };
+        self.metrics.stop(r.is_ok(), t0.elapsed());
+        r
     }
 
     async fn stop_now(&self, id: ProjectId, force: bool) -> Result<Status, Error> {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{Error, Host, now_ms};
+use super::{Error, Host, HostEvent, now_ms};
 use crate::domain::project::{
     DiskStatus, InvalidConfig, MAX_BYTES, MIN_DISK, ProjectId, ProjectState, RunConfig,
 };
@@ -150,15 +150,33 @@ impl Host {
     }
 
     /// Puts quota and usage of the homes into memory, where status answers from.
+    /// Publishes [`HostEvent::QuotaHit`] when a home reaches its quota (once per crossing).
     pub(super) fn record_usage(&self, usage: HashMap<ProjectId, crate::ports::Usage>) {
-        let mut map = self.entries();
-        for (id, u) in usage {
-            if let Some(e) = map.get_mut(&id) {
-                e.disk = Some(DiskStatus {
-                    quota: u.quota,
-                    used: Some(u.used),
-                });
+        let mut hits = Vec::new();
+        {
+            let mut map = self.entries();
+            for (id, u) in usage {
+                if let Some(e) = map.get_mut(&id) {
+                    let full = |d: Option<DiskStatus>| {
+                        d.and_then(|d| Some(d.used? >= d.quota?)).unwrap_or(false)
+                    };
+                    let before = full(e.disk);
+                    e.disk = Some(DiskStatus {
+                        quota: u.quota,
+                        used: Some(u.used),
+                    });
+                    if let (false, true, Some(quota)) = (before, full(e.disk), u.quota) {
+                        hits.push(HostEvent::QuotaHit {
+                            id,
+                            used: u.used,
+                            quota,
+                        });
+                    }
+                }
             }
+        }
+        for h in hits {
+            self.emit(h);
         }
     }
 
@@ -275,8 +293,12 @@ impl Host {
         if self.storage.has_snapshot(id, &name) {
             return Err(Error::SnapshotExists { id, name });
         }
-        self.storage.create_snapshot(id, &name).await?;
+        let t0 = std::time::Instant::now();
+        let made = self.storage.create_snapshot(id, &name).await;
+        self.metrics.snapshot(made.is_ok(), t0.elapsed());
+        made?;
         tracing::info!(project_id = %id, snapshot = %name, "snapshot taken");
+        self.emit(HostEvent::SnapshotCreated(id, name.clone()));
         Ok(SnapshotInfo {
             name,
             created: Some(now / 1000 * 1000),
@@ -299,6 +321,7 @@ impl Host {
         self.touch(id);
         self.storage.delete_snapshot(id, name).await?;
         tracing::info!(project_id = %id, snapshot = %name, "snapshot deleted");
+        self.emit(HostEvent::SnapshotDeleted(id, name.clone()));
         Ok(())
     }
 
@@ -425,6 +448,7 @@ impl Host {
         for name in &plan.delete {
             if self.storage.has_snapshot(id, name) {
                 self.storage.delete_snapshot(id, name).await?;
+                self.emit(HostEvent::SnapshotDeleted(id, name.clone()));
             }
             o.deleted.push(name.clone());
         }
@@ -432,7 +456,11 @@ impl Host {
             && self.storage.has_home(id)
             && !self.storage.has_snapshot(id, name)
         {
-            self.storage.create_snapshot(id, name).await?;
+            let t0 = std::time::Instant::now();
+            let made = self.storage.create_snapshot(id, name).await;
+            self.metrics.snapshot(made.is_ok(), t0.elapsed());
+            made?;
+            self.emit(HostEvent::SnapshotCreated(id, name.clone()));
             o.created = Some(name.clone());
         }
         Ok(())

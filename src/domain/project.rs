@@ -372,6 +372,10 @@ pub struct Status {
     /// and growing homes are refused. Absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_full: Option<super::reserve::Shortfall>,
+    /// How long each phase of the project's last start took (while it runs, after a start by
+    /// this daemon).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase_timings_ms: Option<super::phases::PhaseTimings>,
 }
 
 /// Disk quota and usage of a project's home (its btrfs qgroup), in bytes.

@@ -12,6 +12,7 @@ negative cases stay negative. What is swapped:
              state a rule for object keys; the spec says it in words)
   keys    -> (PUT /projects/{id}/authorized-keys) each string of a schema-valid length becomes
              a real OpenSSH public key (a random string is not one; the spec says it in words)
+  follow  -> 0 on GET /events and /projects/{id}/logs when valid (their streams never end)
 Everything else (env values, network, cpu, swap, disk, scratch, tmp, ids, bodies) is fuzzed as
 generated.
 """
@@ -78,6 +79,22 @@ def before_call(context, case, **kwargs):
             body = _valid_env_names(body)
     if body != case.body:
         case.body = body
+    _no_streams(case)
+
+
+def _no_streams(case):
+    # GET /events streams by default and logs with follow=1 stream until the client goes: a
+    # fuzzed request would wait for its timeout. Valid follow values (or none) become follow=0 (a
+    # replay that ends); an invalid one is left alone (a negative case, answered 400 at once).
+    op = case.operation
+    if op is None or op.method.upper() != "GET":
+        return
+    if op.path != "/events" and not op.path.endswith("/logs"):
+        return
+    query = dict(case.query or {})
+    if query.get("follow") in (None, "0", "1", 0, 1, True, False):
+        query["follow"] = "0"
+        case.query = query
 
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
