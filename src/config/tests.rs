@@ -169,6 +169,7 @@ fn the_shipped_config_is_the_defaults() {
     s.auth.master_issuer = None;
     s.proxy.listen = None;
     (s.proxy.tls_cert, s.proxy.tls_key) = (None, None);
+    s.ssh.listen = None;
     assert_eq!(s, Settings::default());
 }
 
