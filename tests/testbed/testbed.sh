@@ -130,6 +130,11 @@ up() {
   mkdir -p "$RUN/xchg" "$RUN/btrfs"
   log "fresh copy of the rootfs"
   cp -a --reflink=auto "$CACHE" "$RUN/root"
+  # The package's default storage is a 20G sparse image in the state directory, which
+  # storage-setup (rightly) refuses unless the host's disk has that much free; the tests need far
+  # less. A smaller image for this machine, in the vendor root (a purge of the package keeps it).
+  mkdir -p "$RUN/root/usr/lib/cocalc-project-host/config.d"
+  printf '[storage]\nimage_size = "8G"\n' > "$RUN/root/usr/lib/cocalc-project-host/config.d/10-testbed.toml"
   log "btrfs image for project storage (${TESTBED_BTRFS_SIZE:-4G})"
   truncate -s "${TESTBED_BTRFS_SIZE:-4G}" "$RUN/btrfs.img"
   mkfs.btrfs -q -f "$RUN/btrfs.img" >/dev/null
