@@ -58,6 +58,8 @@ host_packages() {
 build_image_into() {
   local src=$1 out=$2 r=$2/root
   cp -a --reflink=auto "$src" "$r"
+  # the nspawn rootfs masks sshd (its SSH benchmark runs one of its own); the VM is driven over it
+  rm -f "$r/etc/systemd/system/ssh.service" "$r/etc/systemd/system/ssh.socket"
   # kernel + sshd, installed in a chroot inside a private mount namespace (the host is untouched)
   unshare -m --propagation private bash -c '
     set -e; r=$1
