@@ -72,12 +72,16 @@ pub enum Action {
     Host,
     /// `DELETE /projects/:id` (stop, then delete its home and snapshots)
     Delete,
+    /// Moving the project between hosts: on the source `POST /projects/:id/move` and its
+    /// operation; on the target `POST /projects/:id/receive/:move` (the token's `aud` is the
+    /// target host: a token for one target is refused by every other host)
+    Move,
 }
 
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 9] = [
+    pub const ALL: [Action; 10] = [
         Action::List,
         Action::Status,
         Action::Start,
@@ -87,6 +91,7 @@ impl Action {
         Action::Revoke,
         Action::Host,
         Action::Delete,
+        Action::Move,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -102,6 +107,7 @@ impl Action {
             Action::Admin => "admin",
             Action::Host => "host",
             Action::Delete => "delete",
+            Action::Move => "move",
         }
     }
 

@@ -76,7 +76,9 @@ proptest! {
                 | Route::CreateSnapshot(id)
                 | Route::DeleteSnapshot(id, _)
                 | Route::RestoreSnapshot(id, _)
-                | Route::Remove(id),
+                | Route::Remove(id)
+                | Route::Move(id)
+                | Route::Receive(id, _),
             ) => {
                 prop_assert!(p.contains(&id.to_string()));
             }
@@ -85,6 +87,9 @@ proptest! {
             Ok(Route::Health) => prop_assert_eq!(p.as_str(), "/healthz"),
             Ok(Route::List) => prop_assert_eq!(p.as_str(), "/projects"),
             Ok(Route::Host) => prop_assert_eq!(p.as_str(), "/host"),
+            Ok(Route::Operation(op) | Route::CancelOperation(op)) => {
+                prop_assert_eq!(p, format!("/operations/{op}"));
+            }
             Err(e) => prop_assert!([400, 404, 405].contains(&e.status.as_u16()), "{:?}", e),
         }
     }

@@ -5,3 +5,4 @@ pub mod connlimit;
 pub mod dbus;
 pub mod http;
 pub mod local_access;
+pub mod moves;

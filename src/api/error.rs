@@ -80,6 +80,11 @@ pub enum ErrorKind {
     SnapshotsLocked,
     /// The query string has an unknown parameter or a bad value.
     InvalidQuery,
+    /// A move was refused or failed: a stream that is not exactly what was announced, a move id
+    /// used before, a project the target already has (nothing was placed).
+    MoveRejected,
+    /// No such operation (`GET`/`DELETE /operations/:op`).
+    NoSuchOperation,
 }
 
 /// One row of the table.
@@ -97,7 +102,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 30] = [
+    pub const ALL: [ErrorKind; 32] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidConfig,
         ErrorKind::InvalidBody,
@@ -128,6 +133,8 @@ impl ErrorKind {
         ErrorKind::Internal,
         ErrorKind::SnapshotsLocked,
         ErrorKind::InvalidQuery,
+        ErrorKind::MoveRejected,
+        ErrorKind::NoSuchOperation,
     ];
 
     /// The table.
@@ -199,6 +206,8 @@ impl ErrorKind {
                 "org.freedesktop.DBus.Error.InvalidArgs",
                 EXIT_USAGE,
             ),
+            K::MoveRejected => r(422, "move_rejected", "Failed", EXIT_FAILURE),
+            K::NoSuchOperation => r(404, "no_such_operation", "NotFound", EXIT_NO_SUCH_PROJECT),
         }
     }
 
@@ -281,6 +290,8 @@ impl From<core::Error> for WireError {
             E::StorageFull { .. } => ErrorKind::StorageFull,
             E::ImageNotAllowed(_) => ErrorKind::ImageNotAllowed,
             E::SnapshotsLocked(_) => ErrorKind::SnapshotsLocked,
+            E::MoveRejected(_) => ErrorKind::MoveRejected,
+            E::NoSuchOperation(_) => ErrorKind::NoSuchOperation,
         };
         WireError::new(kind, e.to_string())
     }

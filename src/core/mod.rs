@@ -24,6 +24,7 @@ mod ids;
 pub mod link;
 #[cfg(test)]
 mod master_tests;
+pub mod moves;
 mod remove;
 mod reserve;
 mod storage;
@@ -123,6 +124,12 @@ pub enum Error {
     /// A move to another host holds the project's snapshots.
     #[error("project {0} is being moved: its snapshots are locked, it cannot be deleted now")]
     SnapshotsLocked(ProjectId),
+    /// A move was refused or failed (see `core::moves`).
+    #[error("move rejected: {0}")]
+    MoveRejected(String),
+    /// No such operation.
+    #[error("no such operation {0}")]
+    NoSuchOperation(String),
 }
 
 impl Error {
@@ -147,6 +154,8 @@ impl Error {
             Error::StorageFull { .. } => "storage_full",
             Error::ImageNotAllowed(_) => "image_not_allowed",
             Error::SnapshotsLocked(_) => "snapshots_locked",
+            Error::MoveRejected(_) => "move_rejected",
+            Error::NoSuchOperation(_) => "no_such_operation",
         }
     }
 }
@@ -232,6 +241,8 @@ pub struct Host {
     reserve: Mutex<reserve::ReserveState>,
     /// the master link, once started (`link`)
     link: std::sync::OnceLock<Arc<link::Link>>,
+    /// move operations (`moves`)
+    moves: moves::Moves,
 }
 
 /// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
@@ -306,6 +317,7 @@ impl Host {
             tasks: Tasks::new(),
             reserve: Mutex::new(reserve::ReserveState::default()),
             link: std::sync::OnceLock::new(),
+            moves: Default::default(),
         });
         // watch before reading, so no change falls between the read and the stream
         let mut events = host.units.watch().await?;

@@ -4,6 +4,7 @@ pub mod ids;
 pub mod images;
 pub mod limits;
 pub mod master;
+pub mod moves;
 pub mod project;
 pub mod reserve;
 pub mod snapshots;
