@@ -267,6 +267,8 @@ pub trait Storage: Send + Sync + Debug {
     ) -> Result<(), StorageError> {
         no_moves()
     }
+    /// Source: deletes the move's live snapshot if a cancelled send left it.
+    async fn drop_move_snapshot(&self, _id: ProjectId, _mv: crate::domain::moves::MoveId) {}
     /// Target: deletes a move's staging area and spool.
     async fn clean_move(&self, _mv: crate::domain::moves::MoveId) {}
 }

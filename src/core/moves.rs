@@ -226,6 +226,8 @@ impl Host {
                 }
                 Err(e) => {
                     tracing::warn!(project_id = %id, move_id = %mv, error = %e, "move failed; the project stays here");
+                    // a cancel drops the send midway: its live snapshot may be left
+                    host.storage.drop_move_snapshot(id, mv).await;
                     *lock(&o.error) = Some(e);
                     o.set(Phase::Failed);
                     if was_running

@@ -10,6 +10,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod master;
+mod moves;
 mod spine;
 mod storage;
 mod tb;

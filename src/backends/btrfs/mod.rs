@@ -252,6 +252,14 @@ impl crate::ports::Storage for Storage {
     ) -> Result<(), StorageError> {
         self.place_moved(&id, &mv, snapshots).await.map(|_| ())
     }
+    async fn drop_move_snapshot(&self, id: ProjectId, mv: crate::domain::moves::MoveId) {
+        let p = self.move_snapshot(&id, &mv);
+        if std::fs::symlink_metadata(&p).is_ok()
+            && let Err(e) = self.delete_subvolume(&p).await
+        {
+            tracing::warn!(project_id = %id, error = %e, "cannot delete the move's live snapshot");
+        }
+    }
     async fn clean_move(&self, mv: crate::domain::moves::MoveId) {
         Storage::clean_move(self, &mv).await
     }
