@@ -24,6 +24,8 @@ mod ids;
 pub mod link;
 #[cfg(test)]
 mod master_tests;
+#[cfg(test)]
+mod move_tests;
 pub mod moves;
 mod remove;
 mod reserve;

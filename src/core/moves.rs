@@ -312,8 +312,28 @@ impl Host {
 
     /// Receives a move stream for `id` (the target side). `body` yields the request body's
     /// chunks, an `Err` when the connection broke. Everything received is deleted unless the
-    /// project ends up placed and recorded.
+    /// project ends up placed and recorded. Runs to completion on its own task: a client gone
+    /// midway cannot leave a staging area behind.
     pub async fn receive_move(
+        self: &Arc<Self>,
+        id: ProjectId,
+        mv: MoveId,
+        token: &str,
+        body: tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    ) -> Result<Received, Error> {
+        let host = self.clone();
+        let token = token.to_string();
+        match self
+            .tasks
+            .spawn_work(async move { host.receive_move_now(id, mv, &token, body).await })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => Err(Error::MoveRejected(format!("receive task failed: {e}"))),
+        }
+    }
+
+    async fn receive_move_now(
         self: &Arc<Self>,
         id: ProjectId,
         mv: MoveId,

@@ -10,6 +10,16 @@ use serde_json::{Value, json};
 use crate::tb::{self, http, new_id, ok, sh};
 
 const MASTER_DROP_IN: &str = "/etc/cocalc-project-host/config.d/90-e2e-moves.toml";
+const STORAGE_DROP_IN: &str = "/etc/cocalc-project-host/config.d/05-e2e-moves-storage.toml";
+
+/// Makes sure the machine's project storage is up: when the default 20G image does not fit the
+/// build host's free space (a shared machine), a 3G one (the test needs ~1G).
+fn storage_up() -> String {
+    format!(
+        "findmnt -n {s} >/dev/null || {{ printf '[storage]\\nimage_size = \"3G\"\\n' > {STORAGE_DROP_IN} && systemctl restart cocalc-project-host-storage.service && systemctl restart cocalc-project-host.service; }}; findmnt -n {s} >/dev/null",
+        s = tb::STORAGE
+    )
+}
 const TARGET: &str = "http://10.213.0.2:9002";
 
 fn script() -> String {
@@ -61,6 +71,8 @@ impl Peer {
             String::from_utf8_lossy(&o.stderr)
         );
         p.ok("dpkg -i /xchg/cocalc-project-host.deb >/dev/null");
+        p.ok(&storage_up());
+        ok(&storage_up());
         // the veth pair, created in the two machines' own network namespaces
         let leader = |c: &mut Command| {
             String::from_utf8(c.arg("leader").output().unwrap().stdout)
@@ -133,6 +145,8 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.cmd().arg("down").output();
+        // the storage stays mounted; the drop-in, if it was needed, goes
+        sh(&format!("rm -f {STORAGE_DROP_IN}"));
     }
 }
 
@@ -314,11 +328,14 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
     assert_eq!(s, 200, "{cfg}");
     assert_eq!(cfg["config"]["disk"], 1000000000, "{cfg}");
     let qg = peer.ok(&format!(
-        "btrfs qgroup show -re --raw {} | awk -v id=$(btrfs inspect-internal rootid {}/project-{id}) '$1==\"0/\"id {{print $4}}'",
-        tb::STORAGE,
+        "btrfs qgroup show --raw -re -f {}/project-{id} | tail -1",
         tb::STORAGE
     ));
-    assert_eq!(qg, "1000000000", "quota on the target");
+    assert_eq!(
+        qg.split_whitespace().nth(3),
+        Some("1000000000"),
+        "quota on the target: {qg}"
+    );
     // the source has nothing left
     assert_eq!(
         ok(&format!(
