@@ -225,7 +225,7 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
     let exec = |c: &str| ok(&format!("podman exec project-{id} sh -c '{c}'"));
     // 200 MB over three snapshots and the live state
     exec(
-        "head -c 100M /dev/urandom > /home/user/big && mkdir -p /home/user/d && echo one > /home/user/d/f",
+        "dd if=/dev/urandom of=/home/user/big bs=1M count=100 2>/dev/null && mkdir -p /home/user/d && echo one > /home/user/d/f",
     );
     let snap = |n: &str| {
         let (s, v) = http(
@@ -236,9 +236,11 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
         assert_eq!(s, 201, "{v}");
     };
     snap("s1");
-    exec("head -c 50M /dev/urandom > /home/user/big2 && echo two > /home/user/d/f");
+    exec(
+        "dd if=/dev/urandom of=/home/user/big2 bs=1M count=50 2>/dev/null && echo two > /home/user/d/f",
+    );
     snap("s2");
-    exec("head -c 50M /dev/urandom > /home/user/big3 && rm /home/user/big2");
+    exec("dd if=/dev/urandom of=/home/user/big3 bs=1M count=50 2>/dev/null && rm /home/user/big2");
     snap("s3");
     exec("echo live > /home/user/d/f && echo new > /home/user/d/g");
     let before = inventory(ok, &id);
@@ -391,9 +393,10 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
     let send = |mv: &str, snapshots: &str, extra: bool, tamper: bool| -> (u16, Value) {
         let w = format!("{}/.e2e-craft", tb::STORAGE);
         peer.ok(&format!(
-            "rm -rf {w}; mkdir -p {w} && btrfs -q subvolume create {w}/.move-{mv} && echo x > {w}/.move-{mv}/f && btrfs property set -ts {w}/.move-{mv} ro true \
-             && btrfs -q subvolume create {w}/extra && btrfs property set -ts {w}/extra ro true \
-             && btrfs send -q {w}/.move-{mv} > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra >> /tmp/s1; fi; }}"
+            "rm -rf {w}; mkdir -p {w} && btrfs -q subvolume create {w}/src && echo x > {w}/src/f \
+             && btrfs -q subvolume snapshot -r {w}/src {w}/.move-{mv} && btrfs -q subvolume snapshot -r {w}/src {w}/extra \
+             && btrfs send -q {w}/.move-{mv} > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra >> /tmp/s1; fi; }} \
+             && btrfs -q subvolume delete {w}/src {w}/.move-{mv} {w}/extra && rm -rf {w}"
         ));
         let manifest = json!({"move_id": mv, "project_id": id, "snapshots": serde_json::from_str::<Value>(snapshots).unwrap(), "config": {}}).to_string();
         let py = format!(
@@ -405,7 +408,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
             "echo {b64} | base64 -d > /tmp/mk.py && python3 /tmp/mk.py '{token}'"
         ));
         let out = peer.ok(&format!(
-            "curl -sS -m 60 -H 'Authorization: Bearer {token}' --data-binary @/tmp/body -o /tmp/b -w '%{{http_code}}' -X POST 'http://127.0.0.1:9002/projects/{id}/receive/{mv}'; echo; cat /tmp/b; btrfs subvolume delete {w}/.move-{mv} {w}/extra >/dev/null; rm -rf {w}"
+            "curl -sS -m 60 -H 'Authorization: Bearer {token}' --data-binary @/tmp/body -o /tmp/b -w '%{{http_code}}' -X POST 'http://127.0.0.1:9002/projects/{id}/receive/{mv}'; echo; cat /tmp/b"
         ));
         let (s, rest) = out.split_once('\n').unwrap();
         (
