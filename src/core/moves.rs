@@ -296,10 +296,11 @@ impl Host {
         };
         let push = sender.send(id, mv, &req.token, net_rx);
         let (sent, (), pushed) = tokio::join!(produce, pump, push);
+        // the target's answer first: a refusal also ends the connection under the send
+        pushed.map_err(|e| format!("the target refused the move: {e}"))?;
         if let Err(e) = sent {
             return Err(format!("sending: {e}"));
         }
-        pushed.map_err(|e| format!("the target refused the move: {e}"))?;
         op.set(Phase::Importing);
         *lock(&op.downtime_ms) = req.start.then(|| stopped_at.elapsed().as_millis() as u64);
         // the target has it whole: only now is the source's copy deleted

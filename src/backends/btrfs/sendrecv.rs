@@ -259,6 +259,10 @@ impl Storage {
         ])
         .await
         .map_err(|e| e.to_string())?;
+        // the kernel refuses (EINVAL) to send a snapshot its transaction has not committed yet
+        if let Err(e) = self.sync().await {
+            tracing::warn!(project_id = %id, error = %e, "btrfs filesystem sync before the send failed");
+        }
         let r = async {
             let mut total = 0;
             let mut parent: Option<PathBuf> = None;
