@@ -344,8 +344,8 @@ impl Systemd {
     }
 
     /// Runs `argv` as a oneshot transient unit in a sandbox that may write only `writable`: no
-    /// network, no new privileges, only the capabilities a `btrfs receive --chroot` needs (no
-    /// CAP_MKNOD: a stream cannot make device nodes), the rest of the system read-only.
+    /// network, no new privileges, only the capabilities a `btrfs receive` needs (no CAP_MKNOD:
+    /// a stream cannot make device nodes), the rest of the system read-only.
     pub async fn run_confined(
         &self,
         unit: &str,
@@ -354,8 +354,8 @@ impl Systemd {
         writable: &std::path::Path,
         timeout: Duration,
     ) -> Result<(), SystemdError> {
-        // CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_FOWNER 3, CAP_SYS_CHROOT 18, CAP_SYS_ADMIN 21
-        let caps: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 18) | (1 << 21);
+        // CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_FOWNER 3, CAP_SYS_ADMIN 21
+        let caps: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 21);
         let path = argv[0].clone();
         let props = [
             ("Description", Variant::from(description.to_string())),

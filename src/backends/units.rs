@@ -252,7 +252,7 @@ impl Units for SystemdUnits {
                     &format!("cocalc-move-receive-{mv}.service"),
                     &format!("Receive move {mv} into its staging area"),
                     crate::backends::btrfs::sendrecv::receive_argv(spool, staging),
-                    staging,
+                    crate::backends::btrfs::sendrecv::receive_writable(staging),
                     Duration::from_secs(3600),
                 )
                 .await

@@ -395,7 +395,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         peer.ok(&format!(
             "rm -rf {w}; mkdir -p {w} && btrfs -q subvolume create {w}/src && echo x > {w}/src/f \
              && btrfs -q subvolume snapshot -r {w}/src {w}/.move-{mv} && btrfs -q subvolume snapshot -r {w}/src {w}/extra \
-             && btrfs filesystem sync {w} && btrfs send -q {w}/.move-{mv} > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra >> /tmp/s1; fi; }} \
+             && btrfs filesystem sync {w} && btrfs send -q {w}/.move-{mv} | cat > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra | cat >> /tmp/s1; fi; }} \
              && btrfs -q subvolume delete {w}/src {w}/.move-{mv} {w}/extra && rm -rf {w}"
         ));
         let manifest = json!({"move_id": mv, "project_id": id, "snapshots": serde_json::from_str::<Value>(snapshots).unwrap(), "config": {}}).to_string();
