@@ -133,9 +133,8 @@ impl Storage {
         Ok(out)
     }
 
-    /// Places a checked staging area: the snapshots into the project's snapshots directory (by
-    /// rename: each stays the read-only subvolume it is) and a writable snapshot of the live
-    /// state as the home. The project has no home here (checked before the stream was taken).
+    /// Places a checked staging area: a read-only snapshot of each received snapshot into the
+    /// project's snapshots directory and a writable snapshot of the live state as the home. The project has no home here (checked before the stream was taken).
     pub async fn place_moved(
         &self,
         id: &ProjectId,
@@ -148,9 +147,19 @@ impl Storage {
             return Err(StorageError::NotSubvolume(home));
         }
         let dir = self.ensure_snapshots_dir(id)?;
+        // a read-only snapshot of each (O(1), sharing every extent): a read-only subvolume
+        // cannot be renamed into another directory (EROFS), and flipping its flag would drop
+        // what makes it a received one; the staging copies go with the staging area
         for s in snapshots {
             let (from, to) = (staging.join(s.as_str()), dir.join(s.as_str()));
-            std::fs::rename(&from, &to).map_err(io(&to))?;
+            super::subvol::btrfs([
+                "subvolume".as_ref(),
+                "snapshot".as_ref(),
+                "-r".as_ref(),
+                from.as_os_str(),
+                to.as_os_str(),
+            ])
+            .await?;
         }
         let live = staging.join(live_name(mv));
         super::subvol::btrfs([
