@@ -206,7 +206,7 @@ impl ErrorKind {
                 "org.freedesktop.DBus.Error.InvalidArgs",
                 EXIT_USAGE,
             ),
-            K::MoveRejected => r(422, "move_rejected", "Failed", EXIT_FAILURE),
+            K::MoveRejected => r(409, "move_rejected", "Failed", EXIT_FAILURE),
             K::NoSuchOperation => r(404, "no_such_operation", "NotFound", EXIT_NO_SUCH_PROJECT),
         }
     }

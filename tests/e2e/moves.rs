@@ -436,24 +436,24 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
     };
     // tampered (one bit of the stream flipped) → refused before btrfs sees it
     let (s, v) = send(&mv, "[]", false, true);
-    assert_eq!((s, v["code"].as_str()), (422, Some("move_rejected")), "{v}");
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("MAC"), "{v}");
     nothing_placed();
     // the same move id again, now intact → a replay, refused
     let (s, v) = send(&mv, "[]", false, false);
-    assert_eq!((s, v["code"].as_str()), (422, Some("move_rejected")), "{v}");
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("before"), "{v}");
     nothing_placed();
     // an extra subvolume → refused, all of it deleted
     let mv2 = uuid::Uuid::new_v4().to_string();
     let (s, v) = send(&mv2, "[]", true, false);
-    assert_eq!((s, v["code"].as_str()), (422, Some("move_rejected")), "{v}");
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("extra"), "{v}");
     nothing_placed();
     // a snapshot name that is a path out of the staging area → refused
     let mv3 = uuid::Uuid::new_v4().to_string();
     let (s, v) = send(&mv3, r#"["../../escape"]"#, false, false);
-    assert_eq!((s, v["code"].as_str()), (422, Some("move_rejected")), "{v}");
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     nothing_placed();
     assert_eq!(
         peer.ok(&format!("ls {} | grep -c escape || true", tb::STORAGE)),
