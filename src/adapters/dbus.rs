@@ -560,6 +560,19 @@ async fn publish(
                 iface.main_p_i_d_changed(p.signal_emitter()).await?; // zbus derives the name from "MainPID"
             }
         }
+        HostEvent::Removed(id) => {
+            if exported.remove(&id) {
+                let path = project_path(&id);
+                server.remove::<Project, _>(&path).await?;
+                Manager::project_removed(manager.signal_emitter(), &id.to_string(), path.as_ref())
+                    .await?;
+                manager
+                    .get()
+                    .await
+                    .project_count_changed(manager.signal_emitter())
+                    .await?;
+            }
+        }
     }
     Ok(())
 }

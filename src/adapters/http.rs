@@ -185,7 +185,10 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["projects"] => (Method::GET, Route::List),
         ["auth", "revoked"] => (Method::POST, Route::Revoke),
         ["host"] => (Method::GET, Route::Host),
-        ["projects", id] if !id.is_empty() => (Method::DELETE, Route::Remove(parse_id(id)?)),
+        // only DELETE: any other method on it stays "no such endpoint", as before it existed
+        ["projects", id] if *method == Method::DELETE && !id.is_empty() => {
+            (Method::DELETE, Route::Remove(parse_id(id)?))
+        }
         ["projects", id, "move"] => (Method::POST, Route::Move(parse_id(id)?)),
         ["projects", id, "receive", mv] => {
             let id = parse_id(id)?;
@@ -700,6 +703,7 @@ mod tests {
             "/projects/",
             "/healthz/",
             &format!("/projects/{ID}/rm"),
+            &format!("/projects/{ID}"),
         ] {
             let e = code(Method::GET, p);
             assert_eq!(
@@ -720,9 +724,9 @@ mod tests {
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
         let e = code(Method::POST, "/healthz");
         assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
-        // a project itself only takes DELETE; a bad id is still a bad id
+        // a project itself only takes DELETE (anything else: no such endpoint, as before)
         let e = code(Method::GET, &format!("/projects/{ID}"));
-        assert_eq!(e.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
         let e = code(Method::DELETE, "/projects/..");
         assert_eq!(e.code, "invalid_project_id");
         assert_eq!(

@@ -1,6 +1,7 @@
 //! What the master's register answer changes in who may call the API: a new set of master
 //! public keys (replacing `auth.master_public_keys`, kept in the store so a restart offline
-//! keeps it) and token ids to revoke (onto the revocation list). The core's master link hands
+//! keeps it, until the admin changes `auth.master_public_keys`) and token ids to revoke (onto
+//! the revocation list). The core's master link hands
 //! the answer over through [`crate::core::link::Trust`].
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +23,15 @@ pub struct FleetTrust {
     store: Store,
     /// the PEMs in force (the configured ones until the master sends its own)
     pems: Mutex<Vec<String>>,
+    /// `auth.master_public_keys`, stored beside the master's set: a config change overrides it
+    configured: Vec<String>,
+}
+
+/// What the store keeps: the master's set, and the configured keys it replaced.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Stored {
+    keys: Vec<String>,
+    configured: Vec<String>,
 }
 
 impl FleetTrust {
@@ -42,16 +52,20 @@ impl FleetTrust {
                 )
             })
             .await?;
-        let mut pems = configured;
+        let mut pems = configured.clone();
         if let Some(json) = stored {
-            match serde_json::from_str::<Vec<String>>(&json)
+            match serde_json::from_str::<Stored>(&json)
                 .map_err(|e| e.to_string())
-                .and_then(|v| parse_keys(&v).map(|k| (v, k)))
+                .and_then(|v| parse_keys(&v.keys).map(|k| (v, k)))
             {
+                // the admin's word is newer than the master's set when the config changed since
+                Ok((v, _)) if v.configured != configured => tracing::info!(
+                    "auth.master_public_keys changed since the master sent its keys: using the configured ones until it sends them again"
+                ),
                 Ok((v, keys)) => {
                     auth.set_fleet_keys(keys);
-                    tracing::info!(keys = v.len(), "using the master's stored public keys");
-                    pems = v;
+                    tracing::info!(keys = v.keys.len(), "using the master's stored public keys");
+                    pems = v.keys;
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring the master's stored public keys"),
             }
@@ -60,6 +74,7 @@ impl FleetTrust {
             auth,
             store,
             pems: Mutex::new(pems),
+            configured,
         })
     }
 }
@@ -95,7 +110,11 @@ impl crate::core::link::Trust for FleetTrust {
         }
         if let Some(pems) = &answer.public_keys {
             let keys = parse_keys(pems).map_err(|e| format!("public_keys: {e}"))?;
-            let json = serde_json::to_string(pems).map_err(|e| e.to_string())?;
+            let stored = Stored {
+                keys: pems.clone(),
+                configured: self.configured.clone(),
+            };
+            let json = serde_json::to_string(&stored).map_err(|e| e.to_string())?;
             self.store
                 .call(move |c| {
                     c.execute(
@@ -120,5 +139,69 @@ impl crate::core::link::Trust for FleetTrust {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::link::Trust as _;
+    use base64::Engine as _;
+
+    const HOST: &str = "0b7e5b8e-1111-4222-8333-444455556666";
+
+    fn b64(seed: u8) -> String {
+        let vk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key();
+        base64::engine::general_purpose::STANDARD.encode(vk.to_bytes())
+    }
+
+    fn accepts(auth: &Auth, seed: u8) -> bool {
+        let now = now_secs();
+        let claims = serde_json::json!({"aud": HOST, "sub": "s", "iat": now, "exp": now + 60,
+            "scope": {"projects": "*", "actions": ["list"]}});
+        let t = super::super::sign(&[seed; 32], &claims).unwrap();
+        auth.verify(&t, now).is_ok()
+    }
+
+    async fn load(store: &Store, configured: u8) -> (Arc<Auth>, FleetTrust) {
+        let key = parse_public_key(&b64(configured)).unwrap();
+        let auth = Arc::new(Auth::new(&[], vec![key], HOST, 3600));
+        let t = FleetTrust::load(auth.clone(), store.clone(), vec![b64(configured)])
+            .await
+            .unwrap();
+        (auth, t)
+    }
+
+    #[tokio::test]
+    async fn the_masters_key_set_replaces_the_configured_one_until_the_config_changes() {
+        let dir = std::env::temp_dir().join(format!("cph-fleet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        let _ = std::fs::remove_file(&path);
+        let store = Store::open(&path).unwrap();
+        let (auth, trust) = load(&store, 1).await;
+        assert!(accepts(&auth, 1) && !accepts(&auth, 2));
+        let bad = RegisterAnswer {
+            public_keys: Some(vec![b64(2), "not a key".into()]),
+            revoked: vec![],
+        };
+        assert!(trust.apply(&bad).await.is_err());
+        assert!(accepts(&auth, 1), "a set with a bad key is refused whole");
+        let answer = RegisterAnswer {
+            public_keys: Some(vec![b64(2)]),
+            revoked: vec![],
+        };
+        trust.apply(&answer).await.unwrap();
+        assert!(accepts(&auth, 2) && !accepts(&auth, 1));
+        assert_eq!(trust.public_keys(), [b64(2)]);
+        // a restart with the same config: the master's set holds
+        let (auth, trust) = load(&store, 1).await;
+        assert!(accepts(&auth, 2) && !accepts(&auth, 1));
+        assert_eq!(trust.public_keys(), [b64(2)]);
+        // the admin configured another key since: the config wins
+        let (auth, trust) = load(&store, 3).await;
+        assert!(accepts(&auth, 3) && !accepts(&auth, 2));
+        assert_eq!(trust.public_keys(), [b64(3)]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

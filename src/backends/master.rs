@@ -273,3 +273,72 @@ impl Master for HttpMaster {
         self.post("/project-state", msg).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_settings_that_cannot_work_are_refused_at_setup() {
+        let mut m = MasterSettings {
+            url: Some("https://127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        m.ca_file = Some("/no/such/ca.pem".into());
+        let e = HttpMaster::new(&m, "c".into()).unwrap_err();
+        assert!(e.contains("/no/such/ca.pem"), "{e}");
+        let empty = std::env::temp_dir().join(format!("cph-empty-ca-{}", std::process::id()));
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        m.ca_file = Some(empty.clone());
+        let e = HttpMaster::new(&m, "c".into()).unwrap_err();
+        assert!(e.contains("no certificate"), "{e}");
+        std::fs::remove_file(&empty).unwrap();
+        // a pin needs no CA file; plain http to loopback needs no TLS at all
+        m.ca_file = None;
+        m.pin_sha256 = Some("ab".repeat(32));
+        let c = HttpMaster::new(&m, "secret-credential".into()).unwrap();
+        assert!(!format!("{c:?}").contains("secret"), "never the credential");
+        m.url = Some("http://127.0.0.1:9".into());
+        assert!(HttpMaster::new(&m, "c".into()).unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn the_pin_is_the_certificates_sha256() {
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let der = CertificateDer::from(vec![1u8, 2, 3]);
+        let pin: [u8; 32] = Sha256::digest([1u8, 2, 3]).into();
+        let v = Pinned { pin, algs };
+        use rustls::client::danger::ServerCertVerifier as _;
+        let name = ServerName::try_from("m.example").unwrap();
+        assert!(
+            v.verify_server_cert(&der, &[], &name, &[], UnixTime::now())
+                .is_ok()
+        );
+        let other = CertificateDer::from(vec![1u8, 2, 4]);
+        let e = v
+            .verify_server_cert(&other, &[], &name, &[], UnixTime::now())
+            .unwrap_err();
+        assert!(e.to_string().contains("pinned"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_master_that_is_not_there_is_unreachable_not_a_panic() {
+        let m = MasterSettings {
+            url: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let c = HttpMaster::new(&m, "c".into()).unwrap();
+        let e = c
+            .report(&ProjectStates {
+                host_id: "h".into(),
+                session_id: "s".into(),
+                reports: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, MasterError::Unreachable(ref m) if m.contains("connect")),
+            "{e}"
+        );
+    }
+}

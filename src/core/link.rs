@@ -39,6 +39,8 @@ pub trait Trust: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default)]
 pub struct Link {
     status: Mutex<LinkStatus>,
+    /// homes at their quota as of the last disk refresh (a hit is reported once per crossing)
+    at_quota: Mutex<std::collections::HashSet<crate::domain::project::ProjectId>>,
 }
 
 impl Link {
@@ -146,6 +148,52 @@ impl Host {
         self.read_entries()
             .get(&id)
             .map_or(ProjectState::Opened, |e| e.state())
+    }
+
+    /// Reports the homes that reached their disk quota since the last disk refresh (`usage`),
+    /// once per crossing; homes held at their usage by the storage reserve are not hits.
+    pub(super) async fn note_quota_hits(
+        &self,
+        usage: &std::collections::HashMap<crate::domain::project::ProjectId, crate::ports::Usage>,
+        held: &std::collections::HashSet<crate::domain::project::ProjectId>,
+    ) {
+        let Some(link) = self.link.get() else { return };
+        let mut hits = Vec::new();
+        {
+            let mut at = link.at_quota.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, u) in usage {
+                let Some(q) = u.quota else {
+                    at.remove(id);
+                    continue;
+                };
+                // btrfs refuses a write that would cross the limit: "at" it is within 1% (1 MiB
+                // at least); back below 95% it may hit again
+                let slack = (q / 100).max(1 << 20);
+                if u.used.saturating_add(slack) >= q {
+                    if !held.contains(id) && at.insert(*id) {
+                        hits.push(*id);
+                    }
+                } else if u.used < q / 100 * 95 {
+                    at.remove(id);
+                }
+            }
+        }
+        for id in hits {
+            let state = self.project_state(id);
+            tracing::info!(project_id = %id, "project home at its disk quota");
+            if let Err(e) = self
+                .store
+                .report(
+                    id,
+                    crate::domain::master::ReportKind::Quota,
+                    state,
+                    now_ms(),
+                )
+                .await
+            {
+                tracing::warn!(project_id = %id, error = %e, "cannot queue the quota report");
+            }
+        }
     }
 
     /// The master link's state (standalone when no link runs).
@@ -395,5 +443,39 @@ async fn session(
             () = store.outbox_wait() => {}
             () = tokio::time::sleep_until(next_beat) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(8));
+        for cap in [1, 2, 4, 8, 8, 8] {
+            let d = b.next_delay();
+            let cap = Duration::from_secs(cap);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+        // never below the first delay, whatever the heartbeat
+        let mut b = Backoff::new(Duration::ZERO);
+        assert!(b.next_delay() <= Duration::from_secs(1));
+        assert!(b.next_delay() >= Duration::from_millis(500));
+    }
+
+    #[test]
+    fn psi_lines_are_read_when_the_kernel_has_them() {
+        // on a kernel without PSI (or a sandbox hiding it) this is None, never a panic
+        if let Some(v) = psi("cpu") {
+            assert!(v >= 0.0);
+        }
+        assert_eq!(psi("no-such-resource"), None);
     }
 }

@@ -167,6 +167,36 @@ async fn a_project_ending_on_its_own_is_reported() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_home_reaching_its_quota_is_reported_once_per_crossing() {
+    let (sim, master, trust) = (Sim::new(), SimMaster::new(), Arc::new(SimTrust::default()));
+    let h = linked(&sim, &master, &trust).await;
+    let a = id(1);
+    h.start(a, None).await.expect("start");
+    let quota = sim
+        .storage
+        .limit(a)
+        .flatten()
+        .expect("the default quota is on the home");
+    sim.storage.set_used(a, quota);
+    eventually("a quota report", || {
+        kinds(&master).contains(&(a, ReportKind::Quota))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let hits = |m: &SimMaster| {
+        kinds(m)
+            .iter()
+            .filter(|k| **k == (a, ReportKind::Quota))
+            .count()
+    };
+    assert_eq!(hits(&master), 1, "once while it stays there");
+    sim.storage.set_used(a, quota / 2);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    sim.storage.set_used(a, quota);
+    eventually("a second hit", || hits(&master) == 2).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn over_its_limit_the_outbox_coalesces_the_oldest_per_project() {
     let sim = Sim::new();
     crate::ports::Store::enable_outbox(&*sim.store, 3);

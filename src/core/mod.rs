@@ -169,6 +169,8 @@ pub enum HostEvent {
     New(ProjectId),
     /// A project's state changed.
     State(ProjectId, ProjectState),
+    /// A project was deleted from this host (`DELETE /projects/:id`): it is no longer known.
+    Removed(ProjectId),
 }
 
 #[derive(Debug, Default, Clone)]

@@ -60,7 +60,7 @@ impl Host {
             self.storage.delete_project(id).await?;
             let known = self.store.remove(id, now_ms()).await?;
             if self.entries().remove(&id).is_some() {
-                tracing::debug!(project_id = %id, "forgot the project's in-memory state");
+                let _ = self.changes.send(super::HostEvent::Removed(id));
             }
             let removed = known || had_storage;
             if removed {

@@ -96,6 +96,8 @@ impl Host {
                 }
             }
         }
+        let held = self.reserve_state().held.clone();
+        self.note_quota_hits(&usage, &held).await;
         self.record_usage(usage);
     }
 

@@ -15,6 +15,8 @@ pub enum ReportKind {
     Failed,
     /// It was deleted from this host (`DELETE /projects/:id`).
     Removed,
+    /// Its home reached its disk quota (writes fail until it shrinks or the quota grows).
+    Quota,
 }
 
 impl ReportKind {
@@ -25,6 +27,7 @@ impl ReportKind {
             ReportKind::Stopped => "stopped",
             ReportKind::Failed => "failed",
             ReportKind::Removed => "removed",
+            ReportKind::Quota => "quota",
         }
     }
     /// The inverse of [`ReportKind::as_str`].
@@ -34,6 +37,7 @@ impl ReportKind {
             ReportKind::Stopped,
             ReportKind::Failed,
             ReportKind::Removed,
+            ReportKind::Quota,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -148,7 +152,7 @@ mod tests {
         assert_eq!(ReportKind::of_change(Some(Opened), Opened), None);
         assert_eq!(ReportKind::of_change(None, Opened), None);
         assert_eq!(ReportKind::of_change(Some(Opened), Starting), None);
-        for k in ["started", "stopped", "failed", "removed"] {
+        for k in ["started", "stopped", "failed", "removed", "quota"] {
             assert_eq!(ReportKind::parse(k).map(ReportKind::as_str), Some(k));
         }
         assert_eq!(ReportKind::parse("x"), None);

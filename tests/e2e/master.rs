@@ -218,21 +218,27 @@ fn the_master_sees_register_heartbeats_and_ordered_reports() {
 
     // DELETE: stops b, deletes its home and snapshots, reports it removed
     ok(&format!("cocalc-project-host snapshot create {b} keep"));
+    let home = format!("{}/project-{b}", tb::STORAGE);
+    let snaps = format!("{}/.snapshots/project-{b}", tb::STORAGE);
+    ok(&format!("ls -d {home} {snaps}/keep"));
     let (s, v) = http("DELETE", &format!("/projects/{b}"), None);
     assert_eq!((s, &v["removed"]), (200, &json!(true)), "{v}");
-    assert_eq!(
-        sh(&format!(
-            "ls -d {}/{b} {}/.snapshots/{b}",
-            tb::STORAGE,
-            tb::STORAGE
-        ))
-        .code,
-        2,
-        "home and snapshots gone"
-    );
+    for p in [&home, &snaps] {
+        assert_ne!(sh(&format!("ls -d {p}")).code, 0, "{p} is gone");
+    }
     let (s, v) = http("GET", &format!("/projects/{b}/status"), None);
     assert_eq!((s, &v["state"]), (200, &json!("opened")), "{v}");
     assert!(!http("GET", "/projects", None).1.to_string().contains(&b));
+    let bpath = cocalc_project_host::adapters::dbus::project_path(&b.parse().unwrap());
+    assert_ne!(
+        sh(&format!(
+            "busctl introspect com.cocalc.ProjectHost1 {}",
+            bpath.as_str()
+        ))
+        .code,
+        0,
+        "its D-Bus object is gone"
+    );
     // idempotent
     let (s, v) = http("DELETE", &format!("/projects/{b}"), None);
     assert_eq!((s, &v["removed"]), (200, &json!(false)), "{v}");
@@ -252,6 +258,28 @@ fn the_master_sees_register_heartbeats_and_ordered_reports() {
     wait_for("the 5 reports", 20, || {
         (master.reports(&[&a, &b]) == expected).then_some(())
     });
+    // a project stopped outside the host's calls is reported too
+    let c = new_id();
+    start(&c, None);
+    ok(&format!("systemctl stop cocalc-project-{c}.service"));
+    let expected_c = want(&[(&c, "started"), (&c, "stopped")]);
+    wait_for("the outside stop's report", 20, || {
+        (master.reports(&[&c]) == expected_c).then_some(())
+    });
+    // a home filling its quota is reported (once)
+    let d = new_id();
+    start(&d, Some(&format!("{{\"disk\":{}}}", 50 << 20)));
+    let o = sh(&format!(
+        "podman exec project-{d} sh -c 'dd if=/dev/zero of=/home/user/big bs=1M count=80 2>&1; sync'"
+    ));
+    assert!(o.stdout.contains("Disk quota exceeded"), "{}", o.stdout);
+    wait_for("the quota report", 30, || {
+        master
+            .reports(&[&d])
+            .contains(&(d.clone(), "quota".to_string()))
+            .then_some(())
+    });
+    stop(&d, false);
     wait_for("2 heartbeats", 10, || {
         (master.count("/heartbeat") >= 2).then_some(())
     });
@@ -269,7 +297,7 @@ fn the_master_sees_register_heartbeats_and_ordered_reports() {
 }
 
 #[test]
-fn with_the_master_down_during_five_changes_and_a_restart_none_is_lost() {
+fn with_the_master_down_during_five_changes_a_crash_and_a_restart_none_is_lost() {
     let master = TestMaster::up(9182, "");
     let _cred = Credential::install("e2e-credential-2");
     let _link = link("http://127.0.0.1:9182", "");
@@ -279,10 +307,21 @@ fn with_the_master_down_during_five_changes_and_a_restart_none_is_lost() {
     start(&a, None);
     start(&b, None);
     stop(&a, false);
+    // a crash (SIGKILL: no shutdown at all) between the changes; systemd restarts the daemon
+    let pid = ok("systemctl show -p MainPID --value cocalc-project-host.service");
+    ok("systemctl kill --signal=SIGKILL cocalc-project-host.service");
+    wait_for("the daemon back after the crash", 20, || {
+        let now = ok("systemctl show -p MainPID --value cocalc-project-host.service");
+        (now != pid
+            && now != "0"
+            && sh("systemctl is-active cocalc-project-host.service").code == 0)
+            .then_some(())
+    });
     start(&a, None);
     stop(&b, false);
     let m = wait_state("offline");
     assert!(m["last_error"].as_str().unwrap().contains("connect"), "{m}");
+    // and a restart
     ok("systemctl restart cocalc-project-host.service");
     let m = wait_for("the outbox after the restart", 20, || {
         let m = host_link();
@@ -498,4 +537,59 @@ fn without_its_credential_the_host_runs_standalone() {
     let id = new_id();
     start(&id, None);
     stop(&id, false);
+}
+
+#[test]
+fn deletes_and_the_host_view_need_their_own_actions() {
+    let (seed, public) = keypair();
+    let _auth = DropIn::install(
+        CONF,
+        &format!("[auth]\nmaster_public_keys = [\"{public}\"]\nmax_token_lifetime = 3600\n"),
+    );
+    let (a, b) = (new_id(), new_id());
+    start(&a, None);
+    ok(&format!(
+        "podman exec project-{a} sh -c 'echo keep > /home/user/keep'"
+    ));
+    let t = cocalc_project_host::auth::now_secs();
+    let host = tb::host_id();
+    let tok = |projects: Value, actions: Value| {
+        let claims = json!({"aud": host, "sub": "e2e", "iat": t, "exp": t + 600,
+            "scope": {"projects": projects, "actions": actions}});
+        cocalc_project_host::auth::sign(&seed, &claims).unwrap()
+    };
+    // everything but delete on a, and delete on b only: neither deletes a
+    let all_but = tok(
+        json!([a]),
+        json!([
+            "list", "status", "start", "stop", "config", "snapshot", "revoke", "host"
+        ]),
+    );
+    let other = tok(json!([b]), json!(["delete"]));
+    for t in [&all_but, &other] {
+        let (s, v) = http_as(As::Bearer(t), "DELETE", &format!("/projects/{a}"), None);
+        assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    }
+    let (s, v) = http_as(As::Nobody, "DELETE", &format!("/projects/{a}"), None);
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(tb::status(&a)["state"], "running", "untouched");
+    ok(&format!("ls -d {}/project-{a}", tb::STORAGE));
+    ok(&format!("podman exec project-{a} cat /home/user/keep"));
+    // GET /host needs the host action
+    let (s, v) = http_as(
+        As::Bearer(&tok(json!("*"), json!(["list"]))),
+        "GET",
+        "/host",
+        None,
+    );
+    assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    // the delete action on a does it
+    let del = tok(json!([a]), json!(["delete"]));
+    let (s, v) = http_as(As::Bearer(&del), "DELETE", &format!("/projects/{a}"), None);
+    assert_eq!((s, &v["removed"]), (200, &json!(true)), "{v}");
+    assert_ne!(
+        sh(&format!("ls -d {}/project-{a}", tb::STORAGE)).code,
+        0,
+        "home gone"
+    );
 }
