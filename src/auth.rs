@@ -82,12 +82,16 @@ pub enum Action {
     Logs,
     /// `GET /metrics` (host-wide, no project)
     Metrics,
+    /// Moving the project between hosts: on the source `POST /projects/:id/move` and its
+    /// operation; on the target `POST /projects/:id/receive/:move` (the token's `aud` is the
+    /// target host: a token for one target is refused by every other host)
+    Move,
 }
 
 impl Action {
     /// Every action, in wire order.
     /// (`Admin` is not one: no master token can grant it.)
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::List,
         Action::Status,
         Action::Start,
@@ -102,6 +106,7 @@ impl Action {
         Action::Delete,
         Action::Logs,
         Action::Metrics,
+        Action::Move,
     ];
 
     /// The name used in a token's `scope.actions`.
@@ -122,6 +127,7 @@ impl Action {
             Action::Delete => "delete",
             Action::Logs => "logs",
             Action::Metrics => "metrics",
+            Action::Move => "move",
         }
     }
 

@@ -100,6 +100,28 @@ pub fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("; ")
 }
 
+/// Starts `program args…` with stdout and stderr piped, for a caller that streams its output
+/// (`btrfs send`); the child is killed when dropped. The caller waits for it and reads stderr.
+pub fn spawn_piped<I, S>(program: &str, args: I) -> Result<tokio::process::Child, CmdError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    tracing::debug!(program, args = ?args, "spawn");
+    Command::new(program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| CmdError::Spawn {
+            program: program.to_owned(),
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,25 @@ pub enum Helper {
     RemoveContainer(ProjectId),
     /// Change the memory limits of the project's running container.
     UpdateContainer(ProjectId, Limits),
+    /// `btrfs receive` a spooled move stream into its staging area, confined to it.
+    Receive {
+        /// the move
+        mv: crate::domain::moves::MoveId,
+        /// the spooled stream (its MAC checked)
+        spool: PathBuf,
+        /// the staging area
+        staging: PathBuf,
+    },
+}
+
+fn no_moves<T>() -> Result<T, StorageError> {
+    Err(StorageError::Io {
+        path: PathBuf::new(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this storage backend does not move projects",
+        ),
+    })
 }
 
 /// The units of projects (systemd transient units running podman).
@@ -241,6 +260,46 @@ pub trait Storage: Send + Sync + Debug {
     /// Deletes the project's home, snapshots and scratch (the project is stopped); deleting
     /// what is not there is no error.
     async fn delete_project(&self, id: ProjectId) -> Result<(), StorageError>;
+
+    // Moves between hosts (`core::moves`).
+    /// Source: sends the snapshots (in order, each incremental to the one before) and a
+    /// read-only snapshot of the live home taken now, into `sink`; bytes sent.
+    async fn send_for_move(
+        &self,
+        _id: ProjectId,
+        _mv: crate::domain::moves::MoveId,
+        _snapshots: &[SnapshotName],
+        _sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, String> {
+        Err("this storage backend does not move projects".into())
+    }
+    /// Target: takes a move id once (`None`: taken before); (staging area, spool file).
+    async fn take_move(
+        &self,
+        _mv: crate::domain::moves::MoveId,
+    ) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
+        no_moves()
+    }
+    /// Target: (name, is a subvolume, is read-only) of what the staging area holds.
+    async fn inspect_move(
+        &self,
+        _mv: crate::domain::moves::MoveId,
+    ) -> Result<Vec<(String, bool, bool)>, StorageError> {
+        no_moves()
+    }
+    /// Target: puts the checked snapshots and the live state in place as the project's.
+    async fn place_move(
+        &self,
+        _id: ProjectId,
+        _mv: crate::domain::moves::MoveId,
+        _snapshots: &[SnapshotName],
+    ) -> Result<(), StorageError> {
+        no_moves()
+    }
+    /// Source: deletes the move's live snapshot if a cancelled send left it.
+    async fn drop_move_snapshot(&self, _id: ProjectId, _mv: crate::domain::moves::MoveId) {}
+    /// Target: deletes a move's staging area and spool.
+    async fn clean_move(&self, _mv: crate::domain::moves::MoveId) {}
 }
 
 /// Picks a free id range base given every base taken (`None`: none free).

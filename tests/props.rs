@@ -79,7 +79,9 @@ proptest! {
                 | Route::AuthorizedKeys(id)
                 | Route::SetAuthorizedKeys(id)
                 | Route::Remove(id)
-                | Route::Logs(id),
+                | Route::Logs(id)
+                | Route::Move(id)
+                | Route::Receive(id, _),
             ) => {
                 prop_assert!(p.contains(&id.to_string()));
             }
@@ -90,6 +92,9 @@ proptest! {
             Ok(Route::Host) => prop_assert_eq!(p.as_str(), "/host"),
             Ok(Route::Events) => prop_assert_eq!(p.as_str(), "/events"),
             Ok(Route::Metrics) => prop_assert_eq!(p.as_str(), "/metrics"),
+            Ok(Route::Operation(op) | Route::CancelOperation(op)) => {
+                prop_assert_eq!(p, format!("/operations/{op}"));
+            }
             Err(e) => prop_assert!([400, 404, 405].contains(&e.status.as_u16()), "{:?}", e),
         }
     }

@@ -118,6 +118,14 @@ pub enum Route {
     Events,
     /// `GET /metrics` (Prometheus/OpenMetrics text)
     Metrics,
+    /// `POST /projects/:id/move` (the source: admin, or a master token with `move`)
+    Move(ProjectId),
+    /// `POST /projects/:id/receive/:move` (the target: a master token with `move`, `aud` = us)
+    Receive(ProjectId, crate::domain::moves::MoveId),
+    /// `GET /operations/:op` (admin)
+    Operation(String),
+    /// `DELETE /operations/:op` (admin)
+    CancelOperation(String),
 }
 
 fn parse_id(id: &str) -> Result<ProjectId, ApiError> {
@@ -189,6 +197,8 @@ impl Route {
             // each event is filtered by the projects the token sees (as the list is)
             Route::Events => Some((Action::List, None)),
             Route::Metrics => Some((Action::Metrics, None)),
+            Route::Move(id) | Route::Receive(id, _) => Some((Action::Move, Some(*id))),
+            Route::Operation(_) | Route::CancelOperation(_) => Some((Action::Admin, None)),
         }
     }
 }
@@ -211,6 +221,27 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["events"] => (Method::GET, Route::Events),
         ["metrics"] => (Method::GET, Route::Metrics),
         ["projects", id, "logs"] => (Method::GET, Route::Logs(parse_id(id)?)),
+        ["projects", id, "move"] => (Method::POST, Route::Move(parse_id(id)?)),
+        ["projects", id, "receive", mv] => {
+            let id = parse_id(id)?;
+            let mv = mv
+                .parse()
+                .map_err(|e: crate::domain::moves::InvalidMoveId| {
+                    ApiError::new(ErrorKind::NotFound, e.to_string())
+                })?;
+            (Method::POST, Route::Receive(id, mv))
+        }
+        ["operations", op] if !op.is_empty() => {
+            let op = (*op).to_string();
+            return match *method {
+                Method::GET => Ok(Route::Operation(op)),
+                Method::DELETE => Ok(Route::CancelOperation(op)),
+                _ => Err(ApiError::new(
+                    ErrorKind::MethodNotAllowed,
+                    format!("{path} accepts GET and DELETE only"),
+                )),
+            };
+        }
         ["projects", id, "config"] => {
             let id = parse_id(id)?;
             return match *method {
@@ -415,6 +446,24 @@ async fn dispatch(
             );
             answer(StatusCode::OK, &r)
         }
+        Route::Move(id) => {
+            let body: super::moves::MoveBody = read_json(req).await?;
+            let (r, target) = body
+                .into_request()
+                .map_err(|e| ApiError::new(ErrorKind::InvalidBody, e))?;
+            let view = host.start_move(id, r, super::moves::sender(target)).await?;
+            tracing::info!(principal = principal.as_ref().map(Principal::name), project_id = %id, op = %view.op, target = %view.target, "move started");
+            answer(StatusCode::ACCEPTED, &view)
+        }
+        Route::Receive(id, mv) => {
+            let token = super::moves::bearer(req.headers().get(hyper::header::AUTHORIZATION))
+                .unwrap_or_default();
+            let body = super::moves::pump(req.into_body());
+            let r = host.receive_move(id, mv, &token, body).await?;
+            answer(StatusCode::OK, &r)
+        }
+        Route::Operation(op) => answer(StatusCode::OK, &host.operation(&op)?),
+        Route::CancelOperation(op) => answer(StatusCode::OK, &host.cancel_operation(&op)?),
         Route::Start(id) => {
             let body: api::StartRequest = read_json(req).await?;
             // a start-only token starts with the stored config; sending one replaces it (and
@@ -844,6 +893,7 @@ mod tests {
     use super::*;
 
     const ID: &str = "6f1c2d3e-0000-4000-8000-000000000001";
+    const MV: &str = "0b7e2f4a-1111-4000-8000-00000000000a";
 
     #[test]
     fn routes() {
@@ -932,7 +982,13 @@ mod tests {
                 line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')),
             ) {
                 if let Ok(m) = m.to_uppercase().parse::<Method>() {
-                    documented.push((m, p.replace("{id}", ID).replace("{name}", "snap-1")));
+                    documented.push((
+                        m,
+                        p.replace("{id}", ID)
+                            .replace("{name}", "snap-1")
+                            .replace("{move}", MV)
+                            .replace("{op}", MV),
+                    ));
                 }
             } else if !line.starts_with("    ") {
                 path = None;
@@ -963,6 +1019,10 @@ mod tests {
             Route::Logs(id),
             Route::Events,
             Route::Metrics,
+            Route::Move(id),
+            Route::Receive(id, MV.parse().unwrap()),
+            Route::Operation(MV.into()),
+            Route::CancelOperation(MV.into()),
         ] {
             assert!(
                 documented

@@ -111,6 +111,11 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The project's snapshots are locked by a move to another host: it cannot be deleted.
     SnapshotsLocked,
+    /// A move was refused or failed: a stream that is not exactly what was announced, a move id
+    /// used before, a project the target already has (nothing was placed).
+    MoveRejected,
+    /// No such operation (`GET`/`DELETE /operations/:op`).
+    NoSuchOperation,
 }
 
 /// One row of the table.
@@ -128,7 +133,7 @@ pub struct Row {
 
 impl ErrorKind {
     /// Every kind, for tests and reverse look-ups.
-    pub const ALL: [ErrorKind; 45] = [
+    pub const ALL: [ErrorKind; 47] = [
         ErrorKind::InvalidProjectId,
         ErrorKind::InvalidQuery,
         ErrorKind::InvalidConfig,
@@ -174,6 +179,8 @@ impl ErrorKind {
         ErrorKind::RangeNotSatisfiable,
         ErrorKind::PermissionDenied,
         ErrorKind::SnapshotsLocked,
+        ErrorKind::MoveRejected,
+        ErrorKind::NoSuchOperation,
     ];
 
     /// The table.
@@ -260,6 +267,8 @@ impl ErrorKind {
             K::RangeNotSatisfiable => r(416, "range_not_satisfiable", "Failed", EXIT_FAILURE),
             K::PermissionDenied => r(403, "permission_denied", DENIED, EXIT_FAILURE),
             K::SnapshotsLocked => r(409, "snapshots_locked", "SnapshotsLocked", EXIT_FAILURE),
+            K::MoveRejected => r(409, "move_rejected", "Failed", EXIT_FAILURE),
+            K::NoSuchOperation => r(404, "no_such_operation", "NotFound", EXIT_NO_SUCH_PROJECT),
         }
     }
 
@@ -346,6 +355,8 @@ impl From<core::Error> for WireError {
             E::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
             E::SnapshotsLocked(_) => ErrorKind::SnapshotsLocked,
             E::Journal { .. } => ErrorKind::SystemdUnavailable,
+            E::MoveRejected(_) => ErrorKind::MoveRejected,
+            E::NoSuchOperation(_) => ErrorKind::NoSuchOperation,
         };
         WireError::new(kind, e.to_string())
     }

@@ -359,6 +359,42 @@ impl Systemd {
         self.start_transient(unit, &props, timeout).await
     }
 
+    /// Runs `argv` as a oneshot transient unit in a sandbox that may write only `writable`: no
+    /// network, no new privileges, only the capabilities a `btrfs receive` needs (no CAP_MKNOD:
+    /// a stream cannot make device nodes), the rest of the system read-only.
+    pub async fn run_confined(
+        &self,
+        unit: &str,
+        description: &str,
+        argv: Vec<String>,
+        writable: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<(), SystemdError> {
+        // CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_FOWNER 3, CAP_SYS_ADMIN 21
+        let caps: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 21);
+        let path = argv[0].clone();
+        let props = [
+            ("Description", Variant::from(description.to_string())),
+            ("Type", Variant::from("oneshot".to_string())),
+            (
+                "CollectMode",
+                Variant::from("inactive-or-failed".to_string()),
+            ),
+            ("ExecStart", Variant::from(vec![(path, argv, false)])),
+            ("PrivateNetwork", Variant::from(true)),
+            ("PrivateTmp", Variant::from(true)),
+            ("NoNewPrivileges", Variant::from(true)),
+            ("CapabilityBoundingSet", Variant::from(caps)),
+            ("ProtectSystem", Variant::from("strict".to_string())),
+            ("ProtectHome", Variant::from("yes".to_string())),
+            (
+                "ReadWritePaths",
+                Variant::from(vec![writable.display().to_string()]),
+            ),
+        ];
+        self.start_transient(unit, &props, timeout).await
+    }
+
     /// Stops a unit and waits for the stop job. A unit that does not exist is already stopped.
     pub async fn stop(&self, unit: &str, timeout: Duration) -> Result<(), SystemdError> {
         let jobs = self.job_stream().await?;

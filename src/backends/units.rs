@@ -285,6 +285,19 @@ impl Units for SystemdUnits {
     /// Helpers run as oneshot units: podman needs more than the daemon's sandbox allows. The
     /// error carries podman's own message from the helper's journal.
     async fn run_helper(&self, helper: Helper) -> Result<(), String> {
+        if let Helper::Receive { mv, spool, staging } = &helper {
+            return self
+                .systemd
+                .run_confined(
+                    &format!("cocalc-move-receive-{mv}.service"),
+                    &format!("Receive move {mv} into its staging area"),
+                    crate::backends::btrfs::sendrecv::receive_argv(spool, staging),
+                    crate::backends::btrfs::sendrecv::receive_writable(staging),
+                    Duration::from_secs(3600),
+                )
+                .await
+                .map_err(|e| format!("btrfs receive: {e}"));
+        }
         let (unit, desc, args, what) = match &helper {
             Helper::RemoveContainer(id) => (
                 format!("cocalc-project-cleanup-{id}.service"),
@@ -298,6 +311,7 @@ impl Units for SystemdUnits {
                 podman::update_argv(id, l),
                 "podman update",
             ),
+            Helper::Receive { .. } => unreachable!("handled above"),
         };
         let argv: Vec<String> = std::iter::once(podman::PODMAN.to_string())
             .chain(args)

@@ -27,6 +27,9 @@ pub mod link;
 #[cfg(test)]
 mod master_tests;
 pub mod metrics;
+#[cfg(test)]
+mod move_tests;
+pub mod moves;
 mod net;
 #[cfg(test)]
 mod observe_tests;
@@ -155,6 +158,12 @@ pub enum Error {
         /// why
         reason: String,
     },
+    /// A move was refused or failed (see `core::moves`).
+    #[error("move rejected: {0}")]
+    MoveRejected(String),
+    /// No such operation.
+    #[error("no such operation {0}")]
+    NoSuchOperation(String),
 }
 
 impl Error {
@@ -183,6 +192,8 @@ impl Error {
             Error::BackendUnavailable { .. } => "backend_unavailable",
             Error::SnapshotsLocked(_) => "snapshots_locked",
             Error::Journal { .. } => "systemd_unavailable",
+            Error::MoveRejected(_) => "move_rejected",
+            Error::NoSuchOperation(_) => "no_such_operation",
         }
     }
 }
@@ -296,6 +307,8 @@ pub struct Host {
     events: events::EventRing,
     /// what `/metrics` exposes
     metrics: Arc<metrics::Metrics>,
+    /// move operations (`moves`)
+    moves: moves::Moves,
 }
 
 /// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
@@ -378,6 +391,7 @@ impl Host {
             link: std::sync::OnceLock::new(),
             events: events::EventRing::new(events::CAPACITY, now_ms().saturating_mul(1000)),
             metrics,
+            moves: Default::default(),
         });
         // watch before reading, so no change falls between the read and the stream
         let mut events = host.units.watch().await?;

@@ -16,10 +16,10 @@ pub struct Removed {
 }
 
 impl Host {
-    /// Whether a move to another host holds the project's snapshots. No move exists yet: this
-    /// is the check point the move will fill (a delete must never race a send of snapshots).
-    fn snapshots_locked(&self, _id: ProjectId) -> bool {
-        false
+    /// Whether a move to another host holds the project's snapshots (a delete must never race
+    /// a send of snapshots).
+    fn snapshots_locked(&self, id: ProjectId) -> bool {
+        self.moving(id)
     }
 
     /// Stops the project, deletes its storage and forgets it. Idempotent: an unknown id answers

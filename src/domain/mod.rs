@@ -4,6 +4,7 @@ pub mod ids;
 pub mod images;
 pub mod limits;
 pub mod master;
+pub mod moves;
 pub mod phases;
 pub mod project;
 pub mod reserve;

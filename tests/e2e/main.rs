@@ -11,6 +11,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod master;
+mod moves;
 mod observe;
 mod packaging;
 mod proxy;

@@ -11,6 +11,7 @@ use crate::domain::project::ProjectId;
 use crate::domain::snapshots::SnapshotName;
 
 mod remove;
+pub mod sendrecv;
 mod subvol;
 pub use subvol::{
     Qgroup, QuotaMode, Role, SCRATCH_DIR, SNAPSHOTS_DIR, Subvol, parse_qgroups, parse_subvolumes,
@@ -222,6 +223,46 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
 
 #[async_trait::async_trait]
 impl crate::ports::Storage for Storage {
+    async fn send_for_move(
+        &self,
+        id: ProjectId,
+        mv: crate::domain::moves::MoveId,
+        snapshots: &[SnapshotName],
+        sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, String> {
+        Storage::send_for_move(self, &id, &mv, snapshots, sink).await
+    }
+    async fn take_move(
+        &self,
+        mv: crate::domain::moves::MoveId,
+    ) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
+        self.take_move_id(&mv)
+    }
+    async fn inspect_move(
+        &self,
+        mv: crate::domain::moves::MoveId,
+    ) -> Result<Vec<(String, bool, bool)>, StorageError> {
+        self.inspect_staging(&mv).await
+    }
+    async fn place_move(
+        &self,
+        id: ProjectId,
+        mv: crate::domain::moves::MoveId,
+        snapshots: &[SnapshotName],
+    ) -> Result<(), StorageError> {
+        self.place_moved(&id, &mv, snapshots).await.map(|_| ())
+    }
+    async fn drop_move_snapshot(&self, id: ProjectId, mv: crate::domain::moves::MoveId) {
+        let p = self.move_snapshot(&id, &mv);
+        if std::fs::symlink_metadata(&p).is_ok()
+            && let Err(e) = self.delete_subvolume(&p).await
+        {
+            tracing::warn!(project_id = %id, error = %e, "cannot delete the move's live snapshot");
+        }
+    }
+    async fn clean_move(&self, mv: crate::domain::moves::MoveId) {
+        Storage::clean_move(self, &mv).await
+    }
     async fn reserved_ids(&self) -> crate::domain::ids::Forbidden {
         tokio::task::spawn_blocking(crate::backends::ids::forbidden_from_host)
             .await

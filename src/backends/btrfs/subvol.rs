@@ -160,11 +160,11 @@ pub fn parse_subvolumes(out: &str) -> Vec<Subvol> {
         .collect()
 }
 
-fn is_subvolume(p: &Path) -> bool {
+pub(super) fn is_subvolume(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.ino() == SUBVOLUME_ROOT_INO)
 }
 
-fn mkdir_mode(p: &Path, mode: u32) -> Result<(), StorageError> {
+pub(super) fn mkdir_mode(p: &Path, mode: u32) -> Result<(), StorageError> {
     match std::fs::create_dir(p) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -173,7 +173,7 @@ fn mkdir_mode(p: &Path, mode: u32) -> Result<(), StorageError> {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(io(p))
 }
 
-async fn btrfs<S: AsRef<std::ffi::OsStr>>(
+pub(super) async fn btrfs<S: AsRef<std::ffi::OsStr>>(
     args: impl IntoIterator<Item = S>,
 ) -> Result<String, StorageError> {
     Ok(cmd::run(BTRFS, args, TIMEOUT).await?)

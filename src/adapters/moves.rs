@@ -1,0 +1,201 @@
+//! The HTTP side of moves (docs/moves.md): the source's request body and its connection to the
+//! target (a streamed `POST /projects/:id/receive/:move`), and the target's reading of a
+//! stream's body into the core.
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt as _, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+use crate::core::moves::{MoveRequest, Sender};
+use crate::domain::moves::MoveId;
+use crate::domain::project::ProjectId;
+
+/// `POST /projects/:id/move` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveBody {
+    /// the target host's API, `http://host:port`
+    pub target: String,
+    /// the master's move token for the target
+    pub token: String,
+    /// start the project on the target
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// A target's address: `http://<host>:<port>[/]` only (no path, query or user info).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port`
+    pub authority: String,
+}
+
+/// Parses a target URL.
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    let bad = |why: &str| format!("target {s:?}: {why} (expected http://host:port)");
+    let uri: hyper::Uri = s.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(bad("the scheme must be http"));
+    }
+    let a = uri.authority().ok_or_else(|| bad("no host"))?;
+    if a.as_str().contains('@') || a.port_u16().is_none() || a.host().is_empty() {
+        return Err(bad("host and port required, no user info"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("no path or query"));
+    }
+    Ok(Target {
+        authority: a.as_str().to_string(),
+    })
+}
+
+impl MoveBody {
+    /// The core's request, with the target checked.
+    pub fn into_request(self) -> Result<(MoveRequest, Target), String> {
+        let t = parse_target(&self.target)?;
+        if self.token.is_empty()
+            || self.token.len() > crate::auth::MAX_TOKEN_LEN
+            || !self.token.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err("token: expected the master's move token for the target".into());
+        }
+        Ok((
+            MoveRequest {
+                target: self.target,
+                token: self.token,
+                start: self.start,
+            },
+            t,
+        ))
+    }
+}
+
+/// Sends a move's stream over plain HTTP/1.1 (chunked) to the target.
+#[derive(Debug)]
+pub struct HttpSender {
+    /// the target
+    pub target: Target,
+}
+
+#[async_trait::async_trait]
+impl Sender for HttpSender {
+    async fn send(
+        &self,
+        id: ProjectId,
+        mv: MoveId,
+        token: &str,
+        body: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), String> {
+        let tcp = tokio::net::TcpStream::connect(&self.target.authority)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.target.authority))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let stream = futures_util::stream::unfold(body, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|c| (Ok::<_, Infallible>(Frame::data(Bytes::from(c))), rx))
+        });
+        let req = Request::post(format!("/projects/{id}/receive/{mv}"))
+            .header(hyper::header::HOST, &self.target.authority)
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+            .body(StreamBody::new(stream))
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("sending to {}: {e}", self.target.authority))?;
+        let status = resp.status();
+        let text = match tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            resp.into_body().collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes())
+                .chars()
+                .take(2000)
+                .collect(),
+            _ => String::new(),
+        };
+        conn.abort();
+        if status == StatusCode::OK {
+            Ok(())
+        } else {
+            Err(format!("{status}: {text}"))
+        }
+    }
+}
+
+/// Feeds a request body into the core's channel, chunk by chunk; an `Err` when the connection
+/// breaks before the body's end.
+pub fn pump(body: Incoming) -> tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut body = body;
+        loop {
+            match body.frame().await {
+                None => return,
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data()
+                        && tx.send(Ok(d.to_vec())).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The bearer token of an `Authorization` header (already authenticated by the router).
+pub fn bearer(h: Option<&hyper::header::HeaderValue>) -> Option<String> {
+    let s = h?.to_str().ok()?;
+    let (scheme, t) = s.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| t.trim_matches(' ').to_string())
+}
+
+/// A shared sender for the core.
+pub fn sender(target: Target) -> Arc<dyn Sender> {
+    Arc::new(HttpSender { target })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            parse_target("http://10.213.0.2:9002").unwrap().authority,
+            "10.213.0.2:9002"
+        );
+        assert!(parse_target("http://h:1/").is_ok());
+        for bad in [
+            "",
+            "ftp://h:1",
+            "http://h",
+            "http://u@h:1",
+            "http://h:1/x",
+            "http://h:1/?a=b",
+            "https://h:1",
+            "h:1",
+        ] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
+}

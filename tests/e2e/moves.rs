@@ -1,0 +1,469 @@
+//! Moving a project between two testbed machines (docs/moves.md). The test boots a second
+//! machine (`<TESTBED_NAME>-peer`, torn down by a guard even when the test fails) with the same
+//! .deb, joins the two with a veth pair inside their own network namespaces (10.213.0.1/30 and
+//! .2), exposes the peer's API on its veth address, and trusts one test master key on both.
+use std::process::Command;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::tb::{self, http, new_id, ok, sh};
+
+const MASTER_DROP_IN: &str = "/etc/cocalc-project-host/config.d/90-e2e-moves.toml";
+const STORAGE_DROP_IN: &str = "/etc/cocalc-project-host/config.d/05-e2e-moves-storage.toml";
+
+/// Makes sure the machine's project storage is up: when the default 20G image does not fit the
+/// build host's free space (a shared machine), a 3G one (the test needs ~1G).
+fn storage_up() -> String {
+    format!(
+        "findmnt -n {s} >/dev/null || {{ printf '[storage]\\nimage_size = \"3G\"\\n' > {STORAGE_DROP_IN} && systemctl restart cocalc-project-host-storage.service && systemctl restart cocalc-project-host.service; }}; findmnt -n {s} >/dev/null",
+        s = tb::STORAGE
+    )
+}
+const TARGET: &str = "http://10.213.0.2:9002";
+
+fn script() -> String {
+    format!("{}/tests/testbed/testbed.sh", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn env(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| panic!("{k} must be set (the testbed's env)"))
+}
+
+/// The second machine, down again when dropped.
+struct Peer {
+    name: String,
+    dir: String,
+}
+
+impl Peer {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(script());
+        c.env("TESTBED_NAME", &self.name)
+            .env("TESTBED_DIR", &self.dir);
+        c
+    }
+
+    /// Boots the peer with the .deb the main machine got, and links the two.
+    fn up() -> Peer {
+        let p = Peer {
+            name: format!("{}-peer", env("TESTBED_NAME")),
+            dir: format!("{}-peer", env("TESTBED_DIR")),
+        };
+        // a leftover of an earlier failed run
+        let _ = p.cmd().arg("down").output();
+        let o = p.cmd().arg("up").output().expect("testbed up");
+        assert!(
+            o.status.success(),
+            "peer up: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let deb = std::env::var("COCALC_DEB")
+            .unwrap_or_else(|_| format!("{}/run/xchg/cocalc-project-host.deb", env("TESTBED_DIR")));
+        let o = p
+            .cmd()
+            .args(["push", &deb, "/xchg/cocalc-project-host.deb"])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "push deb: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        p.ok("dpkg -i /xchg/cocalc-project-host.deb >/dev/null");
+        p.ok(&storage_up());
+        ok(&storage_up());
+        // the veth pair, created in the two machines' own network namespaces
+        let leader = |c: &mut Command| {
+            String::from_utf8(c.arg("leader").output().unwrap().stdout)
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let a = leader(&mut Command::new(script()));
+        let b = leader(&mut p.cmd());
+        let o = Command::new("ip")
+            .args([
+                "link", "add", "mvsrc", "netns", &a, "type", "veth", "peer", "name", "mvdst",
+                "netns", &b,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "veth: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ok("ip addr add 10.213.0.1/30 dev mvsrc && ip link set mvsrc up");
+        p.ok("ip addr add 10.213.0.2/30 dev mvdst && ip link set mvdst up");
+        // the peer's API also on its veth address (10.213.0.2): on every address of its own
+        // network namespace (loopback and the veth only)
+        p.ok(
+            "mkdir -p /etc/systemd/system/cocalc-project-host.socket.d && printf '[Socket]\\nListenStream=\\nListenStream=0.0.0.0:9002\\n' > /etc/systemd/system/cocalc-project-host.socket.d/90-e2e-moves.conf && systemctl daemon-reload && systemctl stop cocalc-project-host.service cocalc-project-host.socket && systemctl start cocalc-project-host.socket cocalc-project-host.service",
+        );
+        p
+    }
+
+    fn sh(&self, cmd: &str) -> tb::Out {
+        let o = self
+            .cmd()
+            .args(["exec", "bash", "-c", cmd])
+            .output()
+            .expect("peer exec");
+        tb::Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    fn ok(&self, cmd: &str) -> String {
+        let o = self.sh(cmd);
+        assert_eq!(o.code, 0, "peer: `{cmd}` failed:\n{}{}", o.stdout, o.stderr);
+        o.stdout.trim().to_string()
+    }
+
+    /// An HTTP call to the peer's API from inside it (admin token unless `bearer`).
+    #[track_caller]
+    fn http(&self, method: &str, path: &str, bearer: Option<&str>) -> (u16, Value) {
+        let auth = match bearer {
+            Some(t) => format!("-H 'Authorization: Bearer {t}'"),
+            None => tb::AUTH.to_string(),
+        };
+        let out = self.ok(&format!(
+            "curl -sS -m 60 {auth} -o /tmp/b.$$ -w '%{{http_code}}' -X {method} 'http://127.0.0.1:9002{path}'; echo; cat /tmp/b.$$; rm -f /tmp/b.$$"
+        ));
+        let (s, rest) = out.split_once('\n').unwrap_or((&out, ""));
+        (
+            s.parse().unwrap(),
+            serde_json::from_str(rest).unwrap_or(Value::Null),
+        )
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("down").output();
+        // the storage stays mounted; the drop-in, if it was needed, goes
+        sh(&format!("rm -f {STORAGE_DROP_IN}"));
+    }
+}
+
+/// One master key trusted by both machines while this lives.
+struct Master {
+    seed: [u8; 32],
+}
+
+impl Master {
+    fn install(peer: &Peer) -> Master {
+        let mut seed = [0u8; 32];
+        seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+        let cmd = format!(
+            "printf '[auth]\\nmaster_public_keys = [\"{b64}\"]\\nmax_token_lifetime = 3600\\n' > {MASTER_DROP_IN} && systemctl restart cocalc-project-host.service"
+        );
+        ok(&cmd);
+        peer.ok(&cmd);
+        Master { seed }
+    }
+
+    fn token(&self, aud: &str, project: &str, actions: &[&str]) -> String {
+        let now = cocalc_project_host::auth::now_secs();
+        cocalc_project_host::auth::sign(
+            &self.seed,
+            &json!({"aud": aud, "sub": "e2e-master", "iat": now, "exp": now + 600,
+                    "scope": {"projects": [project], "actions": actions}}),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        sh(&format!(
+            "rm -f {MASTER_DROP_IN}; systemctl restart cocalc-project-host.service"
+        ));
+    }
+}
+
+fn peer_host_id(peer: &Peer) -> String {
+    let (s, v) = peer.http("GET", &format!("/projects/{}/status", new_id()), None);
+    assert_eq!(s, 200, "{v}");
+    v["server"].as_str().unwrap().to_string()
+}
+
+/// sha256 of every file of the home (but the snapshots' mount point), with owner names as the
+/// container sees them.
+fn inventory(run: impl Fn(&str) -> String, id: &str) -> String {
+    run(&format!(
+        "podman exec project-{id} sh -c 'cd /home/user && find . -path ./.snapshots -prune -o -type f -print | sort | while read f; do echo \"$(sha256sum \"$f\" | cut -c1-64) $(stat -c %U:%G \"$f\") $f\"; done'"
+    ))
+}
+
+fn wait_op(op: &str, until: &[&str]) -> Value {
+    tb::wait_for(&format!("operation {op} in {until:?}"), 120, || {
+        let (s, v) = http("GET", &format!("/operations/{op}"), None);
+        assert_eq!(s, 200, "{v}");
+        until
+            .contains(&v["phase"].as_str().unwrap_or_default())
+            .then_some(v)
+    })
+}
+
+#[test]
+fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_completes() {
+    let peer = Peer::up();
+    let master = Master::install(&peer);
+    let target_id = peer_host_id(&peer);
+    let id = new_id();
+    tb::start(&id, Some(r#"{"disk": 1000000000}"#));
+    let exec = |c: &str| ok(&format!("podman exec project-{id} sh -c '{c}'"));
+    // 200 MB over three snapshots and the live state
+    exec(
+        "dd if=/dev/urandom of=/home/user/big bs=1M count=100 2>/dev/null && mkdir -p /home/user/d && echo one > /home/user/d/f",
+    );
+    let snap = |n: &str| {
+        let (s, v) = http(
+            "POST",
+            &format!("/projects/{id}/snapshots"),
+            Some(&format!("{{\"name\":\"{n}\"}}")),
+        );
+        assert_eq!(s, 201, "{v}");
+    };
+    snap("s1");
+    exec(
+        "dd if=/dev/urandom of=/home/user/big2 bs=1M count=50 2>/dev/null && echo two > /home/user/d/f",
+    );
+    snap("s2");
+    exec("dd if=/dev/urandom of=/home/user/big3 bs=1M count=50 2>/dev/null && rm /home/user/big2");
+    snap("s3");
+    exec("echo live > /home/user/d/f && echo new > /home/user/d/g");
+    let before = inventory(ok, &id);
+    let snaps_before = ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE));
+
+    // a wrong audience (the source's own id) and a token without `move`: refused by the target
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/move"),
+        Some(
+            &json!({"target": TARGET, "token": master.token(&tb::host_id(), &id, &["move"])})
+                .to_string(),
+        ),
+    );
+    assert_eq!(s, 202, "{v}");
+    let v = wait_op(v["op"].as_str().unwrap(), &["failed", "done"]);
+    assert_eq!(v["phase"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("401"), "{v}");
+    tb::wait_for("the project running again", 60, || {
+        (tb::status(&id)["state"] == "running").then_some(())
+    });
+
+    // cancel midway: the source keeps everything and runs again; the target keeps nothing
+    let token = master.token(&target_id, &id, &["move"]);
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/move"),
+        Some(&json!({"target": TARGET, "token": token, "start": true}).to_string()),
+    );
+    assert_eq!(s, 202, "{v}");
+    let op = v["op"].as_str().unwrap().to_string();
+    tb::wait_for("bytes sent", 60, || {
+        let (_, v) = http("GET", &format!("/operations/{op}"), None);
+        (v["bytes_sent"].as_u64().unwrap_or(0) > 0
+            || v["phase"] != "stopping" && v["phase"] != "sending")
+            .then_some(())
+    });
+    let (s, v) = http("DELETE", &format!("/operations/{op}"), None);
+    assert_eq!(s, 200, "{v}");
+    let v = wait_op(&op, &["failed", "done"]);
+    assert_eq!(v["phase"], "failed", "cancelled midway: {v}");
+    tb::wait_for("the project running again", 60, || {
+        (tb::status(&id)["state"] == "running").then_some(())
+    });
+    assert_eq!(inventory(ok, &id), before, "the source is intact");
+    tb::wait_for("the target's staging area cleaned", 30, || {
+        peer.ok(&format!(
+            "ls -A {}/.moves | grep -v '^used$' || true",
+            tb::STORAGE
+        ))
+        .is_empty()
+        .then_some(())
+    });
+    assert_eq!(
+        peer.ok(&format!(
+            "test -e {}/project-{id} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "no"
+    );
+
+    // the retry (a new move) completes
+    let t0 = std::time::Instant::now();
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/move"),
+        Some(&json!({"target": TARGET, "token": token, "start": true}).to_string()),
+    );
+    assert_eq!(s, 202, "{v}");
+    let v = wait_op(v["op"].as_str().unwrap(), &["failed", "done"]);
+    assert_eq!(v["phase"], "done", "{v}");
+    eprintln!(
+        "move of a 200 MB project with 3 snapshots: {:?} total, {} bytes, downtime {} ms",
+        t0.elapsed(),
+        v["bytes_sent"],
+        v["downtime_ms"]
+    );
+    // the target runs it with the same files, owners, snapshots and quota
+    let (s, st) = peer.http("GET", &format!("/projects/{id}/status"), None);
+    assert_eq!((s, st["state"].as_str()), (200, Some("running")), "{st}");
+    assert_eq!(inventory(|c| peer.ok(c), &id), before);
+    assert_eq!(
+        peer.ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE)),
+        snaps_before
+    );
+    let (s, cfg) = peer.http("GET", &format!("/projects/{id}/config"), None);
+    assert_eq!(s, 200, "{cfg}");
+    assert_eq!(cfg["config"]["disk"], 1000000000, "{cfg}");
+    let qg = peer.ok(&format!(
+        "btrfs qgroup show --raw -re -f {}/project-{id} | tail -1",
+        tb::STORAGE
+    ));
+    assert_eq!(
+        qg.split_whitespace().nth(3),
+        Some("1000000000"),
+        "quota on the target: {qg}"
+    );
+    // the source has nothing left
+    assert_eq!(
+        ok(&format!(
+            "test -e {}/project-{id} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "no"
+    );
+    assert_eq!(
+        ok(&format!(
+            "test -e {}/.snapshots/project-{id} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "no"
+    );
+    let (s, list) = http("GET", "/projects", None);
+    assert_eq!(s, 200);
+    assert!(!list.to_string().contains(&id), "{list}");
+    drop(master);
+    drop(peer);
+}
+
+#[test]
+fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_nothing() {
+    let peer = Peer::up();
+    let master = Master::install(&peer);
+    let target_id = peer_host_id(&peer);
+    let id = new_id();
+    let mv = uuid::Uuid::new_v4().to_string();
+    let path = format!("/projects/{id}/receive/{mv}");
+    // wrong audience → 401, no `move` action → 403, another project → 403
+    let (s, v) = peer.http(
+        "POST",
+        &path,
+        Some(&master.token("another-host", &id, &["move"])),
+    );
+    assert_eq!((s, v["code"].as_str()), (401, Some("invalid_token")), "{v}");
+    let (s, v) = peer.http(
+        "POST",
+        &path,
+        Some(&master.token(&target_id, &id, &["start"])),
+    );
+    assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+    let (s, v) = peer.http(
+        "POST",
+        &path,
+        Some(&master.token(&target_id, &new_id(), &["move"])),
+    );
+    assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
+
+    // a stream made in the peer: a real btrfs send of the live state plus an extra subvolume
+    let token = master.token(&target_id, &id, &["move"]);
+    let send = |mv: &str, snapshots: &str, extra: bool, tamper: bool| -> (u16, Value) {
+        let w = format!("{}/.e2e-craft", tb::STORAGE);
+        peer.ok(&format!(
+            "rm -rf {w}; mkdir -p {w} && btrfs -q subvolume create {w}/src && echo x > {w}/src/f \
+             && btrfs -q subvolume snapshot -r {w}/src {w}/.move-{mv} && btrfs -q subvolume snapshot -r {w}/src {w}/extra \
+             && btrfs filesystem sync {w} && btrfs send -q {w}/.move-{mv} | cat > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra | cat >> /tmp/s1; fi; }} \
+             && btrfs -q subvolume delete {w}/src {w}/.move-{mv} {w}/extra && rm -rf {w}"
+        ));
+        let manifest = json!({"move_id": mv, "project_id": id, "snapshots": serde_json::from_str::<Value>(snapshots).unwrap(), "config": {}}).to_string();
+        let py = format!(
+            "import hmac,hashlib,sys\nd=b'{manifest}\\n'+open('/tmp/s1','rb').read()\nm=hmac.new(sys.argv[1].encode(),d,hashlib.sha256).digest()\nif {}: d=d[:-1]+bytes([d[-1]^1])\nopen('/tmp/body','wb').write(d+m)\n",
+            if tamper { "True" } else { "False" }
+        );
+        let b64 = base64::engine::general_purpose::STANDARD.encode(py);
+        peer.ok(&format!(
+            "echo {b64} | base64 -d > /tmp/mk.py && python3 /tmp/mk.py '{token}'"
+        ));
+        let out = peer.ok(&format!(
+            "curl -sS -m 60 -H 'Authorization: Bearer {token}' --data-binary @/tmp/body -o /tmp/b -w '%{{http_code}}' -X POST 'http://127.0.0.1:9002/projects/{id}/receive/{mv}'; echo; cat /tmp/b"
+        ));
+        let (s, rest) = out.split_once('\n').unwrap();
+        (
+            s.parse().unwrap(),
+            serde_json::from_str(rest).unwrap_or(Value::Null),
+        )
+    };
+    let nothing_placed = || {
+        assert_eq!(
+            peer.ok(&format!(
+                "test -e {}/project-{id} && echo yes || echo no",
+                tb::STORAGE
+            )),
+            "no"
+        );
+        assert_eq!(
+            peer.ok(&format!(
+                "ls -A {}/.moves | grep -v '^used$' || true",
+                tb::STORAGE
+            )),
+            ""
+        );
+        let (_, list) = peer.http("GET", "/projects", None);
+        assert!(!list.to_string().contains(&id), "{list}");
+    };
+    // tampered (one bit of the stream flipped) → refused before btrfs sees it
+    let (s, v) = send(&mv, "[]", false, true);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("MAC"), "{v}");
+    nothing_placed();
+    // the same move id again, now intact → a replay, refused
+    let (s, v) = send(&mv, "[]", false, false);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("before"), "{v}");
+    nothing_placed();
+    // an extra subvolume → refused, all of it deleted
+    let mv2 = uuid::Uuid::new_v4().to_string();
+    let (s, v) = send(&mv2, "[]", true, false);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("extra"), "{v}");
+    nothing_placed();
+    // a snapshot name that is a path out of the staging area → refused
+    let mv3 = uuid::Uuid::new_v4().to_string();
+    let (s, v) = send(&mv3, r#"["../../escape"]"#, false, false);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    nothing_placed();
+    assert_eq!(
+        peer.ok(&format!("ls {} | grep -c escape || true", tb::STORAGE)),
+        "0"
+    );
+    // and the same intact stream under a fresh id is placed (the checks refuse only what is wrong)
+    let mv4 = uuid::Uuid::new_v4().to_string();
+    let (s, v) = send(&mv4, "[]", false, false);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(peer.ok(&format!("cat {}/project-{id}/f", tb::STORAGE)), "x");
+    drop(master);
+    drop(peer);
+}
