@@ -135,6 +135,11 @@ up() {
   # less. A smaller image for this machine, in the vendor root (a purge of the package keeps it).
   mkdir -p "$RUN/root/usr/lib/cocalc-project-host/config.d"
   printf '[storage]\nimage_size = "8G"\n' > "$RUN/root/usr/lib/cocalc-project-host/config.d/10-testbed.toml"
+  # The suite restarts the daemon on purpose (drop-ins, crashes, upgrades) faster than an admin
+  # would: past the unit's StartLimitBurst (25 in 30 s) systemd refuses the next start and every
+  # later test fails. A crash loop in the tests still shows: they wait for a serving daemon.
+  mkdir -p "$RUN/root/etc/systemd/system/cocalc-project-host.service.d"
+  printf '[Unit]\nStartLimitBurst=1000\n' > "$RUN/root/etc/systemd/system/cocalc-project-host.service.d/50-testbed.conf"
   log "btrfs image for project storage (${TESTBED_BTRFS_SIZE:-4G})"
   truncate -s "${TESTBED_BTRFS_SIZE:-4G}" "$RUN/btrfs.img"
   mkfs.btrfs -q -f "$RUN/btrfs.img" >/dev/null
