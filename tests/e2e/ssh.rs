@@ -484,3 +484,25 @@ fn the_cli_shows_and_sets_a_projects_keys_over_dbus() {
     sh("rm -f /tmp/e2e-keys");
     tb::stop(&id, true);
 }
+
+#[test]
+fn with_autostart_a_login_starts_a_stopped_project_and_an_unknown_one_stays_unknown() {
+    let id = project_for("carol");
+    tb::stop(&id, false);
+    let _autostart = tb::DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-ssh-autostart.toml",
+        "[ssh]\nautostart = true\n",
+    );
+    known_hosts();
+    // the login starts the project and runs in it
+    assert_eq!(ok(&ssh_cmd("carol", &id, "", "'id -u'")), "1000");
+    assert_eq!(tb::status(&id)["state"], "running");
+    // a project this host does not know is refused, not created
+    let unknown = tb::new_id();
+    let o = sh(&ssh_cmd("carol", &unknown, "", "'echo in'"));
+    assert_ne!(o.code, 0, "{o:?}");
+    assert_eq!(tb::status(&unknown)["state"], "opened", "not created");
+    let (_, list) = http("GET", "/projects", None);
+    assert!(!list.to_string().contains(&unknown), "{list}");
+    tb::stop(&id, false);
+}
