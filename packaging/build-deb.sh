@@ -8,21 +8,9 @@
 # compiled there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROFILE=dev; OUT=target/debian
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --release) PROFILE=release ;;
-    --out) OUT=$2; shift ;;
-    *) echo "usage: $0 [--release] [--out DIR]" >&2; exit 2 ;;
-  esac
-  shift
-done
-if ! command -v dh >/dev/null; then
-  # like tests/testbed/testbed.sh's host packages: installed when missing (root), else said so
-  [ "$(id -u)" = 0 ] || { echo "build-deb: debhelper missing (apt-get install debhelper)" >&2; exit 1; }
-  echo "build-deb: installing debhelper" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debhelper >/dev/null
-fi
+. packaging/lib.sh
+package_args target/debian "$@"
+need_tool build-deb dh debhelper
 SRC=$(realpath "$(packaging/stage.sh "$PROFILE" target/deb-src)")
 VERSION=$(dpkg-parsechangelog -l debian/changelog -S Version)
 ARCH=$(dpkg --print-architecture)

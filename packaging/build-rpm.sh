@@ -5,20 +5,9 @@
 #   packaging/build-rpm.sh [--release] [--out DIR]     (default: dev profile, target/rpm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROFILE=dev; OUT=target/rpm
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --release) PROFILE=release ;;
-    --out) OUT=$2; shift ;;
-    *) echo "usage: $0 [--release] [--out DIR]" >&2; exit 2 ;;
-  esac
-  shift
-done
-if ! command -v rpmbuild >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "build-rpm: rpmbuild missing (apt-get install rpm)" >&2; exit 1; }
-  echo "build-rpm: installing rpm (rpmbuild)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rpm >/dev/null
-fi
+. packaging/lib.sh
+package_args target/rpm "$@"
+need_tool build-rpm rpmbuild rpm
 SRC=$(realpath "$(packaging/stage.sh "$PROFILE" target/rpm-src)")
 strip "$SRC/build/cocalc-project-host"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)

@@ -240,7 +240,8 @@ async fn project(
         .await?)
 }
 
-fn fmt_bytes(n: u64) -> String {
+/// A byte count for people (`-` for 0); also `top`'s.
+pub(crate) fn fmt_bytes(n: u64) -> String {
     match n {
         0 => "-".into(),
         n if n >= 1 << 30 => format!("{:.1}G", n as f64 / (1u64 << 30) as f64),
@@ -416,6 +417,12 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
 /// Runs the action on a small runtime and turns the outcome into an exit code, printing errors
 /// as one line on stderr.
 pub fn main(action: Action, json_out: bool) -> ExitCode {
+    block_on(run(action, json_out))
+}
+
+/// Runs a command's future to its end on a small runtime; its exit code (errors printed as one
+/// line on stderr). Shared by every subcommand module.
+pub(crate) fn block_on(f: impl std::future::Future<Output = Result<(), CliError>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -426,7 +433,7 @@ pub fn main(action: Action, json_out: bool) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match rt.block_on(run(action, json_out)) {
+    match rt.block_on(f) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => {
             eprintln!("cocalc-project-host: {}", e.message);

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::cli::{CliError, EXIT_FAILURE, EXIT_OK};
+use super::cli::CliError;
 use super::dbus::{BUS_NAME, MANAGER_PATH};
 use crate::api::{ErrorKind, EventAnswer, LogAnswer, WireError};
 use crate::core::Replay;
@@ -170,23 +170,7 @@ pub async fn events(json: bool) -> Result<(), CliError> {
 
 /// Runs a future of these commands to its end on a small runtime; the exit code.
 pub fn main(f: impl std::future::Future<Output = Result<(), CliError>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cocalc-project-host: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    match rt.block_on(f) {
-        Ok(()) => ExitCode::from(EXIT_OK),
-        Err(e) => {
-            eprintln!("cocalc-project-host: {}", e.message);
-            ExitCode::from(e.code)
-        }
-    }
+    super::cli::block_on(f)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Cell, Paragraph, Row, Table};
 
-use super::cli::CliError;
+use super::cli::{CliError, fmt_bytes};
 use crate::api::{ErrorKind, WireError};
 
 const REFRESH: Duration = Duration::from_secs(1);
@@ -84,16 +84,6 @@ pub fn sort(rows: &mut [TopRow], by: SortBy) {
     });
 }
 
-fn bytes(n: u64) -> String {
-    match n {
-        0 => "-".into(),
-        n if n >= 1 << 30 => format!("{:.1}G", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1}M", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1}K", n as f64 / 1024.0),
-        n => format!("{n}B"),
-    }
-}
-
 /// `1d02h`, `3h04m`, `5m06s`, `7s`.
 pub fn uptime(ms: u64) -> String {
     let s = ms / 1000;
@@ -130,15 +120,15 @@ fn draw(f: &mut ratatui::Frame<'_>, rows: &[TopRow], by: SortBy, now_ms: u64, er
         };
         let cpu = r.cpu_percent.map_or("-".to_string(), |c| format!("{c:.1}"));
         let disk = match r.disk_quota {
-            0 => bytes(r.disk_used),
-            q => format!("{}/{}", bytes(r.disk_used), bytes(q)),
+            0 => fmt_bytes(r.disk_used),
+            q => format!("{}/{}", fmt_bytes(r.disk_used), fmt_bytes(q)),
         };
         Row::new([
             Cell::from(r.id.clone()),
             Cell::from(r.state.clone()),
             Cell::from(up),
             Cell::from(cpu),
-            Cell::from(bytes(r.memory)),
+            Cell::from(fmt_bytes(r.memory)),
             Cell::from(disk),
         ])
     });

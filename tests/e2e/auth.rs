@@ -3,7 +3,6 @@
 use std::process::Command;
 use std::time::Instant;
 
-use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::tb::{self, As, http, http_as, new_id, ok, sh, stop};
@@ -27,14 +26,7 @@ struct Master {
 
 impl Master {
     fn install() -> Master {
-        // 32 random bytes from two v4 UUIDs (the RNG is the OS's)
-        let mut seed = [0u8; 32];
-        seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-            .verifying_key()
-            .to_bytes();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+        let (seed, b64) = tb::master_key();
         ok(&format!(
             "printf '[auth]\\nmaster_public_keys = [\"{b64}\"]\\nmax_token_lifetime = 3600\\n' > {DROP_IN} && systemctl restart cocalc-project-host.service"
         ));

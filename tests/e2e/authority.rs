@@ -1,7 +1,6 @@
 //! Who may decide what (issue 19, points 6-9), each tried as an attacker would: a start-only
 //! token sending config, values over the host's maxima, revoked and foreign-issuer tokens, local
 //! users reading the bus, one peer opening many connections, a project filling the storage.
-use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::tb::{self, As, http, http_as, new_id, ok, sh, start, status, stop};
@@ -22,13 +21,7 @@ struct Setup {
 impl Setup {
     /// `extra`: more TOML after the `[auth]` table's keys (may open other tables).
     fn install(auth_extra: &str, extra: &str) -> Setup {
-        let mut seed = [0u8; 32];
-        seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-            .verifying_key()
-            .to_bytes();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+        let (seed, b64) = tb::master_key();
         let text = format!(
             "[auth]\nmaster_public_keys = [\"{b64}\"]\nmax_token_lifetime = 3600\n{auth_extra}\n{extra}\n"
         );

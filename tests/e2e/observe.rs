@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::tb::{self, API, AUTH, As, http_as, new_id, ok, sh, start, status, stop};
@@ -372,13 +371,7 @@ const DROP_IN: &str = "/etc/cocalc-project-host/config.d/90-e2e-observe-auth.tom
 
 impl MasterKey {
     fn install() -> MasterKey {
-        let mut seed = [0u8; 32];
-        seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-            .verifying_key()
-            .to_bytes();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+        let (seed, b64) = tb::master_key();
         tb::sh_in(
             &format!("cat > {DROP_IN}"),
             format!("[auth]\nmaster_public_keys = [\"{b64}\"]\nmax_token_lifetime = 3600\n")

@@ -396,13 +396,14 @@ fn ssh_l_reaches_a_port_inside_a_network_none_project_and_nothing_else() {
     ));
     assert_eq!(out, "hello-from-project");
     // another destination, or a closed port: the channel is refused, curl gets nothing
-    for spec in [
-        "127.0.0.1:18081:10.0.0.1:8000",
-        "127.0.0.1:18081:127.0.0.2:8000",
-        "127.0.0.1:18081:127.0.0.1:9",
+    // (a local port each: a killed ssh may still hold the last one for a moment)
+    for (local, spec) in [
+        (18081, "127.0.0.1:18081:10.0.0.1:8000"),
+        (18082, "127.0.0.1:18082:127.0.0.2:8000"),
+        (18083, "127.0.0.1:18083:127.0.0.1:9"),
     ] {
         let out = sh(&format!(
-            "{} 2>/tmp/e2e-fwd.err & pid=$!; sleep 1.5; curl -s -m 5 http://127.0.0.1:18081/; echo rc=$?; kill $pid; cat /tmp/e2e-fwd.err",
+            "{} 2>/tmp/e2e-fwd.err & pid=$!; sleep 1.5; curl -s -m 5 http://127.0.0.1:{local}/; echo rc=$?; kill $pid; wait $pid; cat /tmp/e2e-fwd.err",
             fwd(spec)
         ));
         assert!(!out.stdout.contains("hello"), "{spec}: {out:?}");

@@ -311,3 +311,19 @@ pub fn host_id() -> String {
     assert_eq!(s, 200, "{v}");
     v["server"].as_str().unwrap().to_string()
 }
+
+/// A fresh master signing key: its 32-byte seed and its public key in base64, as
+/// `auth.master_public_keys` takes it (the seed's randomness is the OS's, by v4 UUIDs).
+pub fn master_key() -> ([u8; 32], String) {
+    use base64::Engine as _;
+    let mut seed = [0u8; 32];
+    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    (
+        seed,
+        base64::engine::general_purpose::STANDARD.encode(public),
+    )
+}
