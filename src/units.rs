@@ -61,6 +61,12 @@ pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>,
     }))
 }
 
+/// serde: an optional duration in whole seconds (integer seconds, or a string for
+/// [`parse_duration`]), for the JSON run config.
+pub fn opt_duration_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(opt_duration(d)?.map(|d| d.as_secs()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
