@@ -285,3 +285,31 @@ mod tests {
         assert_eq!(cores(0, 10, Duration::ZERO), 0.0);
     }
 }
+
+#[cfg(test)]
+mod config_tests {
+    use crate::domain::project::RunConfig;
+
+    #[test]
+    fn run_configs_take_seconds_or_durations_and_refuse_the_rest() {
+        let c: RunConfig =
+            serde_json::from_str(r#"{"idle_freeze":"15m","idle_stop":90}"#).expect("parse");
+        assert_eq!((c.idle_freeze, c.idle_stop), (Some(900), Some(90)));
+        let c: RunConfig = serde_json::from_str(r#"{"idle_freeze":null}"#).expect("null");
+        assert_eq!(c.idle_freeze, None);
+        for bad in [
+            r#"{"idle_freeze":"soon"}"#,
+            r#"{"idle_freeze":-1}"#,
+            r#"{"idle_freeze":1.5}"#,
+            r#"{"idle_stop":"1 month"}"#,
+        ] {
+            assert!(serde_json::from_str::<RunConfig>(bad).is_err(), "{bad}");
+        }
+        let c: RunConfig = serde_json::from_str(r#"{"idle_stop":"400d"}"#).expect("parse");
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "idle_stop");
+        // the stored config keeps seconds
+        let c: RunConfig = serde_json::from_str(r#"{"idle_freeze":"1m"}"#).expect("parse");
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"idle_freeze":60}"#);
+    }
+}
