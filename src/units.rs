@@ -68,7 +68,11 @@ pub fn opt_duration_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>,
     Ok(match Option::<IntOrStr>::deserialize(d)? {
         None => None,
         Some(IntOrStr::Int(n)) => Some(n),
-        Some(IntOrStr::Str(s)) => Some(parse_duration(&s).map_err(serde::de::Error::custom)?.as_secs()),
+        Some(IntOrStr::Str(s)) => Some(
+            parse_duration(&s)
+                .map_err(serde::de::Error::custom)?
+                .as_secs(),
+        ),
     })
 }
 

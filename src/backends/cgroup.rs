@@ -88,7 +88,8 @@ impl Cgroups {
     pub fn cpu_usage_nsec(&self, unit: &str) -> Option<u64> {
         match self.layout {
             Layout::V2 => {
-                let text = std::fs::read_to_string(self.unit_dir("", unit).join("cpu.stat")).ok()?;
+                let text =
+                    std::fs::read_to_string(self.unit_dir("", unit).join("cpu.stat")).ok()?;
                 text.lines()
                     .find_map(|l| l.strip_prefix("usage_usec "))
                     .and_then(|v| v.trim().parse::<u64>().ok())

@@ -573,7 +573,11 @@ impl Systemd {
             .map(|(id, unit, active, sub)| async move {
                 let (pid, since) = tokio::join!(
                     self.get_u(&unit, "org.freedesktop.systemd1.Service", "MainPID"),
-                    self.get_t(&unit, "org.freedesktop.systemd1.Unit", "ActiveEnterTimestamp"),
+                    self.get_t(
+                        &unit,
+                        "org.freedesktop.systemd1.Unit",
+                        "ActiveEnterTimestamp"
+                    ),
                 );
                 (
                     id,

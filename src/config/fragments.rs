@@ -258,7 +258,12 @@ impl ProjectsFragment {
             "projects.idle_stop",
             mark,
         );
-        put(&mut p.idle.cpu_busy, self.idle_cpu, "projects.idle_cpu", mark);
+        put(
+            &mut p.idle.cpu_busy,
+            self.idle_cpu,
+            "projects.idle_cpu",
+            mark,
+        );
     }
 }
 

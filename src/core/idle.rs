@@ -277,11 +277,7 @@ impl Host {
     }
 
     /// Wraps a connection into the project (its bytes are activity).
-    pub(super) fn project_stream(
-        &self,
-        id: ProjectId,
-        s: tokio::net::TcpStream,
-    ) -> ProjectStream {
+    pub(super) fn project_stream(&self, id: ProjectId, s: tokio::net::TcpStream) -> ProjectStream {
         ProjectStream::new(s, self.cells.get(id))
     }
 

@@ -55,13 +55,23 @@ async fn an_idle_project_freezes_and_a_connection_thaws_it() {
     sim.units.listen(p, 8000, l.local_addr().unwrap());
     h.start(p, Some(config(60, 0))).await.expect("start");
     idle_for(&h, p, 59).await;
-    assert_eq!(h.status(p).state, ProjectState::Running, "not idle long enough");
+    assert_eq!(
+        h.status(p).state,
+        ProjectState::Running,
+        "not idle long enough"
+    );
     idle_for(&h, p, 61).await;
     eventually("frozen", || h.status(p).state == ProjectState::Frozen).await;
     assert!(sim.units.frozen(p));
-    assert!(h.is_running(p), "a frozen project counts as running for the proxy");
+    assert!(
+        h.is_running(p),
+        "a frozen project counts as running for the proxy"
+    );
     // the store and the master see it running
-    assert_eq!(sim.store.row(p).map(|r| r.state), Some(ProjectState::Running));
+    assert_eq!(
+        sim.store.row(p).map(|r| r.state),
+        Some(ProjectState::Running)
+    );
     let st = h.status(p);
     let a = st.activity.expect("activity while up");
     assert!(a.active.is_empty(), "{a:?}");
@@ -168,12 +178,22 @@ async fn idle_stop_happens_but_never_under_an_open_connection() {
     let c = h.connect_port(p, 8000).await.expect("connect");
     idle_for(&h, p, 600).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(h.status(p).state, ProjectState::Running, "held by the connection");
-    assert!(sim.units.freezes.lock().unwrap().is_empty(), "freeze is off");
+    assert_eq!(
+        h.status(p).state,
+        ProjectState::Running,
+        "held by the connection"
+    );
+    assert!(
+        sim.units.freezes.lock().unwrap().is_empty(),
+        "freeze is off"
+    );
     drop(c);
     idle_for(&h, p, 600).await;
     eventually("stopped", || h.status(p).state == ProjectState::Opened).await;
-    assert_eq!(sim.store.row(p).map(|r| r.state), Some(ProjectState::Opened));
+    assert_eq!(
+        sim.store.row(p).map(|r| r.state),
+        Some(ProjectState::Opened)
+    );
 }
 
 #[tokio::test]

@@ -644,6 +644,7 @@ impl Host {
     }
 
     async fn reconcile(&self) -> anyhow::Result<()> {
+        let t0 = std::time::Instant::now();
         let rows = self.store.projects().await?;
         let units = self.units.list().await?;
         let now = now_ms();
@@ -685,6 +686,7 @@ impl Host {
         tracing::info!(
             known = rows.len(),
             running_units = adopted,
+            took_ms = t0.elapsed().as_millis() as u64,
             "reconciled with systemd and the store"
         );
         Ok(())
@@ -981,7 +983,9 @@ impl Host {
         self.set_unit(id, info);
         let state = self.status_of(id).state;
         let now = now_ms();
-        self.store.upsert(id, state, Some(config.clone()), now).await?;
+        self.store
+            .upsert(id, state, Some(config.clone()), now)
+            .await?;
         self.mark_known(id, now);
         self.bump_activity(id);
         let phases = crate::domain::phases::PhaseTimings::new(

@@ -181,8 +181,10 @@ pub struct ActivityStatus {
     /// Connections open into it (proxy, WebSockets, SSH `-L`).
     pub connections: u32,
     /// Seconds of idleness after which it is frozen (absent: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub freeze_after_s: Option<u64>,
     /// Seconds of idleness after which it is stopped (absent: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_after_s: Option<u64>,
 }
 
@@ -275,7 +277,10 @@ mod tests {
         assert!(!IdlePolicy::default().acts());
         let a = Activity::default();
         assert_eq!(a.decide(&IdlePolicy::default(), u64::MAX), IdleAction::Keep);
-        assert_eq!(a.reasons(&IdlePolicy::default(), u64::MAX), [Reason::Recent]);
+        assert_eq!(
+            a.reasons(&IdlePolicy::default(), u64::MAX),
+            [Reason::Recent]
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The domain: the host's own vocabulary, free of any external system (ids, states, run
 //! configs, limits, snapshot names and retention).
-pub mod ids;
 pub mod idle;
+pub mod ids;
 pub mod images;
 pub mod limits;
 pub mod master;

@@ -324,12 +324,18 @@ impl RunConfig {
                 return bad(field, format!("{v} bytes is below the minimum of {min}"));
             }
         }
-        for (field, v) in [("idle_freeze", self.idle_freeze), ("idle_stop", self.idle_stop)] {
+        for (field, v) in [
+            ("idle_freeze", self.idle_freeze),
+            ("idle_stop", self.idle_stop),
+        ] {
             let max = super::idle::MAX_IDLE.as_secs();
             if let Some(v) = v
                 && v > max
             {
-                return bad(field, format!("{v} seconds is above the maximum of {max} (365d)"));
+                return bad(
+                    field,
+                    format!("{v} seconds is above the maximum of {max} (365d)"),
+                );
             }
         }
         for (field, v) in [

@@ -39,7 +39,11 @@ fn kernel_frozen(id: &str) -> bool {
         let payload = ok(&format!(
             "grep -h '^frozen ' {unit_dir}/libpod-payload-*/cgroup.events"
         ));
-        assert_eq!(frozen, payload == "frozen 1", "unit {frozen}, container {payload}");
+        assert_eq!(
+            frozen,
+            payload == "frozen 1",
+            "unit {frozen}, container {payload}"
+        );
         frozen
     } else {
         let unit_dir = format!("/sys/fs/cgroup/freezer/{SLICE}/{unit}");
@@ -184,11 +188,9 @@ fn an_idle_project_is_stopped_by_the_host_config() {
     wait_state(&id, "opened", 40);
     println!("stopped {:?} after the start", t0.elapsed());
     assert_eq!(
-        sh(&format!(
-            "systemctl is-active cocalc-project-{id}.service"
-        ))
-        .stdout
-        .trim(),
+        sh(&format!("systemctl is-active cocalc-project-{id}.service"))
+            .stdout
+            .trim(),
         "inactive"
     );
     let log = ok(&format!(

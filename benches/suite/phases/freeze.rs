@@ -76,7 +76,7 @@ pub(super) async fn freeze(ctx: &mut Ctx) -> Result<()> {
     )
     .await;
     let (frozen, running) = run?;
-    let (f, r) = (Summary::of(&frozen), Summary::of(&running));
+    let (f, run_s) = (Summary::of(&frozen), Summary::of(&running));
     // the daemon's own thaw: sum / count of its histogram
     let metric = |name: &str| {
         metrics
@@ -94,7 +94,7 @@ pub(super) async fn freeze(ctx: &mut Ctx) -> Result<()> {
     };
     println!(
         "  GET through the proxy: frozen p50 {:.2} ms max {:.2} ms; running p50 {:.2} ms; daemon's thaw mean {thaw_ms:.2} ms",
-        f.p50, f.max, r.p50
+        f.p50, f.max, run_s.p50
     );
     ctx.detail(
         "freeze",
@@ -108,10 +108,10 @@ pub(super) async fn freeze(ctx: &mut Ctx) -> Result<()> {
                 f.p50,
                 "ms",
             )
-            .vs("the same GET, project running", r.p50)
+            .vs("the same GET, project running", run_s.p50)
             .goal(Goal::AtMost(50.0)),
             r("  … max", f.max, "ms")
-                .vs("running max", r.max)
+                .vs("running max", run_s.max)
                 .goal(Goal::AtMost(50.0)),
             r("  daemon's own thaw (mean, from /metrics)", thaw_ms, "ms"),
         ],

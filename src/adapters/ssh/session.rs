@@ -143,9 +143,7 @@ pub async fn ensure_running(ctx: &Ctx, id: ProjectId) -> Result<crate::core::Ses
         Err(crate::core::Error::ProjectNotRunning(_)) if !ctx.autostart => Err(format!(
             "project {id} is not running: start it first (this host does not start projects on login)"
         )),
-        Err(crate::core::Error::ProjectNotRunning(_)) => {
-            Err(format!("project {id} did not start"))
-        }
+        Err(crate::core::Error::ProjectNotRunning(_)) => Err(format!("project {id} did not start")),
         Err(e) => Err(format!("project {id} could not be started: {e}")),
     }
 }
@@ -225,8 +223,7 @@ async fn run_process(
     let stopped = async {
         loop {
             match events.recv().await {
-                Ok(crate::core::HostEvent::State(p, st)) if p == id && !st.is_up() =>
-                {
+                Ok(crate::core::HostEvent::State(p, st)) if p == id && !st.is_up() => {
                     return;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
