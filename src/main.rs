@@ -334,7 +334,7 @@ fn client(cmd: ClientCommand) -> ExitCode {
                 env: env.into_iter().collect(),
                 ..Default::default()
             };
-            (parsed(&id).map(|id| Action::Start(id, cfg)), json)
+            (parsed(&id).map(|id| Action::Start(id, Box::new(cfg))), json)
         }
         ClientCommand::Stop { id, force, json } => {
             (parsed(&id).map(|id| Action::Stop(id, force)), json)

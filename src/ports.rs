@@ -161,6 +161,13 @@ pub trait Units: Send + Sync + Debug {
     fn forget(&self, id: ProjectId);
     /// CPU time used by the unit (ns), when known.
     async fn cpu_usage_nsec(&self, id: ProjectId) -> Option<u64>;
+    /// Freezes every process of the running unit (the cgroup freezer: memory kept, no CPU) and
+    /// returns once they are frozen.
+    async fn freeze(&self, id: ProjectId) -> Result<(), UnitError>;
+    /// Thaws the unit's processes (a unit that is not frozen, or gone, is no error).
+    async fn thaw(&self, id: ProjectId) -> Result<(), UnitError>;
+    /// Whether the unit's processes are frozen now (`None`: no such unit, or unknown).
+    fn is_frozen(&self, id: ProjectId) -> Option<bool>;
     /// The unit's journal entries `q` asks for, oldest first (the error says why it could not
     /// be read).
     async fn journal(&self, id: ProjectId, q: &LogQuery) -> Result<Vec<LogLine>, String>;

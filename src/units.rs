@@ -61,6 +61,21 @@ pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>,
     }))
 }
 
+/// serde: an optional duration in whole seconds (integer seconds, or a string for
+/// [`parse_duration`]), for the JSON run config.
+/// `null` is unset, as for the config's other fields.
+pub fn opt_duration_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match Option::<IntOrStr>::deserialize(d)? {
+        None => None,
+        Some(IntOrStr::Int(n)) => Some(n),
+        Some(IntOrStr::Str(s)) => Some(
+            parse_duration(&s)
+                .map_err(serde::de::Error::custom)?
+                .as_secs(),
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

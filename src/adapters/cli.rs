@@ -122,6 +122,8 @@ fn colour(state: &str, width: usize, tty: bool) -> String {
     let c = match state {
         "running" => "32",
         "starting" | "stopping" => "33",
+        // frozen for being idle: up, not using the CPU
+        "frozen" => "36",
         _ => return padded,
     };
     if tty {
@@ -204,7 +206,7 @@ pub enum Action {
     /// `status ID`
     Status(ProjectId),
     /// `start ID [config]`
-    Start(ProjectId, RunConfig),
+    Start(ProjectId, Box<RunConfig>),
     /// `stop ID [--force]`
     Stop(ProjectId, bool),
     /// `set-limits ID …`: the JSON body of a limits change
@@ -278,7 +280,7 @@ pub async fn run(action: Action, json_out: bool) -> Result<(), CliError> {
             print_status(&id, &m.get_project_status(&id.to_string()).await?, json_out)?;
         }
         Action::Start(id, cfg) => {
-            let cfg_json = if cfg == RunConfig::default() {
+            let cfg_json = if *cfg == RunConfig::default() {
                 String::new()
             } else {
                 serde_json::to_string(&cfg)

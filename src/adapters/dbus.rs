@@ -363,7 +363,7 @@ impl Manager {
         Ok(prop_host(&self.host)?.list().len() as u32)
     }
 
-    /// Number of projects whose unit is up (starting, running or stopping).
+    /// Number of projects whose unit is up (starting, running, frozen or stopping).
     #[zbus(property)]
     fn running_count(&self) -> zbus::fdo::Result<u32> {
         Ok(prop_host(&self.host)?.running_count() as u32)
@@ -491,7 +491,8 @@ impl Project {
         Ok(self.id.to_string())
     }
 
-    /// `opened`, `starting`, `running` or `stopping`.
+    /// `opened`, `starting`, `running`, `stopping` or `frozen` (up, its processes frozen for
+    /// being idle; a connection or login thaws it).
     #[zbus(property)]
     async fn state(
         &self,

@@ -79,7 +79,7 @@ pub struct StorageFullAnswer {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Variant)]
 #[zbus(signature = "dict")]
 pub struct StatusAnswer {
-    /// `opened | starting | running | stopping`
+    /// `opened | starting | running | stopping | frozen`
     pub state: String,
     /// this host's id
     pub server: String,
@@ -107,6 +107,32 @@ pub struct StatusAnswer {
     /// ms per phase of the project's last start (while it runs, after a start by this daemon)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase_timings_ms: Option<PhaseTimingsAnswer>,
+    /// why the project counts as active and when it is frozen or stopped for being idle
+    /// (while its unit is up)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<ActivityAnswer>,
+}
+
+/// A running project's activity (see `domain::idle`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Variant)]
+#[zbus(signature = "dict")]
+pub struct ActivityAnswer {
+    /// its last activity, ms since the epoch
+    pub last_active_at: u64,
+    /// seconds since then
+    pub idle_s: u64,
+    /// why it counts as active now: `ssh_session`, `connection`, `cpu`, `recent` (empty: idle)
+    pub active: Vec<String>,
+    /// SSH sessions open
+    pub ssh_sessions: u32,
+    /// connections open into it (proxy, WebSockets, SSH -L)
+    pub connections: u32,
+    /// seconds idle after which it is frozen (absent: never)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_after_s: Option<u64>,
+    /// seconds idle after which it is stopped (absent: never)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after_s: Option<u64>,
 }
 
 /// ms per start phase (see `domain::phases`).
@@ -146,6 +172,15 @@ impl From<&Status> for StatusAnswer {
                 podman: p.podman,
                 ready: p.ready,
                 total: p.total,
+            }),
+            activity: s.activity.as_ref().map(|a| ActivityAnswer {
+                last_active_at: a.last_active_at,
+                idle_s: a.idle_s,
+                active: a.active.iter().map(|r| r.as_str().to_string()).collect(),
+                ssh_sessions: a.ssh_sessions,
+                connections: a.connections,
+                freeze_after_s: a.freeze_after_s,
+                stop_after_s: a.stop_after_s,
             }),
         }
     }
@@ -661,6 +696,18 @@ mod tests {
                 podman: 3,
                 ready: 4,
                 total: 11,
+            }),
+            activity: Some(crate::domain::idle::ActivityStatus {
+                last_active_at: 1_795_966_945_890,
+                idle_s: 12,
+                active: vec![
+                    crate::domain::idle::Reason::SshSession,
+                    crate::domain::idle::Reason::Recent,
+                ],
+                ssh_sessions: 1,
+                connections: 0,
+                freeze_after_s: Some(1800),
+                stop_after_s: None,
             }),
         }
     }

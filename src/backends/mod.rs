@@ -1,6 +1,7 @@
 //! The backends behind the core's ports (`crate::ports`): the real ones (systemd over zbus with
 //! podman's argv in `units`, btrfs, SQLite) and a simulated one (`sim`) for in-process tests.
 pub mod btrfs;
+pub mod cgroup;
 pub mod egress;
 pub mod ids;
 pub mod journal;

@@ -90,6 +90,14 @@ pub struct SimUnits {
     pub forgotten: Mutex<Vec<ProjectId>>,
     /// The units' journal: one line per start and stop, and what tests log.
     journal: Mutex<Vec<(ProjectId, ports::LogLine)>>,
+    /// Units whose processes are frozen.
+    frozen: Mutex<std::collections::HashSet<ProjectId>>,
+    /// Freeze and thaw calls, in order (`true`: freeze).
+    pub freezes: Mutex<Vec<(ProjectId, bool)>>,
+    /// CPU time per unit (ns) set by tests (`burn`); default 250 ms.
+    cpu_ns: Mutex<HashMap<ProjectId, u64>>,
+    /// Freezing fails (as on a host without a usable freezer).
+    pub freeze_fails: std::sync::atomic::AtomicBool,
 }
 
 impl SimUnits {
@@ -142,9 +150,18 @@ impl SimUnits {
         });
     }
     fn remove(&self, id: ProjectId) {
+        lock(&self.frozen).remove(&id);
         if lock(&self.units).remove(&id).is_some() {
             self.emit(UnitEvent::Removed(id));
         }
+    }
+    /// Adds CPU time to the unit (as its processes using the CPU).
+    pub fn burn(&self, id: ProjectId, ns: u64) {
+        *lock(&self.cpu_ns).entry(id).or_insert(250_000_000) += ns;
+    }
+    /// Whether the unit's processes are frozen.
+    pub fn frozen(&self, id: ProjectId) -> bool {
+        lock(&self.frozen).contains(&id)
     }
     /// Makes `port` of project `id` reach `addr` (a listener of the test) while the project runs.
     pub fn listen(&self, id: ProjectId, port: u16, addr: std::net::SocketAddr) {
@@ -297,7 +314,35 @@ impl ports::Units for SimUnits {
         lock(&self.forgotten).push(id);
     }
     async fn cpu_usage_nsec(&self, id: ProjectId) -> Option<u64> {
-        lock(&self.units).contains_key(&id).then_some(250_000_000)
+        if !lock(&self.units).contains_key(&id) {
+            return None;
+        }
+        Some(lock(&self.cpu_ns).get(&id).copied().unwrap_or(250_000_000))
+    }
+    async fn freeze(&self, id: ProjectId) -> Result<(), UnitError> {
+        if self.freeze_fails.load(Ordering::SeqCst) {
+            return Err(crate::backends::systemd::SystemdError::Freezer(
+                "simulated: no freezer".into(),
+            ));
+        }
+        if self.state(id) != Some(ActiveState::Active) {
+            return Err(crate::backends::systemd::SystemdError::Freezer(
+                "simulated: unit not active".into(),
+            ));
+        }
+        lock(&self.freezes).push((id, true));
+        lock(&self.frozen).insert(id);
+        Ok(())
+    }
+    async fn thaw(&self, id: ProjectId) -> Result<(), UnitError> {
+        lock(&self.freezes).push((id, false));
+        lock(&self.frozen).remove(&id);
+        Ok(())
+    }
+    fn is_frozen(&self, id: ProjectId) -> Option<bool> {
+        lock(&self.units)
+            .contains_key(&id)
+            .then(|| lock(&self.frozen).contains(&id))
     }
     async fn journal(
         &self,

@@ -29,6 +29,7 @@ pub struct SystemdUnits {
     systemd: Systemd,
     settings: Settings,
     netns: super::netns::Netns,
+    cgroups: super::cgroup::Cgroups,
 }
 
 impl SystemdUnits {
@@ -38,6 +39,7 @@ impl SystemdUnits {
             systemd: Systemd::connect().await?,
             settings,
             netns: super::netns::Netns::new(),
+            cgroups: super::cgroup::Cgroups::host(),
         })
     }
 
@@ -256,8 +258,9 @@ impl Units for SystemdUnits {
         Ok(())
     }
 
+    /// From the unit's cgroup file (what systemd's `MemoryCurrent` reads), not from PID 1.
     async fn memory_current(&self, id: ProjectId) -> Option<u64> {
-        self.systemd.memory_current(&id.unit_name()).await
+        self.cgroups.memory_current(&id.unit_name())
     }
 
     async fn connect(
@@ -274,8 +277,46 @@ impl Units for SystemdUnits {
         self.netns.forget(id)
     }
 
+    /// From the unit's cgroup file (what systemd's `CPUUsageNSec` reads), not from PID 1.
     async fn cpu_usage_nsec(&self, id: ProjectId) -> Option<u64> {
-        self.systemd.cpu_usage_nsec(&id.unit_name()).await
+        self.cgroups.cpu_usage_nsec(&id.unit_name())
+    }
+
+    /// cgroup v2: systemd's `FreezeUnit` (the unit's whole subtree, conmon and container).
+    /// cgroup v1, where systemd cannot freeze units: the v1 freezer of the unit's path, which
+    /// holds the container's cgroup (`backends::cgroup`).
+    async fn freeze(&self, id: ProjectId) -> Result<(), SystemdError> {
+        let unit = id.unit_name();
+        match self.cgroups.layout() {
+            super::cgroup::Layout::V2 => self.systemd.freeze(&unit).await,
+            super::cgroup::Layout::V1 => self
+                .cgroups
+                .v1_freeze(&unit, Duration::from_secs(2))
+                .await
+                .map_err(SystemdError::Freezer),
+        }
+    }
+
+    async fn thaw(&self, id: ProjectId) -> Result<(), SystemdError> {
+        let unit = id.unit_name();
+        match self.cgroups.layout() {
+            super::cgroup::Layout::V2 => match self.systemd.thaw(&unit).await {
+                Err(SystemdError::Bus(zbus::Error::MethodError(n, _, _)))
+                    if n.as_str() == "org.freedesktop.systemd1.NoSuchUnit"
+                        || n.as_str() == "org.freedesktop.systemd1.UnitInactive" =>
+                {
+                    Ok(())
+                }
+                r => r,
+            },
+            super::cgroup::Layout::V1 => self.cgroups.v1_thaw(&unit).map_err(SystemdError::Freezer),
+        }
+    }
+
+    fn is_frozen(&self, id: ProjectId) -> Option<bool> {
+        self.cgroups
+            .freezer(&id.unit_name())
+            .map(|f| f != super::cgroup::Freezer::Thawed)
     }
 
     async fn journal(&self, id: ProjectId, q: &LogQuery) -> Result<Vec<LogLine>, String> {

@@ -204,6 +204,11 @@ struct ProjectsFragment {
     #[serde(default, deserialize_with = "opt_duration")]
     log_rate_limit_interval: Option<Duration>,
     log_rate_limit_burst: Option<u32>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    idle_freeze: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    idle_stop: Option<Duration>,
+    idle_cpu: Option<f64>,
 }
 
 impl ProjectsFragment {
@@ -237,6 +242,26 @@ impl ProjectsFragment {
             &mut p.log_rate_limit_burst,
             self.log_rate_limit_burst,
             "projects.log_rate_limit_burst",
+            mark,
+        );
+        // 0 (or "0s"): never
+        let never = |d: Duration| (!d.is_zero()).then_some(d);
+        put(
+            &mut p.idle.freeze_after,
+            self.idle_freeze.map(never),
+            "projects.idle_freeze",
+            mark,
+        );
+        put(
+            &mut p.idle.stop_after,
+            self.idle_stop.map(never),
+            "projects.idle_stop",
+            mark,
+        );
+        put(
+            &mut p.idle.cpu_busy,
+            self.idle_cpu,
+            "projects.idle_cpu",
             mark,
         );
     }

@@ -134,6 +134,9 @@ pub struct ProjectSettings {
     pub log_rate_limit_interval: Duration,
     /// See `log_rate_limit_interval`.
     pub log_rate_limit_burst: u32,
+    /// When running projects are frozen or stopped for being idle (`domain::idle`); a
+    /// project's run config (`idle_freeze`, `idle_stop`) overrides the timeouts.
+    pub idle: crate::domain::idle::IdlePolicy,
 }
 
 impl Settings {
@@ -180,6 +183,11 @@ impl Default for Settings {
                 images: Vec::new(),
                 log_rate_limit_interval: Duration::from_secs(30),
                 log_rate_limit_burst: 10_000,
+                idle: crate::domain::idle::IdlePolicy {
+                    freeze_after: Some(Duration::from_secs(30 * 60)),
+                    stop_after: None,
+                    cpu_busy: 0.05,
+                },
             },
             limits: LimitSettings::default(),
             slice: SliceSettings::default(),

@@ -109,6 +109,21 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
             "must not be empty (leave it unset for the image's CMD)".into(),
         ));
     }
+    let idle = &s.projects.idle;
+    for (key, d) in [
+        ("projects.idle_freeze", idle.freeze_after),
+        ("projects.idle_stop", idle.stop_after),
+    ] {
+        if d.is_some_and(|d| d > crate::domain::idle::MAX_IDLE) {
+            return Err((key, "must be at most 365d (0: never)".into()));
+        }
+    }
+    if !(idle.cpu_busy.is_finite() && idle.cpu_busy > 0.0 && idle.cpu_busy <= 1024.0) {
+        return Err((
+            "projects.idle_cpu",
+            format!("{} is not a number of cores in (0, 1024]", idle.cpu_busy),
+        ));
+    }
     if s.projects.stop_timeout.as_secs() > 3600 {
         return Err((
             "projects.stop_timeout",

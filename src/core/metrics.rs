@@ -67,6 +67,7 @@ pub struct Metrics {
     stop: Histograms<Outcome>,
     snapshot: Histograms<Outcome>,
     store_write: Histogram,
+    thaw: Histogram,
 }
 
 impl Default for Metrics {
@@ -121,6 +122,13 @@ impl Metrics {
         let stop: Histograms<Outcome> = Family::new_with_constructor(slow);
         let snapshot: Histograms<Outcome> = Family::new_with_constructor(slow);
         let store_write = fast();
+        let thaw = fast();
+        registry.register_with_unit(
+            "project_thaw_duration",
+            "How long thawing a project frozen for being idle took (the cgroup freezer)",
+            Unit::Seconds,
+            thaw.clone(),
+        );
         registry.register(
             "http_requests",
             "HTTP API requests by method, route template and status",
@@ -164,7 +172,13 @@ impl Metrics {
             stop,
             snapshot,
             store_write,
+            thaw,
         }
+    }
+
+    /// A frozen project was thawed.
+    pub fn thaw(&self, took: Duration) {
+        self.thaw.observe(took.as_secs_f64());
     }
 
     /// One HTTP request: `route` is a template (`/projects/:id/status`), never a raw path.
@@ -217,6 +231,7 @@ impl Metrics {
             ProjectState::Starting,
             ProjectState::Running,
             ProjectState::Stopping,
+            ProjectState::Frozen,
         ] {
             states
                 .get_or_create(&StateLabel { state: s.as_str() })
@@ -405,7 +420,8 @@ impl crate::ports::Store for TimedStore {
         now_ms: u64,
     ) -> Result<(), crate::ports::StoreError> {
         let t = std::time::Instant::now();
-        let r = self.inner.upsert(id, state, config, now_ms).await;
+        // a frozen project is running for the store and the master
+        let r = self.inner.upsert(id, state.stored(), config, now_ms).await;
         self.metrics.store_write(t.elapsed());
         r
     }

@@ -22,6 +22,9 @@ use crate::ports::{
 
 mod events;
 mod files;
+pub mod idle;
+#[cfg(test)]
+mod idle_tests;
 mod ids;
 pub mod link;
 #[cfg(test)]
@@ -41,6 +44,7 @@ mod tasks;
 #[cfg(test)]
 mod tests;
 pub use events::{EventRing, Numbered, Replay};
+pub use idle::{ProjectStream, SessionGuard};
 pub use storage::{SnapshotInfo, SweepOutcome};
 pub use tasks::Tasks;
 
@@ -239,6 +243,10 @@ struct Entry {
     cpu_nsec: Option<u64>,
     /// the phases of the last start by this daemon (while the unit is up)
     phases: Option<crate::domain::phases::PhaseTimings>,
+    /// its processes are frozen for being idle (`idle`)
+    frozen: bool,
+    /// its run config's `idle_freeze`, `idle_stop` (seconds; 0: never)
+    idle_override: (Option<u64>, Option<u64>),
 }
 
 /// Known projects with their last touch (ms), most recent first; shared, not copied.
@@ -273,9 +281,14 @@ impl Drop for EntriesMut<'_> {
 
 impl Entry {
     fn state(&self) -> ProjectState {
-        self.unit.as_ref().map_or(ProjectState::Opened, |u| {
+        let s = self.unit.as_ref().map_or(ProjectState::Opened, |u| {
             ProjectState::from_active_state(u.active_state)
-        })
+        });
+        if s == ProjectState::Running && self.frozen {
+            ProjectState::Frozen
+        } else {
+            s
+        }
     }
 }
 
@@ -309,6 +322,8 @@ pub struct Host {
     metrics: Arc<metrics::Metrics>,
     /// move operations (`moves`)
     moves: moves::Moves,
+    /// each project's activity (`idle`)
+    cells: idle::Cells,
 }
 
 /// The backends a host runs on (real ones from [`Host::new`], simulated ones in tests).
@@ -374,6 +389,7 @@ impl Host {
             inner: b.store,
             metrics: metrics.clone(),
         });
+        let (cells, thaw_rx) = idle::Cells::new();
         let host = Arc::new(Host {
             settings,
             host_id,
@@ -392,6 +408,7 @@ impl Host {
             events: events::EventRing::new(events::CAPACITY, now_ms().saturating_mul(1000)),
             metrics,
             moves: Default::default(),
+            cells,
         });
         // watch before reading, so no change falls between the read and the stream
         let mut events = host.units.watch().await?;
@@ -415,6 +432,38 @@ impl Host {
                 tick.tick().await;
                 let Some(h) = weak.upgrade() else { break };
                 h.refresh_memory().await;
+            }
+        });
+        let weak = Arc::downgrade(&host);
+        host.tasks.spawn_loop("idle freeze and stop", async move {
+            let mut tick = tokio::time::interval(idle::TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(h) = weak.upgrade() else { break };
+                h.idle_tick().await;
+            }
+        });
+        let weak = Arc::downgrade(&host);
+        host.tasks.spawn_loop("thaw on write", async move {
+            let Some(h) = weak.upgrade() else { return };
+            let token = h.tasks.token();
+            drop(h);
+            // the receiver ends with the host's cells; the token ends it at shutdown
+            let mut rx = thaw_rx;
+            loop {
+                let id = tokio::select! {
+                    id = rx.recv() => id,
+                    () = token.cancelled() => None,
+                };
+                let Some(id) = id else { break };
+                let Some(h) = weak.upgrade() else { break };
+                let host = h.clone();
+                drop(h.tasks.spawn_work(async move {
+                    if let Err(e) = host.thaw_if_frozen(id).await {
+                        tracing::warn!(project_id = %id, error = %e, "cannot thaw the project");
+                    }
+                }));
             }
         });
         let weak = Arc::downgrade(&host);
@@ -544,6 +593,8 @@ impl Host {
             let e = map.entry(id).or_default();
             let before = e.state();
             if unit.is_none() {
+                e.frozen = false;
+                self.forget_frozen(id);
                 e.memory_current = None;
                 // a stopped project's network namespace is not used again
                 self.units.forget(id);
@@ -593,6 +644,7 @@ impl Host {
     }
 
     async fn reconcile(&self) -> anyhow::Result<()> {
+        let t0 = std::time::Instant::now();
         let rows = self.store.projects().await?;
         let units = self.units.list().await?;
         let now = now_ms();
@@ -602,6 +654,7 @@ impl Host {
                 let e = map.entry(r.id).or_default();
                 e.known = true;
                 e.last_touched = e.last_touched.max(r.last_touched);
+                e.idle_override = (r.config.idle_freeze, r.config.idle_stop);
             }
         }
         let mut adopted = 0;
@@ -611,7 +664,11 @@ impl Host {
                 self.store.upsert(id, state, None, now).await?;
             }
             self.mark_known(id, now);
+            let up = state == ProjectState::Running;
             self.set_unit(id, Some(info));
+            if up {
+                self.adopt_frozen(id);
+            }
             adopted += 1;
         }
         // the store remembers projects running that systemd no longer has: they stopped meanwhile
@@ -629,6 +686,7 @@ impl Host {
         tracing::info!(
             known = rows.len(),
             running_units = adopted,
+            took_ms = t0.elapsed().as_millis() as u64,
             "reconciled with systemd and the store"
         );
         Ok(())
@@ -701,11 +759,11 @@ impl Host {
     }
 
     fn status_of(&self, id: ProjectId) -> Status {
-        let map = self.read_entries();
-        let e = map.get(&id).cloned().unwrap_or_default();
+        let e = self.read_entries().get(&id).cloned().unwrap_or_default();
+        let state = e.state();
         let u = e.unit.as_ref();
         Status {
-            state: e.state(),
+            state,
             server: self.host_id.clone(),
             unit: self.units.unit_name(id),
             sub_state: u.map(|u| u.sub_state.clone()),
@@ -715,10 +773,25 @@ impl Host {
             disk: e.disk,
             storage_full: self.storage_full(),
             phase_timings_ms: e.phases.filter(|_| u.is_some()),
+            activity: state
+                .is_up()
+                .then(|| self.activity_status(id, state == ProjectState::Frozen))
+                .flatten(),
         }
     }
 
+    /// Records that an API call touched the project: its place in `GET /projects`, and
+    /// activity for idle freeze and stop.
     fn touch(&self, id: ProjectId) {
+        if self.is_known(id) {
+            self.bump_activity(id);
+        }
+        self.touch_listed(id);
+    }
+
+    /// Moves the project up in `GET /projects` only (a status read: a client polling the
+    /// status does not keep a project from being idle).
+    fn touch_listed(&self, id: ProjectId) {
         let now = now_ms();
         let known = {
             let mut map = self.entries();
@@ -743,7 +816,7 @@ impl Host {
     /// The status of a project, from memory. A project this host has never seen is `opened`
     /// (as the seed API answers) and is not recorded.
     pub fn status(&self, id: ProjectId) -> Status {
-        self.touch(id);
+        self.touch_listed(id);
         self.status_of(id)
     }
 
@@ -821,8 +894,10 @@ impl Host {
         let _guard = lock.lock().await;
         if let Some(info) = self.units.info(id).await? {
             match ProjectState::from_active_state(info.active_state) {
-                ProjectState::Running | ProjectState::Starting => {
+                ProjectState::Running | ProjectState::Starting | ProjectState::Frozen => {
                     self.set_unit(id, Some(info));
+                    // a start of a frozen project thaws it
+                    self.thaw_locked(id).await?;
                     if !self.is_known(id) {
                         // running but unrecorded (its starter went away before recording it)
                         let state = self.status_of(id).state;
@@ -908,8 +983,11 @@ impl Host {
         self.set_unit(id, info);
         let state = self.status_of(id).state;
         let now = now_ms();
-        self.store.upsert(id, state, Some(config), now).await?;
+        self.store
+            .upsert(id, state, Some(config.clone()), now)
+            .await?;
         self.mark_known(id, now);
+        self.bump_activity(id);
         let phases = crate::domain::phases::PhaseTimings::new(
             storage_took,
             unit_took,
@@ -919,6 +997,7 @@ impl Host {
         );
         if let Some(e) = self.entries().get_mut(&id) {
             e.phases = Some(phases);
+            e.idle_override = (config.idle_freeze, config.idle_stop);
         }
         let status = self.status_of(id);
         // journald fields PROJECT_ID, PHASE_*_MS (the journald layer upper-cases field names)
@@ -984,7 +1063,44 @@ impl Host {
     async fn stop_now(&self, id: ProjectId, force: bool) -> Result<Status, Error> {
         let lock = self.lock(id);
         let _guard = lock.lock().await;
+        self.stop_locked(id, force).await
+    }
+
+    /// Stops the project (not forced) if `still` holds once its lock is taken; the idle stop.
+    pub(crate) async fn stop_if(
+        self: &Arc<Self>,
+        id: ProjectId,
+        still: impl FnOnce() -> bool + Send + 'static,
+    ) -> Result<(), Error> {
+        let host = self.clone();
+        let t0 = std::time::Instant::now();
+        let r = self
+            .tasks
+            .spawn_work(async move {
+                let lock = host.lock(id);
+                let _guard = lock.lock().await;
+                if !still() {
+                    return Ok(false);
+                }
+                host.stop_locked(id, false).await.map(|_| true)
+            })
+            .await
+            .map_err(|e| Error::StopFailed {
+                id,
+                reason: format!("stop task failed: {e}"),
+            })?;
+        if !matches!(r, Ok(false)) {
+            self.metrics.stop(r.is_ok(), t0.elapsed());
+        }
+        r.map(|_| ())
+    }
+
+    async fn stop_locked(&self, id: ProjectId, force: bool) -> Result<Status, Error> {
         if self.units.info(id).await?.is_some() {
+            // a frozen project cannot handle its SIGTERM: thaw it first
+            if let Err(e) = self.thaw_locked(id).await {
+                tracing::warn!(project_id = %id, error = %e, "cannot thaw the project before stopping it");
+            }
             tracing::info!(project_id = %id, force, "stopping project");
             // podman stop runs in the unit's cgroup: not at the project's CPU quota (see start)
             if let Err(e) = self.units.set_cpu_quota(id, None).await {

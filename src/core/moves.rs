@@ -214,7 +214,7 @@ impl Host {
         let host = self.clone();
         let o = op.clone();
         drop(self.tasks.spawn_work(async move {
-            let was_running = host.status(id).state == ProjectState::Running;
+            let was_running = host.status(id).state.is_up();
             let r = tokio::select! {
                 r = host.run_move(id, mv, &req, &o, sender) => r,
                 () = o.cancel.cancelled() => Err("cancelled".to_string()),
@@ -231,7 +231,7 @@ impl Host {
                     *lock(&o.error) = Some(e);
                     o.set(Phase::Failed);
                     if was_running
-                        && host.status(id).state != ProjectState::Running
+                        && !host.status(id).state.is_up()
                         && let Err(e) = host.start(id, None).await
                     {
                         tracing::warn!(project_id = %id, error = %e, "cannot start the project again after a failed move");

@@ -2,7 +2,7 @@
 //! project runs and touches it; the backend makes the connection inside its network namespace.
 use std::time::Duration;
 
-use super::{Error, Host};
+use super::{Error, Host, ProjectStream};
 use crate::domain::project::{ProjectId, ProjectState};
 
 /// How long a connection to a project's port may take: on loopback it is at once or refused, so
@@ -13,11 +13,15 @@ impl Host {
     /// Connects to `127.0.0.1:port` inside the running project's network namespace (it works
     /// with `network: none`; no container address or published port is involved).
     /// `ProjectNotRunning` when it is not running, `BackendUnavailable` when nothing answers.
-    pub async fn connect_port(
-        &self,
-        id: ProjectId,
-        port: u16,
-    ) -> Result<tokio::net::TcpStream, Error> {
+    ///
+    /// A frozen project is thawed first (the client only sees the thaw's latency); the stream's
+    /// bytes count as the project's activity, and while it is open the project is not stopped
+    /// for being idle (`core::idle`).
+    pub async fn connect_port(&self, id: ProjectId, port: u16) -> Result<ProjectStream, Error> {
+        if self.is_known(id) {
+            // traffic into a project is use of it (recorded before the freezer is looked at)
+            self.thaw_if_frozen(id).await?;
+        }
         let main_pid = {
             let map = self.read_entries();
             map.get(&id)
@@ -29,23 +33,24 @@ impl Host {
         let Some(main_pid) = main_pid else {
             return Err(Error::ProjectNotRunning(id));
         };
-        // traffic into a project is use of it
         self.touch(id);
-        self.units
+        let s = self
+            .units
             .connect(id, main_pid, port, CONNECT_TIMEOUT)
             .await
             .map_err(|e| Error::BackendUnavailable {
                 id,
                 port,
                 reason: e.to_string(),
-            })
+            })?;
+        Ok(self.project_stream(id, s))
     }
 
-    /// Whether the project runs now.
+    /// Whether the project runs now (frozen or not: a connection into it thaws it).
     pub fn is_running(&self, id: ProjectId) -> bool {
         self.read_entries()
             .get(&id)
-            .is_some_and(|e| e.state() == ProjectState::Running)
+            .is_some_and(|e| e.state().is_up())
     }
 }
 

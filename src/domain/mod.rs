@@ -1,5 +1,6 @@
 //! The domain: the host's own vocabulary, free of any external system (ids, states, run
 //! configs, limits, snapshot names and retention).
+pub mod idle;
 pub mod ids;
 pub mod images;
 pub mod limits;

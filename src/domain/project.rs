@@ -90,6 +90,10 @@ pub enum ProjectState {
     Running,
     /// The unit is deactivating.
     Stopping,
+    /// The unit is active but its processes are frozen for being idle (memory kept, no CPU):
+    /// the next connection into it (proxy, SSH) thaws it. The store and the master see it
+    /// `running`.
+    Frozen,
 }
 
 impl ProjectState {
@@ -105,6 +109,17 @@ impl ProjectState {
             }
         }
     }
+    /// The state the store and the master record: a frozen project is running there.
+    pub fn stored(self) -> ProjectState {
+        match self {
+            ProjectState::Frozen => ProjectState::Running,
+            s => s,
+        }
+    }
+    /// Whether the unit is up and its container runs (frozen or not).
+    pub fn is_up(self) -> bool {
+        matches!(self, ProjectState::Running | ProjectState::Frozen)
+    }
     /// The lowercase name used on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -112,6 +127,7 @@ impl ProjectState {
             ProjectState::Starting => "starting",
             ProjectState::Running => "running",
             ProjectState::Stopping => "stopping",
+            ProjectState::Frozen => "frozen",
         }
     }
 }
@@ -187,6 +203,22 @@ pub struct RunConfig {
     /// Relative IO weight, 1..=10000 (100 = normal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_weight: Option<u64>,
+    /// Freeze the project after this many seconds without activity (0: never; absent: the
+    /// host's `projects.idle_freeze`). A string like `"30s"` or `"15m"` is accepted too.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::units::opt_duration_secs"
+    )]
+    pub idle_freeze: Option<u64>,
+    /// Stop the project after this many seconds without activity (0: never; absent: the
+    /// host's `projects.idle_stop`). A string like `"2h"` is accepted too.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::units::opt_duration_secs"
+    )]
+    pub idle_stop: Option<u64>,
 }
 
 /// Smallest disk quota or scratch size (bytes): btrfs needs room for metadata.
@@ -293,6 +325,20 @@ impl RunConfig {
             }
         }
         for (field, v) in [
+            ("idle_freeze", self.idle_freeze),
+            ("idle_stop", self.idle_stop),
+        ] {
+            let max = super::idle::MAX_IDLE.as_secs();
+            if let Some(v) = v
+                && v > max
+            {
+                return bad(
+                    field,
+                    format!("{v} seconds is above the maximum of {max} (365d)"),
+                );
+            }
+        }
+        for (field, v) in [
             ("memory", self.memory),
             ("disk", self.disk),
             ("scratch", self.scratch),
@@ -376,6 +422,10 @@ pub struct Status {
     /// this daemon).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase_timings_ms: Option<super::phases::PhaseTimings>,
+    /// Why the project counts as active and when it would be frozen or stopped for being idle
+    /// (while its unit is up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity: Option<super::idle::ActivityStatus>,
 }
 
 /// Disk quota and usage of a project's home (its btrfs qgroup), in bytes.

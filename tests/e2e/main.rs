@@ -7,6 +7,7 @@ mod authority;
 mod cgroup;
 mod dbus;
 mod files;
+mod idle;
 mod isolation;
 mod lifecycle;
 mod limits;

@@ -12,7 +12,7 @@ use crate::tb::{self, http, ok, sh, sh_in};
 const DIR: &str = "/root/.e2e-ssh";
 
 /// Makes (once per name) an ed25519 key pair in the machine; its public line.
-fn key(name: &str) -> String {
+pub(crate) fn key(name: &str) -> String {
     ok(&format!(
         "mkdir -p -m 700 {DIR} && {{ [ -f {DIR}/{name} ] || ssh-keygen -q -t ed25519 -N '' -C {name} -f {DIR}/{name}; }} && cat {DIR}/{name}.pub"
     ))
@@ -20,7 +20,7 @@ fn key(name: &str) -> String {
 
 /// known_hosts with the daemon's host key, as `cocalc-project-host ssh-host-key` prints it; the
 /// client then checks the server strictly.
-fn known_hosts() {
+pub(crate) fn known_hosts() {
     // the daemon makes the key on its first start (socket activation: the first call starts it)
     tb::http("GET", "/healthz", None);
     tb::wait_for("the SSH host key", 30, || {
@@ -40,14 +40,14 @@ fn known_hosts() {
 }
 
 /// The `ssh` command line with key `k` as `user`, plus extra options, running `remote`.
-fn ssh_cmd(k: &str, user: &str, opts: &str, remote: &str) -> String {
+pub(crate) fn ssh_cmd(k: &str, user: &str, opts: &str, remote: &str) -> String {
     format!(
         "ssh -p 2222 -i {DIR}/{k} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
          -o UserKnownHostsFile={DIR}/known_hosts -o ConnectTimeout=10 {opts} {user}@127.0.0.1 {remote}"
     )
 }
 
-fn set_keys(id: &str, keys: &[String]) {
+pub(crate) fn set_keys(id: &str, keys: &[String]) {
     let (s, v) = http(
         "PUT",
         &format!("/projects/{id}/authorized-keys"),

@@ -19,6 +19,7 @@ use crate::stats::{self, Summary, ms, sh, sh_quiet};
 mod burst;
 mod cold;
 mod density;
+mod freeze;
 mod latency;
 mod proxy;
 mod setup;
@@ -280,6 +281,12 @@ const PHASES: &[Phase] = &[
         aliases: &[],
         title: "8. proxy",
         run: |c| Box::pin(proxy::proxy(c)),
+    },
+    Phase {
+        key: "freeze",
+        aliases: &["thaw"],
+        title: "9. idle freeze and thaw",
+        run: |c| Box::pin(freeze::freeze(c)),
     },
 ];
 

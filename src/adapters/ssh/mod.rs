@@ -25,7 +25,7 @@ use crate::adapters::connlimit::PeerLimiter;
 use crate::backends::safefs::RelPath;
 use crate::backends::session::SessionRunner;
 use crate::core::Host;
-use crate::domain::project::{ProjectId, ProjectState};
+use crate::domain::project::ProjectId;
 use crate::domain::ssh_keys;
 
 /// Most SSH connections at once (more are closed at accept).
@@ -188,7 +188,7 @@ impl Conn {
                     tracing::warn!(project_id = %id, error = %e, "ssh: cannot read stored keys");
                     Vec::new()
                 });
-                let running = self.ctx.host.status(id).state == ProjectState::Running;
+                let running = self.ctx.host.is_running(id);
                 if running || (self.ctx.autostart && self.ctx.host.is_known(id)) {
                     keys.extend(home_keys(&self.ctx.host, id).await);
                 }

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::Ctx;
 use crate::backends::session::{self, Exit, PtySpec, SessionIo, SessionSpec};
-use crate::domain::project::{ProjectId, ProjectState};
+use crate::domain::project::ProjectId;
 
 /// Most `env` requests honoured per channel.
 const MAX_ENV: usize = 32;
@@ -134,22 +134,16 @@ pub async fn refuse(wr: &ChannelWriteHalf<Msg>, handle: &Handle, chid: ChannelId
     let _ = wr.close().await;
 }
 
-/// Makes sure the project runs (starting it when `ssh.autostart`); `Err` is the user's message.
-pub async fn ensure_running(ctx: &Ctx, id: ProjectId) -> Result<(), String> {
-    if ctx.host.status(id).state == ProjectState::Running {
-        return Ok(());
-    }
-    if !ctx.autostart {
-        return Err(format!(
+/// Makes sure the project runs: thaws it when frozen, starts it when `ssh.autostart` says so;
+/// the guard keeps it from being frozen or stopped for being idle while the session lasts
+/// (`Host::open_session`). `Err` is the user's message.
+pub async fn ensure_running(ctx: &Ctx, id: ProjectId) -> Result<crate::core::SessionGuard, String> {
+    match ctx.host.open_session(id, ctx.autostart).await {
+        Ok(g) => Ok(g),
+        Err(crate::core::Error::ProjectNotRunning(_)) if !ctx.autostart => Err(format!(
             "project {id} is not running: start it first (this host does not start projects on login)"
-        ));
-    }
-    match ctx.host.start(id, None).await {
-        Ok(st) if st.state == ProjectState::Running => Ok(()),
-        Ok(st) => Err(format!(
-            "project {id} did not start ({})",
-            st.state.as_str()
         )),
+        Err(crate::core::Error::ProjectNotRunning(_)) => Err(format!("project {id} did not start")),
         Err(e) => Err(format!("project {id} could not be started: {e}")),
     }
 }
@@ -163,9 +157,10 @@ async fn run_process(
 ) {
     let chid = wr.id();
     let id = spec.id;
-    if let Err(m) = ensure_running(&ctx, id).await {
-        return refuse(&wr, &handle, chid, &m).await;
-    }
+    let _held = match ensure_running(&ctx, id).await {
+        Ok(g) => g,
+        Err(m) => return refuse(&wr, &handle, chid, &m).await,
+    };
     let mut events = ctx.host.subscribe();
     let s = match ctx.runner.spawn(spec).await {
         Ok(s) => s,
@@ -228,9 +223,7 @@ async fn run_process(
     let stopped = async {
         loop {
             match events.recv().await {
-                Ok(crate::core::HostEvent::State(p, st))
-                    if p == id && st != ProjectState::Running =>
-                {
+                Ok(crate::core::HostEvent::State(p, st)) if p == id && !st.is_up() => {
                     return;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -252,7 +245,7 @@ async fn run_process(
         }
         () = stopped => { project_stopped = true; }
     }
-    if project_stopped || ctx.host.status(id).state != ProjectState::Running {
+    if project_stopped || !ctx.host.is_running(id) {
         let _ = wr
             .extended_data_bytes(
                 1,
