@@ -20,6 +20,7 @@ mod burst;
 mod cold;
 mod density;
 mod latency;
+mod moves;
 mod proxy;
 mod setup;
 mod snapshot;
@@ -280,6 +281,12 @@ const PHASES: &[Phase] = &[
         aliases: &[],
         title: "8. proxy",
         run: |c| Box::pin(proxy::proxy(c)),
+    },
+    Phase {
+        key: "move",
+        aliases: &["moves"],
+        title: "9. move",
+        run: |c| Box::pin(moves::moves(c)),
     },
 ];
 
