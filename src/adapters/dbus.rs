@@ -354,7 +354,6 @@ impl Manager {
             .collect())
     }
 
-    /// Version of the daemon.
     /// Moves a project to another host (as `POST /projects/:id/move`): `target` is the target
     /// host's API (`http://host:port`), `token` the master's move token for it; a failed move
     /// of the project to the same target is resumed. The operation as JSON
@@ -399,6 +398,7 @@ impl Manager {
         op_json(&self.host()?.cancel_operation(op).await?)
     }
 
+    /// Version of the daemon.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()

@@ -300,19 +300,21 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
     let id = new_id();
     let (before, snaps_before) = populate(&id);
 
-    // a wrong audience (the source's own id) and a token without `move`: refused by the target
-    let (s, v) = http(
-        "POST",
-        &format!("/projects/{id}/move"),
-        Some(
-            &json!({"target": TARGET, "token": master.token(&tb::host_id(), &id, &["move"])})
-                .to_string(),
-        ),
+    // a wrong audience (the source's own id): refused by the target; through the CLI (D-Bus
+    // MoveProject/GetOperation), which says so and exits non-zero
+    let o = tb::sh(&format!(
+        "COCALC_MOVE_TOKEN='{}' cocalc-project-host move {id} --to {TARGET}",
+        master.token(&tb::host_id(), &id, &["move"])
+    ));
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains("failed") && o.stderr.contains("401"),
+        "{}",
+        o.stderr
     );
-    assert_eq!(s, 202, "{v}");
-    let v = wait_op(v["op"].as_str().unwrap(), &["failed", "done"]);
-    assert_eq!(v["phase"], "failed", "{v}");
-    assert!(v["error"].as_str().unwrap().contains("401"), "{v}");
+    // no token at all: a usage error
+    let o = tb::sh(&format!("cocalc-project-host move {id} --to {TARGET}"));
+    assert_eq!(o.code, 2, "{}{}", o.stdout, o.stderr);
     tb::wait_for("the project running again", 60, || {
         (tb::status(&id)["state"] == "running").then_some(())
     });
@@ -451,10 +453,15 @@ fn a_connection_killed_midway_leaves_the_source_running_and_the_move_resumes() {
         )),
         "no"
     );
-    // the retry resumes the same move: what the target holds is not sent again
-    let (s, v) = http("POST", &format!("/projects/{id}/move"), Some(&body));
-    assert_eq!(s, 202, "{v}");
-    assert_eq!(v["op"], op.as_str(), "the same move, resumed: {v}");
+    // the retry (the CLI, not on a terminal: a line per phase) resumes the same move: what
+    // the target holds is not sent again
+    let o = tb::sh(&format!(
+        "COCALC_MOVE_TOKEN='{token}' cocalc-project-host move {id} --to {TARGET}"
+    ));
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains(&format!("move {op}")), "the same move, resumed: {}", o.stderr);
+    assert!(o.stderr.contains("precopy") && o.stderr.contains("done"), "{}", o.stderr);
+    assert!(o.stdout.contains("moved to"), "{}", o.stdout);
     let v = wait_op(&op, &["failed", "done"]);
     assert_eq!(v["phase"], "done", "{v}");
     let skipped: Vec<String> = serde_json::from_value(v["skipped"].clone()).unwrap();
