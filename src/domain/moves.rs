@@ -245,7 +245,7 @@ impl TargetState {
                 m.seq, self.last_seq
             ));
         }
-        if self.received.iter().any(|r| *r == m.name) {
+        if self.received.contains(&m.name) {
             return Err(format!("{} was received before", m.name));
         }
         if self.received.len() >= MAX_SNAPSHOTS + 16 {

@@ -459,8 +459,16 @@ fn a_connection_killed_midway_leaves_the_source_running_and_the_move_resumes() {
         "COCALC_MOVE_TOKEN='{token}' cocalc-project-host move {id} --to {TARGET}"
     ));
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
-    assert!(o.stderr.contains(&format!("move {op}")), "the same move, resumed: {}", o.stderr);
-    assert!(o.stderr.contains("precopy") && o.stderr.contains("done"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&format!("move {op}")),
+        "the same move, resumed: {}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.contains("precopy") && o.stderr.contains("done"),
+        "{}",
+        o.stderr
+    );
     assert!(o.stdout.contains("moved to"), "{}", o.stdout);
     let v = wait_op(&op, &["failed", "done"]);
     assert_eq!(v["phase"], "done", "{v}");

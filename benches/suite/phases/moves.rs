@@ -56,7 +56,7 @@ pub(super) async fn moves(ctx: &mut Ctx) -> Result<()> {
     let sec = "9. move";
     let p = peer()?;
     let mb = env_num("BENCH_MOVE_MB", 1024);
-    let label = if mb % 1024 == 0 {
+    let label = if mb.is_multiple_of(1024) {
         format!("{} GB", mb / 1024)
     } else {
         format!("{mb} MB")
@@ -163,7 +163,7 @@ pub(super) async fn moves(ctx: &mut Ctx) -> Result<()> {
                 "ms",
             )
             .vs(
-                format!("btrfs send | btrfs receive of the same, piped locally"),
+                "btrfs send | btrfs receive of the same, piped locally",
                 floor,
             ),
             r(
