@@ -411,3 +411,54 @@ async fn cancelling_an_interrupted_move_cleans_the_target_and_the_source() {
     assert_ne!(v2.op, v.op);
     assert_eq!(settled(&h, &v2.op).await.phase, Phase::Done);
 }
+
+/// A target that cannot be reached at all.
+#[derive(Debug)]
+struct Unreachable;
+
+#[async_trait::async_trait]
+impl Sender for Unreachable {
+    async fn send(
+        &self,
+        _id: ProjectId,
+        _mv: MoveId,
+        _t: &str,
+        _body: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), String> {
+        Err("cannot connect: connection refused".into())
+    }
+    async fn state(&self, _id: ProjectId, _mv: MoveId, _t: &str) -> Result<TargetState, String> {
+        Err("cannot connect: connection refused".into())
+    }
+    async fn abort(&self, _id: ProjectId, _mv: MoveId, _t: &str) -> Result<(), String> {
+        Err("cannot connect: connection refused".into())
+    }
+}
+
+#[tokio::test]
+async fn a_move_to_a_target_gone_for_good_can_be_cancelled_and_the_project_moved_elsewhere() {
+    let sim = Sim::new();
+    let target = Arc::new(Target::default());
+    let p = id(14);
+    let h = running_with_snapshots(&sim, p, &target).await;
+    let v = h
+        .start_move(p, req(), Arc::new(Unreachable))
+        .await
+        .expect("move");
+    let v = settled(&h, &v.op).await;
+    assert_eq!(v.phase, Phase::Failed);
+    assert!(v.resumable);
+    // the cancel cannot reach the target: it is cancelled here anyway, and says so
+    let v = h.cancel_operation(&v.op).await.expect("cancel");
+    assert!(!v.resumable);
+    assert!(v.error.as_deref().unwrap().contains("not told"), "{v:?}");
+    let elsewhere = MoveRequest {
+        target: "http://10.0.0.3:9002".into(),
+        ..req()
+    };
+    let v2 = h
+        .start_move(p, elsewhere, target.clone())
+        .await
+        .expect("move");
+    assert_eq!(settled(&h, &v2.op).await.phase, Phase::Done);
+}

@@ -202,6 +202,20 @@ pub struct Received {
     pub started: bool,
 }
 
+/// What a cancel says: `cancelled`, or that the target could not be told (what it received of
+/// the move then stays until the move is cancelled there).
+fn cancel_outcome(abort: Result<(), String>) -> String {
+    match abort {
+        Ok(()) => "cancelled".into(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the target did not cancel the move");
+            format!(
+                "cancelled here; the target was not told ({e}): what it received stays until the move is cancelled there"
+            )
+        }
+    }
+}
+
 /// A stream of a move the source is about to send.
 struct Stream<'a> {
     seq: u64,
@@ -249,14 +263,12 @@ impl Host {
             }
             return Ok(o.view(mv));
         }
-        if o.resumable.load(Ordering::Relaxed) {
-            o.sender.abort(o.project, mv, &o.token).await.map_err(|e| {
-                Error::MoveRejected(format!(
-                    "the target did not cancel move {mv} (it stays resumable): {e}"
-                ))
-            })?;
-            o.resumable.store(false, Ordering::Relaxed);
-            *lock(&o.error) = Some("cancelled".into());
+        if o.resumable.swap(false, Ordering::Relaxed) {
+            // cancelled here whatever the target says: a target gone for good must not keep the
+            // project from moving elsewhere
+            *lock(&o.error) = Some(cancel_outcome(
+                o.sender.abort(o.project, mv, &o.token).await,
+            ));
             self.storage.drop_move_snapshots(o.project, mv, None).await;
         }
         Ok(o.view(mv))
@@ -338,12 +350,10 @@ impl Host {
                 Err((e, unknown)) => {
                     let cancelled = o.cancel.is_cancelled();
                     tracing::warn!(project_id = %id, move_id = %mv, error = %e, "move failed; the project stays here");
-                    if cancelled {
+                    let e = if cancelled {
                         // cancel cleans both sides
-                        if let Err(e) = sender.abort(id, mv, &req.token).await {
-                            tracing::warn!(project_id = %id, move_id = %mv, error = %e, "the target did not cancel the move");
-                        }
                         host.storage.drop_move_snapshots(id, mv, None).await;
+                        cancel_outcome(sender.abort(id, mv, &req.token).await)
                     } else {
                         // keep the newest live snapshot the target holds: a resume sends from it
                         let keep = lock(&o.sent)
@@ -354,7 +364,8 @@ impl Host {
                         host.storage
                             .drop_move_snapshots(id, mv, keep.as_deref())
                             .await;
-                    }
+                        e
+                    };
                     o.resumable.store(!cancelled, Ordering::Relaxed);
                     *lock(&o.error) = Some(e);
                     o.set(Phase::Failed);
