@@ -142,6 +142,21 @@ enum ClientCommand {
         #[arg(long, value_enum, default_value = "cpu")]
         sort: cocalc_project_host::adapters::top::SortBy,
     },
+    /// Move a project to another host, its snapshots included (a progress bar on a terminal);
+    /// running the same command after a failure resumes the move. ^C cancels it.
+    Move {
+        /// Project id (lowercase UUID).
+        id: String,
+        /// The target host's API: http://host:port.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// The master's move token for the target (default: $COCALC_MOVE_TOKEN).
+        #[arg(long, value_name = "T")]
+        token: Option<String>,
+        /// Leave the project stopped on the target.
+        #[arg(long)]
+        no_start: bool,
+    },
     /// Change a project's limits: at once when it runs, and for its next start.
     SetLimits {
         /// Project id (lowercase UUID).
@@ -305,6 +320,22 @@ fn client(cmd: ClientCommand) -> ExitCode {
         } => {
             return match parsed(&id) {
                 Ok(id) => observe_cli::main(observe_cli::logs(id, lines, follow, json)),
+                Err(e) => {
+                    eprintln!("cocalc-project-host: {}", e.message);
+                    ExitCode::from(e.code)
+                }
+            };
+        }
+        ClientCommand::Move {
+            id,
+            to,
+            token,
+            no_start,
+        } => {
+            return match parsed(&id) {
+                Ok(id) => observe_cli::main(cocalc_project_host::adapters::move_cli::run(
+                    id, to, token, !no_start,
+                )),
                 Err(e) => {
                     eprintln!("cocalc-project-host: {}", e.message);
                     ExitCode::from(e.code)

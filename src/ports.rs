@@ -269,22 +269,49 @@ pub trait Storage: Send + Sync + Debug {
     async fn delete_project(&self, id: ProjectId) -> Result<(), StorageError>;
 
     // Moves between hosts (`core::moves`).
-    /// Source: sends the snapshots (in order, each incremental to the one before) and a
-    /// read-only snapshot of the live home taken now, into `sink`; bytes sent.
-    async fn send_for_move(
+    /// Source: takes a read-only snapshot of the live home named `name` (a move's live-state
+    /// name) beside the project's snapshots, committed so that it can be sent.
+    async fn move_snapshot(&self, _id: ProjectId, _name: &str) -> Result<(), String> {
+        Err("this storage backend does not move projects".into())
+    }
+    /// Source: whether the project has the subvolume `name` (a snapshot or a move's live state).
+    fn has_move_subvolume(&self, _id: ProjectId, _name: &str) -> bool {
+        false
+    }
+    /// Source: sends the subvolume `name` of the project (incremental to `parent`) into `sink`;
+    /// bytes sent. Dropping the future stops the send.
+    async fn send_subvolume(
         &self,
         _id: ProjectId,
-        _mv: crate::domain::moves::MoveId,
-        _snapshots: &[SnapshotName],
+        _name: &str,
+        _parent: Option<&str>,
         _sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> Result<u64, String> {
         Err("this storage backend does not move projects".into())
     }
-    /// Target: takes a move id once (`None`: taken before); (staging area, spool file).
-    async fn take_move(
+    /// Source: deletes the move's live-state snapshots but `keep`.
+    async fn drop_move_snapshots(
+        &self,
+        _id: ProjectId,
+        _mv: crate::domain::moves::MoveId,
+        _keep: Option<&str>,
+    ) {
+    }
+    /// Target: the record of a move (`None`: none; `Some(None)`: the move id was used and the
+    /// move was cancelled).
+    async fn move_record(
         &self,
         _mv: crate::domain::moves::MoveId,
-    ) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
+    ) -> Result<Option<Option<crate::domain::moves::TargetState>>, StorageError> {
+        no_moves()
+    }
+    /// Target: writes a move's record (atomically); the first write takes the move id for good
+    /// and makes the staging area. Returns (staging area, spool file).
+    async fn save_move_record(
+        &self,
+        _mv: crate::domain::moves::MoveId,
+        _st: &crate::domain::moves::TargetState,
+    ) -> Result<(PathBuf, PathBuf), StorageError> {
         no_moves()
     }
     /// Target: (name, is a subvolume, is read-only) of what the staging area holds.
@@ -294,19 +321,25 @@ pub trait Storage: Send + Sync + Debug {
     ) -> Result<Vec<(String, bool, bool)>, StorageError> {
         no_moves()
     }
-    /// Target: puts the checked snapshots and the live state in place as the project's.
+    /// Target: deletes the spool and everything in the staging area but `keep` (what a broken
+    /// or refused stream left).
+    async fn sweep_move(&self, _mv: crate::domain::moves::MoveId, _keep: &[String]) {}
+    /// Target: puts the checked snapshots and the live state `live` in place as the project's.
     async fn place_move(
         &self,
         _id: ProjectId,
         _mv: crate::domain::moves::MoveId,
         _snapshots: &[SnapshotName],
+        _live: &str,
     ) -> Result<(), StorageError> {
         no_moves()
     }
-    /// Source: deletes the move's live snapshot if a cancelled send left it.
-    async fn drop_move_snapshot(&self, _id: ProjectId, _mv: crate::domain::moves::MoveId) {}
-    /// Target: deletes a move's staging area and spool.
+    /// Target: deletes a move's staging area, spool and record (the used id stays taken).
     async fn clean_move(&self, _mv: crate::domain::moves::MoveId) {}
+    /// Target: the moves with a staging area or a record (to sweep at start).
+    fn open_moves(&self) -> Vec<crate::domain::moves::MoveId> {
+        Vec::new()
+    }
 }
 
 /// Picks a free id range base given every base taken (`None`: none free).

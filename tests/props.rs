@@ -81,7 +81,9 @@ proptest! {
                 | Route::Remove(id)
                 | Route::Logs(id)
                 | Route::Move(id)
-                | Route::Receive(id, _),
+                | Route::Receive(id, _)
+                | Route::ReceiveState(id, _)
+                | Route::ReceiveAbort(id, _),
             ) => {
                 prop_assert!(p.contains(&id.to_string()));
             }

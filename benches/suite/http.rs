@@ -93,6 +93,24 @@ pub async fn call(
     Ok((status, body))
 }
 
+/// Like [`call`] with another bearer token (another host's API).
+pub async fn call_as(
+    t: &Target,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: &str,
+) -> Result<(StatusCode, Bytes)> {
+    let mut tx = connect(t).await.with_context(|| format!("connect {t}"))?;
+    let mut req = request(method, path, body)?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let resp = tx.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
 /// Like [`call`], failing unless the status is 2xx; returns the body as JSON.
 pub async fn json(
     t: &Target,

@@ -133,6 +133,15 @@ fn parse_id(id: &str) -> Result<ProjectId, Error> {
 
 /// The host, while the daemon serves. The bus objects and the publisher hold it weakly: the
 /// connection outliving the core (or holding it alive) would keep the core's loops running.
+fn op_json(v: &crate::core::moves::OperationView) -> Result<String, Error> {
+    serde_json::to_string(v).map_err(|e| {
+        Error::from(WireError::new(
+            ErrorKind::Internal,
+            format!("cannot encode the answer: {e}"),
+        ))
+    })
+}
+
 fn upgrade(host: &Weak<Host>) -> Result<Arc<Host>, Error> {
     host.upgrade().ok_or_else(|| {
         Error::from(WireError::new(
@@ -343,6 +352,50 @@ impl Manager {
                 )
             })
             .collect())
+    }
+
+    /// Moves a project to another host (as `POST /projects/:id/move`): `target` is the target
+    /// host's API (`http://host:port`), `token` the master's move token for it; a failed move
+    /// of the project to the same target is resumed. The operation as JSON
+    /// (`GET /operations/:op`'s shape).
+    async fn move_project(
+        &self,
+        id: &str,
+        target: &str,
+        token: &str,
+        start: bool,
+    ) -> Result<String, Error> {
+        let id = parse_id(id)?;
+        let body = super::moves::MoveBody {
+            target: target.to_string(),
+            token: token.to_string(),
+            start,
+        };
+        let (req, t) = body
+            .into_request()
+            .map_err(|e| Error::from(WireError::new(ErrorKind::InvalidBody, e)))?;
+        let v = self
+            .host()?
+            .start_move(id, req, super::moves::sender(t))
+            .await?;
+        tracing::info!(project_id = %id, op = %v.op, target = %v.target, "move started over D-Bus");
+        op_json(&v)
+    }
+
+    /// An operation as JSON (as `GET /operations/:op`).
+    async fn get_operation(
+        &self,
+        op: &str,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, Error> {
+        operator(conn, &hdr).await?;
+        op_json(&self.host()?.operation(op)?)
+    }
+
+    /// Cancels an operation (as `DELETE /operations/:op`); it as JSON.
+    async fn cancel_operation(&self, op: &str) -> Result<String, Error> {
+        op_json(&self.host()?.cancel_operation(op).await?)
     }
 
     /// Version of the daemon.

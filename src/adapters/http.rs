@@ -122,6 +122,10 @@ pub enum Route {
     Move(ProjectId),
     /// `POST /projects/:id/receive/:move` (the target: a master token with `move`, `aud` = us)
     Receive(ProjectId, crate::domain::moves::MoveId),
+    /// `GET /projects/:id/receive/:move`: what the target holds of the move (same token)
+    ReceiveState(ProjectId, crate::domain::moves::MoveId),
+    /// `DELETE /projects/:id/receive/:move`: cancels the move on the target (same token)
+    ReceiveAbort(ProjectId, crate::domain::moves::MoveId),
     /// `GET /operations/:op` (admin)
     Operation(String),
     /// `DELETE /operations/:op` (admin)
@@ -197,7 +201,10 @@ impl Route {
             // each event is filtered by the projects the token sees (as the list is)
             Route::Events => Some((Action::List, None)),
             Route::Metrics => Some((Action::Metrics, None)),
-            Route::Move(id) | Route::Receive(id, _) => Some((Action::Move, Some(*id))),
+            Route::Move(id)
+            | Route::Receive(id, _)
+            | Route::ReceiveState(id, _)
+            | Route::ReceiveAbort(id, _) => Some((Action::Move, Some(*id))),
             Route::Operation(_) | Route::CancelOperation(_) => Some((Action::Admin, None)),
         }
     }
@@ -229,7 +236,15 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
                 .map_err(|e: crate::domain::moves::InvalidMoveId| {
                     ApiError::new(ErrorKind::NotFound, e.to_string())
                 })?;
-            (Method::POST, Route::Receive(id, mv))
+            return match *method {
+                Method::POST => Ok(Route::Receive(id, mv)),
+                Method::GET => Ok(Route::ReceiveState(id, mv)),
+                Method::DELETE => Ok(Route::ReceiveAbort(id, mv)),
+                _ => Err(ApiError::new(
+                    ErrorKind::MethodNotAllowed,
+                    format!("{path} accepts POST, GET and DELETE only"),
+                )),
+            };
         }
         ["operations", op] if !op.is_empty() => {
             let op = (*op).to_string();
@@ -463,7 +478,9 @@ async fn dispatch(
             answer(StatusCode::OK, &r)
         }
         Route::Operation(op) => answer(StatusCode::OK, &host.operation(&op)?),
-        Route::CancelOperation(op) => answer(StatusCode::OK, &host.cancel_operation(&op)?),
+        Route::CancelOperation(op) => answer(StatusCode::OK, &host.cancel_operation(&op).await?),
+        Route::ReceiveState(id, mv) => answer(StatusCode::OK, &host.move_state(id, mv).await?),
+        Route::ReceiveAbort(id, mv) => answer(StatusCode::OK, &host.abort_receive(id, mv).await?),
         Route::Start(id) => {
             let body: api::StartRequest = read_json(req).await?;
             // a start-only token starts with the stored config; sending one replaces it (and
@@ -1021,6 +1038,8 @@ mod tests {
             Route::Metrics,
             Route::Move(id),
             Route::Receive(id, MV.parse().unwrap()),
+            Route::ReceiveState(id, MV.parse().unwrap()),
+            Route::ReceiveAbort(id, MV.parse().unwrap()),
             Route::Operation(MV.into()),
             Route::CancelOperation(MV.into()),
         ] {

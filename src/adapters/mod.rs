@@ -6,6 +6,7 @@ pub mod dbus;
 pub mod files;
 pub mod http;
 pub mod local_access;
+pub mod move_cli;
 pub mod moves;
 pub mod observe_cli;
 pub mod proxy;

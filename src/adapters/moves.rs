@@ -1,17 +1,17 @@
-//! The HTTP side of moves (docs/moves.md): the source's request body and its connection to the
-//! target (a streamed `POST /projects/:id/receive/:move`), and the target's reading of a
-//! stream's body into the core.
+//! The HTTP side of moves (docs/moves.md): the source's request body and its connections to the
+//! target (each stream a `POST /projects/:id/receive/:move`, the move's state a `GET` and its
+//! cancel a `DELETE` there), and the target's reading of a stream's body into the core.
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http_body_util::{BodyExt as _, StreamBody};
+use http_body_util::{BodyExt as _, Empty, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
 use crate::core::moves::{MoveRequest, Sender};
-use crate::domain::moves::MoveId;
+use crate::domain::moves::{MoveId, TargetState};
 use crate::domain::project::ProjectId;
 
 /// `POST /projects/:id/move` body.
@@ -81,37 +81,49 @@ pub struct HttpSender {
     pub target: Target,
 }
 
-#[async_trait::async_trait]
-impl Sender for HttpSender {
-    async fn send(
+impl HttpSender {
+    /// One request to the target's receive endpoint for the move; (status, body text).
+    async fn call<B>(
         &self,
+        method: hyper::Method,
         id: ProjectId,
         mv: MoveId,
         token: &str,
-        body: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    ) -> Result<(), String> {
-        let tcp = tokio::net::TcpStream::connect(&self.target.authority)
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.target.authority))?;
+        body: B,
+    ) -> Result<(StatusCode, String), String>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tokio::net::TcpStream::connect(&self.target.authority),
+        )
+        .await
+        .map_err(|_| format!("cannot connect to {}: timed out", self.target.authority))?
+        .map_err(|e| format!("cannot connect to {}: {e}", self.target.authority))?;
+        let _ = tcp.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| format!("HTTP handshake: {e}"))?;
         let conn = tokio::spawn(conn);
-        let stream = futures_util::stream::unfold(body, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|c| (Ok::<_, Infallible>(Frame::data(Bytes::from(c))), rx))
-        });
-        let req = Request::post(format!("/projects/{id}/receive/{mv}"))
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("/projects/{id}/receive/{mv}"))
             .header(hyper::header::HOST, &self.target.authority)
             .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
-            .body(StreamBody::new(stream))
+            .body(body)
             .map_err(|e| e.to_string())?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("sending to {}: {e}", self.target.authority))?;
+        // the answer to a whole stream comes once the target received (and maybe placed) it
+        let resp = tokio::time::timeout(
+            std::time::Duration::from_secs(3600),
+            sender.send_request(req),
+        )
+        .await
+        .map_err(|_| format!("no answer from {}", self.target.authority))?
+        .map_err(|e| format!("sending to {}: {e}", self.target.authority))?;
         let status = resp.status();
         let text = match tokio::time::timeout(
             std::time::Duration::from_secs(30),
@@ -126,6 +138,48 @@ impl Sender for HttpSender {
             _ => String::new(),
         };
         conn.abort();
+        Ok((status, text))
+    }
+}
+
+#[async_trait::async_trait]
+impl Sender for HttpSender {
+    async fn send(
+        &self,
+        id: ProjectId,
+        mv: MoveId,
+        token: &str,
+        body: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), String> {
+        let stream = futures_util::stream::unfold(body, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|c| (Ok::<_, Infallible>(Frame::data(Bytes::from(c))), rx))
+        });
+        let (status, text) = self
+            .call(hyper::Method::POST, id, mv, token, StreamBody::new(stream))
+            .await?;
+        if status == StatusCode::OK {
+            Ok(())
+        } else {
+            Err(format!("{status}: {text}"))
+        }
+    }
+
+    async fn state(&self, id: ProjectId, mv: MoveId, token: &str) -> Result<TargetState, String> {
+        let (status, text) = self
+            .call(hyper::Method::GET, id, mv, token, Empty::<Bytes>::new())
+            .await?;
+        if status != StatusCode::OK {
+            return Err(format!("{status}: {text}"));
+        }
+        serde_json::from_str(&text).map_err(|e| format!("the target's move state: {e}"))
+    }
+
+    async fn abort(&self, id: ProjectId, mv: MoveId, token: &str) -> Result<(), String> {
+        let (status, text) = self
+            .call(hyper::Method::DELETE, id, mv, token, Empty::<Bytes>::new())
+            .await?;
         if status == StatusCode::OK {
             Ok(())
         } else {

@@ -397,6 +397,8 @@ pub struct SimStorage {
     reserved: Mutex<Forbidden>,
     /// a real directory holding homes and snapshots for file access (`set_files_dir`)
     files_dir: Mutex<Option<PathBuf>>,
+    /// moves' live-state snapshots, by project
+    move_snaps: Mutex<HashMap<ProjectId, std::collections::BTreeSet<String>>>,
 }
 
 /// The owner of a new simulated home: the user of the default pool's first slot, as the real
@@ -448,6 +450,13 @@ impl SimStorage {
     pub fn set_files_dir(&self, dir: PathBuf) {
         *lock(&self.files_dir) = Some(dir);
     }
+    /// The moves' live-state snapshots a project has.
+    pub fn move_snapshots(&self, id: ProjectId) -> Vec<String> {
+        lock(&self.move_snaps)
+            .get(&id)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
     /// Removes a home (lost storage).
     pub fn remove_home(&self, id: ProjectId) {
         lock(&self.homes).remove(&id);
@@ -463,6 +472,52 @@ impl SimStorage {
 
 #[async_trait]
 impl ports::Storage for SimStorage {
+    async fn move_snapshot(&self, id: ProjectId, name: &str) -> Result<(), String> {
+        if !self.has_home(id) {
+            return Err(format!("no home of {id}"));
+        }
+        lock(&self.move_snaps)
+            .entry(id)
+            .or_default()
+            .insert(name.to_string());
+        Ok(())
+    }
+    fn has_move_subvolume(&self, id: ProjectId, name: &str) -> bool {
+        lock(&self.move_snaps)
+            .get(&id)
+            .is_some_and(|s| s.contains(name))
+            || name
+                .parse::<SnapshotName>()
+                .is_ok_and(|n| self.has_snapshot(id, &n))
+    }
+    /// A simulated send: one chunk `send <name> <parent>` (no real stream).
+    async fn send_subvolume(
+        &self,
+        id: ProjectId,
+        name: &str,
+        parent: Option<&str>,
+        sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, String> {
+        if !self.has_move_subvolume(id, name) {
+            return Err(format!("no subvolume {name} of {id}"));
+        }
+        let b = format!("send {name} {}", parent.unwrap_or("-")).into_bytes();
+        let n = b.len() as u64;
+        sink.send(b)
+            .await
+            .map_err(|_| "the connection to the target ended".to_string())?;
+        Ok(n)
+    }
+    async fn drop_move_snapshots(
+        &self,
+        id: ProjectId,
+        mv: crate::domain::moves::MoveId,
+        keep: Option<&str>,
+    ) {
+        if let Some(s) = lock(&self.move_snaps).get_mut(&id) {
+            s.retain(|n| !crate::domain::moves::is_live_name(&mv, n) || keep == Some(n.as_str()));
+        }
+    }
     async fn reserved_ids(&self) -> Forbidden {
         lock(&self.reserved).clone()
     }
@@ -489,6 +544,7 @@ impl ports::Storage for SimStorage {
         Ok(())
     }
     async fn delete_project(&self, id: ProjectId) -> Result<(), StorageError> {
+        lock(&self.move_snaps).remove(&id);
         lock(&self.snapshots).remove(&id);
         lock(&self.homes).remove(&id);
         lock(&self.limits).remove(&id);

@@ -332,7 +332,11 @@ impl Units for SystemdUnits {
                 .run_confined(
                     &format!("cocalc-move-receive-{mv}.service"),
                     &format!("Receive move {mv} into its staging area"),
-                    crate::backends::btrfs::sendrecv::receive_argv(spool, staging),
+                    crate::backends::btrfs::sendrecv::receive_argv(
+                        spool,
+                        staging,
+                        &crate::backends::btrfs::sendrecv::mount_root(staging),
+                    ),
                     crate::backends::btrfs::sendrecv::receive_writable(staging),
                     Duration::from_secs(3600),
                 )

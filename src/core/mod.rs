@@ -421,6 +421,7 @@ impl Host {
             tracing::warn!("unit event stream ended");
         });
         host.reconcile().await?;
+        host.recover_moves().await;
         host.units
             .set_slice_limits(&host.settings.slice)
             .await

@@ -1,14 +1,18 @@
-//! Moving a project to another host (docs/moves.md): the move id, the stream's manifest and the
-//! stream's binding to one move (an HMAC-SHA256 trailer keyed by the move token). Pure logic; the
-//! core drives the move, `backends::btrfs::sendrecv` runs `btrfs send`/`receive`.
+//! Moving a project to another host (docs/moves.md): the move id, the streams' manifest, the
+//! binding of each stream to one move and one place in it (an HMAC-SHA256 trailer keyed by the
+//! move token), the target's record of a move in progress and the checks on what it receives,
+//! and the source's plan of what is left to send. Pure logic; the core drives the move,
+//! `backends::btrfs::sendrecv` runs `btrfs send`/`receive`.
 //!
-//! A move stream is `manifest line (JSON, \n) · btrfs send streams, concatenated · 32-byte
-//! HMAC-SHA256` where the HMAC covers everything before it and is keyed by the bearer token the
-//! source was given for the target (a secret only the master, the source and the target hold).
-//! The manifest names the move id and the project, so a stream is bound to one move: the target
-//! accepts each move id once, checks the manifest against the URL and the token's scope, and runs
-//! `btrfs receive` only on a whole stream whose trailer checks out (a truncated, tampered or
-//! replayed stream never reaches btrfs).
+//! A move is a sequence of streams, each `POST /projects/:id/receive/:move`, each carrying ONE
+//! subvolume: `manifest line (JSON, \n) · one btrfs send stream · 32-byte HMAC-SHA256`, where
+//! the HMAC covers everything before it and is keyed by the bearer token the source was given
+//! for the target (a secret only the master, the source and the target hold). The manifest
+//! names the move id, the project, the stream's sequence number, the subvolume and its parent,
+//! so a stream is bound to one move and one place in it: the target takes each sequence number
+//! once and only increasing ([`TargetState::accept`]), wants the parent among what it already
+//! holds, and runs `btrfs receive` only on a whole stream whose trailer checks out (a truncated,
+//! tampered, replayed or reordered stream never reaches btrfs).
 use std::fmt;
 use std::str::FromStr;
 
@@ -24,10 +28,17 @@ pub const MAC_LEN: usize = 32;
 pub const MAX_MANIFEST: usize = 64 * 1024;
 /// Most snapshots one move carries.
 pub const MAX_SNAPSHOTS: usize = 1024;
-/// The name of the live state's subvolume in a move's stream (`btrfs send` names a subvolume
-/// by its path's last component; never a snapshot name: those cannot start with a dot).
-pub fn live_name(mv: &MoveId) -> String {
-    format!(".move-{mv}")
+/// The name of a live-state subvolume of a move, taken before stream `seq` (`btrfs send` names a
+/// subvolume by its path's last component; never a snapshot name: those cannot start with a
+/// dot). A move has one while the project still runs (the pre-copy) and one after the stop.
+pub fn live_name(mv: &MoveId, seq: u64) -> String {
+    format!(".move-{mv}-{seq}")
+}
+
+/// Whether `name` is a live-state name of move `mv` ([`live_name`]).
+pub fn is_live_name(mv: &MoveId, name: &str) -> bool {
+    name.strip_prefix(&format!(".move-{mv}-"))
+        .is_some_and(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The MAC of a move stream.
@@ -72,7 +83,7 @@ impl fmt::Display for MoveId {
     }
 }
 
-/// The first line of a move stream: what follows, for which move.
+/// The first line of a move stream: which move, which place in it, which subvolume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -80,14 +91,23 @@ pub struct Manifest {
     pub move_id: String,
     /// The project moved.
     pub project_id: String,
-    /// The snapshots, oldest first; each is sent incremental to the one before it, and the live
-    /// state ([`live_name`]) last, incremental to the newest snapshot.
-    pub snapshots: Vec<String>,
+    /// The stream's sequence number in the move: the target takes each once, increasing only.
+    pub seq: u64,
+    /// The subvolume the stream creates: a snapshot's name, or a live state's ([`live_name`]).
+    pub name: String,
+    /// The subvolume it is incremental to (`btrfs send -p`): one the target already holds for
+    /// this move; `None`: a whole subvolume.
+    #[serde(default)]
+    pub parent: Option<String>,
     /// The project's run config on the source (limits, image, disk quota).
     pub config: RunConfig,
     /// Whether the target starts the project once placed.
     #[serde(default)]
     pub start: bool,
+    /// Set on the final stream (whose subvolume is the live state after the stop): the project's
+    /// snapshots, oldest first, all already received; the target then places the project.
+    #[serde(default)]
+    pub last: Option<Vec<String>>,
 }
 
 /// Why a manifest is refused.
@@ -106,7 +126,7 @@ pub enum ManifestError {
         /// what the request says
         want: String,
     },
-    /// A snapshot name is not valid, repeated, or there are too many.
+    /// A subvolume name is not valid, repeated, or there are too many.
     #[error("manifest snapshots: {0}")]
     Snapshots(String),
 }
@@ -130,6 +150,26 @@ impl Manifest {
                 want: id.to_string(),
             });
         }
+        let valid = |n: &str| n.parse::<SnapshotName>().is_ok() || is_live_name(&move_id, n);
+        if !valid(&m.name) {
+            return Err(ManifestError::Snapshots(format!(
+                "{:?} is neither a snapshot name nor this move's live state",
+                m.name.chars().take(80).collect::<String>()
+            )));
+        }
+        if let Some(p) = &m.parent
+            && !valid(p)
+        {
+            return Err(ManifestError::Snapshots(format!(
+                "parent {:?} is neither a snapshot name nor this move's live state",
+                p.chars().take(80).collect::<String>()
+            )));
+        }
+        if m.last.is_some() && !is_live_name(&move_id, &m.name) {
+            return Err(ManifestError::Snapshots(
+                "the final stream must carry the live state".into(),
+            ));
+        }
         m.snapshot_names()?;
         m.config
             .validate()
@@ -137,16 +177,20 @@ impl Manifest {
         Ok(m)
     }
 
-    /// The snapshot names, validated (no repeats, at most [`MAX_SNAPSHOTS`]).
+    /// The final stream's snapshot names, validated (no repeats, at most [`MAX_SNAPSHOTS`]);
+    /// empty for another stream.
     pub fn snapshot_names(&self) -> Result<Vec<SnapshotName>, ManifestError> {
-        if self.snapshots.len() > MAX_SNAPSHOTS {
+        let Some(snaps) = &self.last else {
+            return Ok(Vec::new());
+        };
+        if snaps.len() > MAX_SNAPSHOTS {
             return Err(ManifestError::Snapshots(format!(
                 "{} snapshots, at most {MAX_SNAPSHOTS}",
-                self.snapshots.len()
+                snaps.len()
             )));
         }
         let mut seen = std::collections::BTreeSet::new();
-        self.snapshots
+        snaps
             .iter()
             .map(|s| {
                 let n: SnapshotName = s
@@ -159,16 +203,86 @@ impl Manifest {
             })
             .collect()
     }
+}
 
-    /// Every subvolume the stream must create, in stream order (the snapshots, then the live
-    /// state, [`live_name`]).
-    pub fn expected(&self, mv: &MoveId) -> Vec<String> {
-        self.snapshots
-            .iter()
-            .cloned()
-            .chain(std::iter::once(live_name(mv)))
-            .collect()
+/// What the target holds of a move in progress (kept beside its staging area, so a move
+/// survives a broken connection or a daemon restart): `GET /projects/:id/receive/:move`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetState {
+    /// The move.
+    pub move_id: String,
+    /// The project.
+    pub project_id: String,
+    /// The highest sequence number taken (0: none): the next stream must carry a higher one.
+    pub last_seq: u64,
+    /// The subvolumes received whole and checked, in the order they arrived.
+    pub received: Vec<String>,
+    /// The final stream was received and the project placed here (the move is done).
+    #[serde(default)]
+    pub placed: bool,
+}
+
+impl TargetState {
+    /// A move's record before its first stream.
+    pub fn new(mv: &MoveId, id: &ProjectId) -> TargetState {
+        TargetState {
+            move_id: mv.to_string(),
+            project_id: id.to_string(),
+            last_seq: 0,
+            received: Vec::new(),
+            placed: false,
+        }
     }
+
+    /// Whether a stream with manifest `m` may be received next (its MAC already checked): a
+    /// sequence number never taken and above every one taken (no replay, no reordering), a
+    /// subvolume not held yet, a parent held, and for the final stream every announced
+    /// snapshot held.
+    pub fn accept(&self, m: &Manifest) -> Result<(), String> {
+        if m.seq <= self.last_seq {
+            return Err(format!(
+                "stream {} of this move comes after stream {}: a stream is taken once and in order (a replay?)",
+                m.seq, self.last_seq
+            ));
+        }
+        if self.received.contains(&m.name) {
+            return Err(format!("{} was received before", m.name));
+        }
+        if self.received.len() >= MAX_SNAPSHOTS + 16 {
+            return Err("too many subvolumes in one move".into());
+        }
+        if let Some(p) = &m.parent
+            && !self.received.contains(p)
+        {
+            return Err(format!(
+                "the stream is incremental to {p}, which this host did not receive"
+            ));
+        }
+        if let Some(snaps) = &m.last
+            && let Some(s) = snaps.iter().find(|s| !self.received.contains(s))
+        {
+            return Err(format!("snapshot {s} was announced but never received"));
+        }
+        Ok(())
+    }
+}
+
+/// What the source still has to send of its snapshots (oldest first) given what the target
+/// holds (`received`, in arrival order), and the parent of the first of them: the newest
+/// subvolume the target holds that the source still has (`source_has`). A resumed move sends
+/// nothing the target holds.
+pub fn plan(
+    snapshots: &[String],
+    received: &[String],
+    source_has: impl Fn(&str) -> bool,
+) -> (Vec<String>, Option<String>) {
+    let parent = received.iter().rev().find(|r| source_has(r)).cloned();
+    let todo = snapshots
+        .iter()
+        .filter(|s| !received.contains(s))
+        .cloned()
+        .collect();
+    (todo, parent)
 }
 
 /// The MAC of a stream bound to a move token.
@@ -223,15 +337,17 @@ mod tests {
 
     const P: &str = "6f1c2d3e-0000-4000-8000-000000000001";
 
-    fn manifest(mv: &MoveId) -> Vec<u8> {
-        serde_json::to_vec(&Manifest {
+    fn m(mv: &MoveId, seq: u64, name: &str, parent: Option<&str>) -> Manifest {
+        Manifest {
             move_id: mv.to_string(),
             project_id: P.into(),
-            snapshots: vec!["a".into(), "b".into()],
+            seq,
+            name: name.into(),
+            parent: parent.map(Into::into),
             config: RunConfig::default(),
             start: false,
-        })
-        .unwrap()
+            last: None,
+        }
     }
 
     #[test]
@@ -247,25 +363,33 @@ mod tests {
         ] {
             assert!(bad.parse::<MoveId>().is_err(), "{bad}");
         }
+        assert!(is_live_name(&m, &live_name(&m, 7)));
+        let other = MoveId::new();
+        for bad in [
+            live_name(&other, 7),
+            format!(".move-{m}-"),
+            format!(".move-{m}-1/x"),
+            format!(".move-{m}"),
+        ] {
+            assert!(!is_live_name(&m, &bad), "{bad}");
+        }
     }
 
     #[test]
     fn manifest_is_bound_to_the_move_and_project() {
         let mv = MoveId::new();
         let id: ProjectId = P.parse().unwrap();
-        let m = Manifest::parse(&manifest(&mv), mv, id).unwrap();
-        assert_eq!(
-            m.expected(&mv),
-            vec!["a".to_string(), "b".into(), live_name(&mv)]
-        );
+        let line = |m: &Manifest| serde_json::to_vec(m).unwrap();
+        let a = m(&mv, 1, "a", None);
+        assert_eq!(Manifest::parse(&line(&a), mv, id), Ok(a.clone()));
         let other = MoveId::new();
         assert!(matches!(
-            Manifest::parse(&manifest(&mv), other, id),
+            Manifest::parse(&line(&a), other, id),
             Err(ManifestError::Mismatch { what: "move", .. })
         ));
         let id2: ProjectId = "6f1c2d3e-0000-4000-8000-000000000002".parse().unwrap();
         assert!(matches!(
-            Manifest::parse(&manifest(&mv), mv, id2),
+            Manifest::parse(&line(&a), mv, id2),
             Err(ManifestError::Mismatch {
                 what: "project",
                 ..
@@ -275,24 +399,96 @@ mod tests {
             Manifest::parse(b"{\"move_id\":1}", mv, id),
             Err(ManifestError::Shape(_))
         ));
-        // snapshot names that could name a path, the live state, or a repeat
-        for bad in [
-            r#"["../x"]"#,
-            r#"[".move-x"]"#,
-            r#"["a","a"]"#,
-            r#"["a/b"]"#,
-        ] {
-            let line = format!(
-                r#"{{"move_id":"{mv}","project_id":"{P}","snapshots":{bad},"config":{{}}}}"#
-            );
+        // names that could name a path, another move's live state, a repeat
+        let live = live_name(&mv, 3);
+        let bad: Vec<Manifest> = vec![
+            m(&mv, 1, "../x", None),
+            m(&mv, 1, "a/b", None),
+            m(&mv, 1, &live_name(&other, 1), None),
+            m(&mv, 1, "a", Some("../../etc")),
+            Manifest {
+                last: Some(vec!["a".into()]),
+                ..m(&mv, 2, "b", None)
+            },
+            Manifest {
+                last: Some(vec!["a".into(), "a".into()]),
+                ..m(&mv, 2, &live, None)
+            },
+            Manifest {
+                last: Some(vec!["../a".into()]),
+                ..m(&mv, 2, &live, None)
+            },
+        ];
+        for b in bad {
             assert!(
                 matches!(
-                    Manifest::parse(line.as_bytes(), mv, id),
+                    Manifest::parse(&line(&b), mv, id),
                     Err(ManifestError::Snapshots(_))
                 ),
-                "{bad}"
+                "{b:?}"
             );
         }
+        let fin = Manifest {
+            last: Some(vec!["a".into()]),
+            ..m(&mv, 2, &live, Some("a"))
+        };
+        assert!(Manifest::parse(&line(&fin), mv, id).is_ok());
+    }
+
+    #[test]
+    fn the_target_takes_streams_once_in_order_with_a_parent_it_holds() {
+        let mv = MoveId::new();
+        let id: ProjectId = P.parse().unwrap();
+        let mut st = TargetState::new(&mv, &id);
+        assert!(st.accept(&m(&mv, 1, "a", None)).is_ok());
+        // a parent never received
+        assert!(st.accept(&m(&mv, 1, "b", Some("a"))).is_err());
+        st.last_seq = 1;
+        st.received.push("a".into());
+        // replayed or reordered: seq not above the last taken
+        assert!(st.accept(&m(&mv, 1, "b", Some("a"))).is_err());
+        assert!(st.accept(&m(&mv, 0, "b", Some("a"))).is_err());
+        // the same subvolume twice
+        assert!(st.accept(&m(&mv, 2, "a", None)).is_err());
+        assert!(st.accept(&m(&mv, 2, "b", Some("a"))).is_ok());
+        // a gap is fine (a stream that broke took its number)
+        assert!(st.accept(&m(&mv, 5, "b", Some("a"))).is_ok());
+        let live = live_name(&mv, 6);
+        let fin = |snaps: &[&str]| Manifest {
+            last: Some(snaps.iter().map(|s| s.to_string()).collect()),
+            ..m(&mv, 6, &live, Some("a"))
+        };
+        assert!(st.accept(&fin(&["a"])).is_ok());
+        assert!(st.accept(&fin(&["a", "b"])).is_err(), "b never received");
+    }
+
+    #[test]
+    fn a_resumed_move_sends_only_what_the_target_lacks() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let all = |_: &str| true;
+        assert_eq!(
+            plan(&s(&["a", "b", "c"]), &[], all),
+            (s(&["a", "b", "c"]), None)
+        );
+        assert_eq!(
+            plan(&s(&["a", "b", "c"]), &s(&["a", "b"]), all),
+            (s(&["c"]), Some("b".into()))
+        );
+        // the target holds a pre-copied live state the source still has: the parent of what
+        // follows; one the source lost is skipped for the newest it has
+        assert_eq!(
+            plan(&s(&["a", "b"]), &s(&["a", "b", ".m-1"]), all),
+            (vec![], Some(".m-1".into()))
+        );
+        assert_eq!(
+            plan(&s(&["a", "b"]), &s(&["a", "b", ".m-1"]), |n| n != ".m-1"),
+            (vec![], Some("b".into()))
+        );
+        // a snapshot made after the interruption is sent incremental to what the target holds
+        assert_eq!(
+            plan(&s(&["a", "b", "n"]), &s(&["a", "b"]), all),
+            (s(&["n"]), Some("b".into()))
+        );
     }
 
     #[test]

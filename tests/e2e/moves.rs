@@ -215,13 +215,10 @@ fn wait_op(op: &str, until: &[&str]) -> Value {
     })
 }
 
-#[test]
-fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_completes() {
-    let peer = Peer::up();
-    let master = Master::install(&peer);
-    let target_id = peer_host_id(&peer);
-    let id = new_id();
-    tb::start(&id, Some(r#"{"disk": 1000000000}"#));
+/// A running project with a 1 GB quota, three snapshots and 200 MB in its home; (its
+/// inventory, its snapshots' listing).
+fn populate(id: &str) -> (String, String) {
+    tb::start(id, Some(r#"{"disk": 1000000000}"#));
     let exec = |c: &str| ok(&format!("podman exec project-{id} sh -c '{c}'"));
     // 200 MB over three snapshots and the live state
     exec(
@@ -243,22 +240,81 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
     exec("dd if=/dev/urandom of=/home/user/big3 bs=1M count=50 2>/dev/null && rm /home/user/big2");
     snap("s3");
     exec("echo live > /home/user/d/f && echo new > /home/user/d/g");
-    let before = inventory(ok, &id);
-    let snaps_before = ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE));
+    (
+        inventory(ok, id),
+        ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE)),
+    )
+}
 
-    // a wrong audience (the source's own id) and a token without `move`: refused by the target
-    let (s, v) = http(
-        "POST",
-        &format!("/projects/{id}/move"),
-        Some(
-            &json!({"target": TARGET, "token": master.token(&tb::host_id(), &id, &["move"])})
-                .to_string(),
-        ),
+/// The project lives on the peer only: running there with the same files, owners, snapshots
+/// and quota; nothing left on the source.
+fn moved_whole(peer: &Peer, id: &str, before: &str, snaps_before: &str) {
+    let (s, st) = peer.http("GET", &format!("/projects/{id}/status"), None);
+    assert_eq!((s, st["state"].as_str()), (200, Some("running")), "{st}");
+    assert_eq!(inventory(|c| peer.ok(c), id), before);
+    assert_eq!(
+        peer.ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE)),
+        snaps_before
     );
-    assert_eq!(s, 202, "{v}");
-    let v = wait_op(v["op"].as_str().unwrap(), &["failed", "done"]);
-    assert_eq!(v["phase"], "failed", "{v}");
-    assert!(v["error"].as_str().unwrap().contains("401"), "{v}");
+    let (s, cfg) = peer.http("GET", &format!("/projects/{id}/config"), None);
+    assert_eq!(s, 200, "{cfg}");
+    assert_eq!(cfg["config"]["disk"], 1000000000, "{cfg}");
+    let qg = peer.ok(&format!(
+        "btrfs qgroup show --raw -re -f {}/project-{id} | tail -1",
+        tb::STORAGE
+    ));
+    assert_eq!(
+        qg.split_whitespace().nth(3),
+        Some("1000000000"),
+        "quota on the target: {qg}"
+    );
+    // nothing of the move is left on the target but the used ids and the done records
+    assert_eq!(
+        peer.ok(&format!(
+            "cd {}/.moves && ls -A | grep -v '^used$' | grep -v '[.]json$' || true",
+            tb::STORAGE
+        )),
+        ""
+    );
+    // the source has nothing left
+    for p in [
+        format!("{}/project-{id}", tb::STORAGE),
+        format!("{}/.snapshots/project-{id}", tb::STORAGE),
+    ] {
+        assert_eq!(
+            ok(&format!("test -e {p} && echo yes || echo no")),
+            "no",
+            "{p}"
+        );
+    }
+    let (s, list) = http("GET", "/projects", None);
+    assert_eq!(s, 200);
+    assert!(!list.to_string().contains(id), "{list}");
+}
+
+#[test]
+fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_completes() {
+    let peer = Peer::up();
+    let master = Master::install(&peer);
+    let target_id = peer_host_id(&peer);
+    let id = new_id();
+    let (before, snaps_before) = populate(&id);
+
+    // a wrong audience (the source's own id): refused by the target; through the CLI (D-Bus
+    // MoveProject/GetOperation), which says so and exits non-zero
+    let o = tb::sh(&format!(
+        "COCALC_MOVE_TOKEN='{}' cocalc-project-host move {id} --to {TARGET}",
+        master.token(&tb::host_id(), &id, &["move"])
+    ));
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains("failed") && o.stderr.contains("401"),
+        "{}",
+        o.stderr
+    );
+    // no token at all: a usage error
+    let o = tb::sh(&format!("cocalc-project-host move {id} --to {TARGET}"));
+    assert_eq!(o.code, 2, "{}{}", o.stdout, o.stderr);
     tb::wait_for("the project running again", 60, || {
         (tb::status(&id)["state"] == "running").then_some(())
     });
@@ -275,13 +331,15 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
     tb::wait_for("bytes sent", 60, || {
         let (_, v) = http("GET", &format!("/operations/{op}"), None);
         (v["bytes_sent"].as_u64().unwrap_or(0) > 0
-            || v["phase"] != "stopping" && v["phase"] != "sending")
+            || v["phase"] == "failed"
+            || v["phase"] == "done")
             .then_some(())
     });
     let (s, v) = http("DELETE", &format!("/operations/{op}"), None);
     assert_eq!(s, 200, "{v}");
     let v = wait_op(&op, &["failed", "done"]);
     assert_eq!(v["phase"], "failed", "cancelled midway: {v}");
+    assert_eq!(v["resumable"], false, "a cancel ends the move: {v}");
     tb::wait_for("the project running again", 60, || {
         (tb::status(&id)["state"] == "running").then_some(())
     });
@@ -313,49 +371,118 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
     let v = wait_op(v["op"].as_str().unwrap(), &["failed", "done"]);
     assert_eq!(v["phase"], "done", "{v}");
     eprintln!(
-        "move of a 200 MB project with 3 snapshots: {:?} total, {} bytes, downtime {} ms",
+        "move of a 200 MB project with 3 snapshots: {:?} total, {} bytes ({} after the stop), downtime {} ms",
         t0.elapsed(),
         v["bytes_sent"],
+        v["final_bytes"],
         v["downtime_ms"]
     );
-    // the target runs it with the same files, owners, snapshots and quota
-    let (s, st) = peer.http("GET", &format!("/projects/{id}/status"), None);
-    assert_eq!((s, st["state"].as_str()), (200, Some("running")), "{st}");
-    assert_eq!(inventory(|c| peer.ok(c), &id), before);
+    // the pre-copy: the bulk went while it ran; the stop sent a small delta only
+    assert!(
+        v["final_bytes"].as_u64().unwrap() < 10 << 20,
+        "the final delta is small: {v}"
+    );
+    moved_whole(&peer, &id, &before, &snaps_before);
+    drop(master);
+    drop(peer);
+}
+
+#[test]
+fn a_connection_killed_midway_leaves_the_source_running_and_the_move_resumes() {
+    let peer = Peer::up();
+    let master = Master::install(&peer);
+    let target_id = peer_host_id(&peer);
+    let id = new_id();
+    let (before, snaps_before) = populate(&id);
+    let token = master.token(&target_id, &id, &["move"]);
+    let body = json!({"target": TARGET, "token": token, "start": true}).to_string();
+    let (s, v) = http("POST", &format!("/projects/{id}/move"), Some(&body));
+    assert_eq!(s, 202, "{v}");
+    let op = v["op"].as_str().unwrap().to_string();
+    let moves = format!("{}/.moves", tb::STORAGE);
+    // the target dies (SIGKILL: its connections reset) as soon as s1 was received whole, while
+    // the next stream is on the wire
+    peer.ok(&format!(
+        "for i in $(seq 600); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && break; sleep 0.02; done; systemctl kill -s KILL cocalc-project-host.service"
+    ));
+    let v = wait_op(&op, &["failed", "done"]);
+    assert_eq!(v["phase"], "failed", "killed midway: {v}");
+    assert_eq!(v["resumable"], true, "{v}");
+    // the source: intact, and it never stopped running
+    assert_eq!(tb::status(&id)["state"], "running");
+    assert_eq!(inventory(ok, &id), before, "the source is intact");
     assert_eq!(
-        peer.ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE)),
+        ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE)),
         snaps_before
     );
-    let (s, cfg) = peer.http("GET", &format!("/projects/{id}/config"), None);
-    assert_eq!(s, 200, "{cfg}");
-    assert_eq!(cfg["config"]["disk"], 1000000000, "{cfg}");
-    let qg = peer.ok(&format!(
-        "btrfs qgroup show --raw -re -f {}/project-{id} | tail -1",
-        tb::STORAGE
-    ));
-    assert_eq!(
-        qg.split_whitespace().nth(3),
-        Some("1000000000"),
-        "quota on the target: {qg}"
+    // the target, started again (socket activation): no spool, and its staging area holds only
+    // what its record says it received whole, each a read-only subvolume
+    peer_host_id(&peer);
+    let record: Value = serde_json::from_str(&peer.ok(&format!("cat {moves}/{op}.json"))).unwrap();
+    let received: Vec<String> = record["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(received.contains(&"s1".to_string()), "{record}");
+    assert!(
+        !received.iter().any(|r| r.starts_with(".move-")),
+        "killed before the live state: {record}"
     );
-    // the source has nothing left
     assert_eq!(
-        ok(&format!(
+        peer.ok(&format!("ls {moves} | grep -c '[.]stream$' || true")),
+        "0"
+    );
+    let staged = peer.ok(&format!("ls -A {moves}/{op}"));
+    let mut staged: Vec<&str> = staged.lines().collect();
+    staged.sort_unstable();
+    let mut want: Vec<&str> = received.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(staged, want, "only whole, recorded subvolumes stay staged");
+    for r in &received {
+        assert_eq!(
+            peer.ok(&format!("btrfs property get -ts {moves}/{op}/{r} ro")),
+            "ro=true"
+        );
+    }
+    assert_eq!(
+        peer.ok(&format!(
             "test -e {}/project-{id} && echo yes || echo no",
             tb::STORAGE
         )),
         "no"
     );
-    assert_eq!(
-        ok(&format!(
-            "test -e {}/.snapshots/project-{id} && echo yes || echo no",
-            tb::STORAGE
-        )),
-        "no"
+    // the retry (the CLI, not on a terminal: a line per phase) resumes the same move: what
+    // the target holds is not sent again
+    let o = tb::sh(&format!(
+        "COCALC_MOVE_TOKEN='{token}' cocalc-project-host move {id} --to {TARGET}"
+    ));
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains(&format!("move {op}")),
+        "the same move, resumed: {}",
+        o.stderr
     );
-    let (s, list) = http("GET", "/projects", None);
-    assert_eq!(s, 200);
-    assert!(!list.to_string().contains(&id), "{list}");
+    assert!(
+        o.stderr.contains("precopy") && o.stderr.contains("done"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stdout.contains("moved to"), "{}", o.stdout);
+    let v = wait_op(&op, &["failed", "done"]);
+    assert_eq!(v["phase"], "done", "{v}");
+    let skipped: Vec<String> = serde_json::from_value(v["skipped"].clone()).unwrap();
+    let sent: Vec<String> = serde_json::from_value(v["sent"].clone()).unwrap();
+    assert_eq!(skipped, received, "{v}");
+    assert!(!sent.iter().any(|s| received.contains(s)), "resent: {v}");
+    eprintln!(
+        "resumed move: {} held by the target, sent {sent:?}, {} bytes, downtime {} ms",
+        skipped.len(),
+        v["bytes_sent"],
+        v["downtime_ms"]
+    );
+    moved_whole(&peer, &id, &before, &snaps_before);
     drop(master);
     drop(peer);
 }
@@ -388,33 +515,52 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
     );
     assert_eq!((s, v["code"].as_str()), (403, Some("forbidden")), "{v}");
 
-    // a stream made in the peer: a real btrfs send of the live state plus an extra subvolume
+    // a stream made in the peer: a real btrfs send of one subvolume (named `name`), maybe plus
+    // an extra subvolume; `manifest` as the source would write it
     let token = master.token(&target_id, &id, &["move"]);
-    let send = |mv: &str, snapshots: &str, extra: bool, tamper: bool| -> (u16, Value) {
+    let craft = |mv: &str, name: &str, extra: bool, tamper: bool, manifest: Value| {
         let w = format!("{}/.e2e-craft", tb::STORAGE);
         peer.ok(&format!(
             "rm -rf {w}; mkdir -p {w} && btrfs -q subvolume create {w}/src && echo x > {w}/src/f \
-             && btrfs -q subvolume snapshot -r {w}/src {w}/.move-{mv} && btrfs -q subvolume snapshot -r {w}/src {w}/extra \
-             && btrfs filesystem sync {w} && btrfs send -q {w}/.move-{mv} | cat > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra | cat >> /tmp/s1; fi; }} \
-             && btrfs -q subvolume delete {w}/src {w}/.move-{mv} {w}/extra && rm -rf {w}"
+             && btrfs -q subvolume snapshot -r {w}/src {w}/{name} && btrfs -q subvolume snapshot -r {w}/src {w}/extra \
+             && btrfs filesystem sync {w} && btrfs send -q {w}/{name} | cat > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra | cat >> /tmp/s1; fi; }} \
+             && btrfs -q subvolume delete {w}/src {w}/{name} {w}/extra && rm -rf {w}"
         ));
-        let manifest = json!({"move_id": mv, "project_id": id, "snapshots": serde_json::from_str::<Value>(snapshots).unwrap(), "config": {}}).to_string();
+        let mut manifest = manifest;
+        manifest["move_id"] = json!(mv);
+        manifest["project_id"] = json!(id);
+        manifest["config"] = json!({});
+        let manifest = manifest.to_string();
         let py = format!(
-            "import hmac,hashlib,sys\nd=b'{manifest}\\n'+open('/tmp/s1','rb').read()\nm=hmac.new(sys.argv[1].encode(),d,hashlib.sha256).digest()\nif {}: d=d[:-1]+bytes([d[-1]^1])\nopen('/tmp/body','wb').write(d+m)\n",
+            "import hmac,hashlib,sys\nd=b'{manifest}\\n'+open('/tmp/s1','rb').read()\nm=hmac.new(sys.argv[1].encode(),d,hashlib.sha256).digest()\nif {}: d=d[:-1]+bytes([d[-1]^1])\nopen('/tmp/body-{mv}','wb').write(d+m)\n",
             if tamper { "True" } else { "False" }
         );
         let b64 = base64::engine::general_purpose::STANDARD.encode(py);
         peer.ok(&format!(
             "echo {b64} | base64 -d > /tmp/mk.py && python3 /tmp/mk.py '{token}'"
         ));
+    };
+    let post = |mv: &str| -> (u16, Value) {
         let out = peer.ok(&format!(
-            "curl -sS -m 60 -H 'Authorization: Bearer {token}' --data-binary @/tmp/body -o /tmp/b -w '%{{http_code}}' -X POST 'http://127.0.0.1:9002/projects/{id}/receive/{mv}'; echo; cat /tmp/b"
+            "curl -sS -m 60 -H 'Authorization: Bearer {token}' --data-binary @/tmp/body-{mv} -o /tmp/b -w '%{{http_code}}' -X POST 'http://127.0.0.1:9002/projects/{id}/receive/{mv}'; echo; cat /tmp/b"
         ));
         let (s, rest) = out.split_once('\n').unwrap();
         (
             s.parse().unwrap(),
             serde_json::from_str(rest).unwrap_or(Value::Null),
         )
+    };
+    // a final stream: the live state as its one subvolume, no snapshots
+    let send = |mv: &str, last: Value, extra: bool, tamper: bool| -> (u16, Value) {
+        let name = format!(".move-{mv}-1");
+        craft(
+            mv,
+            &name,
+            extra,
+            tamper,
+            json!({"seq": 1, "name": name, "last": last}),
+        );
+        post(mv)
     };
     let nothing_placed = || {
         assert_eq!(
@@ -424,9 +570,10 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
             )),
             "no"
         );
+        // no spool and no staged subvolume (records of refused moves hold nothing)
         assert_eq!(
             peer.ok(&format!(
-                "ls -A {}/.moves | grep -v '^used$' || true",
+                "cd {}/.moves && ls -A | grep -v '^used$' | grep -v '[.]json$' | while read d; do ls -A $d; [ -d $d ] || echo $d; done",
                 tb::STORAGE
             )),
             ""
@@ -435,35 +582,118 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         assert!(!list.to_string().contains(&id), "{list}");
     };
     // tampered (one bit of the stream flipped) → refused before btrfs sees it
-    let (s, v) = send(&mv, "[]", false, true);
+    let (s, v) = send(&mv, json!([]), false, true);
     assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("MAC"), "{v}");
     nothing_placed();
-    // the same move id again, now intact → a replay, refused
-    let (s, v) = send(&mv, "[]", false, false);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
-    assert!(v["error"].as_str().unwrap().contains("before"), "{v}");
-    nothing_placed();
     // an extra subvolume → refused, all of it deleted
     let mv2 = uuid::Uuid::new_v4().to_string();
-    let (s, v) = send(&mv2, "[]", true, false);
+    let (s, v) = send(&mv2, json!([]), true, false);
     assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("extra"), "{v}");
     nothing_placed();
-    // a snapshot name that is a path out of the staging area → refused
+    // names that are paths out of the staging area → refused
     let mv3 = uuid::Uuid::new_v4().to_string();
-    let (s, v) = send(&mv3, r#"["../../escape"]"#, false, false);
+    let (s, v) = send(&mv3, json!(["../../escape"]), false, false);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    nothing_placed();
+    let mv3b = uuid::Uuid::new_v4().to_string();
+    craft(
+        &mv3b,
+        "escape",
+        false,
+        false,
+        json!({"seq": 1, "name": "../../escape"}),
+    );
+    let (s, v) = post(&mv3b);
     assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     nothing_placed();
     assert_eq!(
         peer.ok(&format!("ls {} | grep -c escape || true", tb::STORAGE)),
         "0"
     );
-    // and the same intact stream under a fresh id is placed (the checks refuse only what is wrong)
+    // a pre-copy stream (not the final one) is kept staged; replaying it, or another stream
+    // with a number not above it, is refused; a cancel deletes it and ends the move there
+    let mv5 = uuid::Uuid::new_v4().to_string();
+    craft(
+        &mv5,
+        "snap1",
+        false,
+        false,
+        json!({"seq": 2, "name": "snap1"}),
+    );
+    let (s, v) = post(&mv5);
+    assert_eq!((s, v["placed"].as_bool()), (200, Some(false)), "{v}");
+    assert_eq!(
+        peer.ok(&format!("ls -A {}/.moves/{mv5}", tb::STORAGE)),
+        "snap1"
+    );
+    let (s, v) = post(&mv5);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("move_rejected")),
+        "replay: {v}"
+    );
+    craft(
+        &mv5,
+        "snap0",
+        false,
+        false,
+        json!({"seq": 1, "name": "snap0"}),
+    );
+    let (s, v) = post(&mv5);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("move_rejected")),
+        "reordered: {v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains("in order"), "{v}");
+    let (s, v) = peer.http(
+        "GET",
+        &format!("/projects/{id}/receive/{mv5}"),
+        Some(&token),
+    );
+    assert_eq!((s, v["last_seq"].as_u64()), (200, Some(2)), "{v}");
+    assert_eq!(v["received"], json!(["snap1"]), "{v}");
+    let (s, v) = peer.http(
+        "DELETE",
+        &format!("/projects/{id}/receive/{mv5}"),
+        Some(&token),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        peer.ok(&format!(
+            "test -e {}/.moves/{mv5} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "no"
+    );
+    craft(
+        &mv5,
+        "snap2",
+        false,
+        false,
+        json!({"seq": 3, "name": "snap2", "parent": "snap1"}),
+    );
+    let (s, v) = post(&mv5);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("move_rejected")),
+        "after cancel: {v}"
+    );
+    nothing_placed();
+    // and the same intact stream under a fresh id is placed (the checks refuse only what is
+    // wrong); replayed, it is refused
     let mv4 = uuid::Uuid::new_v4().to_string();
-    let (s, v) = send(&mv4, "[]", false, false);
+    let (s, v) = send(&mv4, json!([]), false, false);
     assert_eq!(s, 200, "{v}");
     assert_eq!(peer.ok(&format!("cat {}/project-{id}/f", tb::STORAGE)), "x");
+    let (s, v) = post(&mv4);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("move_rejected")),
+        "replay: {v}"
+    );
     drop(master);
     drop(peer);
 }

@@ -21,6 +21,7 @@ mod cold;
 mod density;
 mod freeze;
 mod latency;
+mod moves;
 mod proxy;
 mod setup;
 mod snapshot;
@@ -287,6 +288,12 @@ const PHASES: &[Phase] = &[
         aliases: &["thaw"],
         title: "9. idle freeze and thaw",
         run: |c| Box::pin(freeze::freeze(c)),
+    },
+    Phase {
+        key: "move",
+        aliases: &["moves"],
+        title: "10. move",
+        run: |c| Box::pin(moves::moves(c)),
     },
 ];
 

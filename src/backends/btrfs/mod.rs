@@ -223,20 +223,42 @@ pub async fn setup(settings: &Settings) -> Result<PathBuf, StorageError> {
 
 #[async_trait::async_trait]
 impl crate::ports::Storage for Storage {
-    async fn send_for_move(
+    async fn move_snapshot(&self, id: ProjectId, name: &str) -> Result<(), String> {
+        self.take_move_snapshot(&id, name).await
+    }
+    fn has_move_subvolume(&self, id: ProjectId, name: &str) -> bool {
+        self.move_subvolume(&id, name)
+            .is_some_and(|p| subvol::is_subvolume(&p))
+    }
+    async fn send_subvolume(
+        &self,
+        id: ProjectId,
+        name: &str,
+        parent: Option<&str>,
+        sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, String> {
+        self.send_move_subvolume(&id, name, parent, sink).await
+    }
+    async fn drop_move_snapshots(
         &self,
         id: ProjectId,
         mv: crate::domain::moves::MoveId,
-        snapshots: &[SnapshotName],
-        sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
-    ) -> Result<u64, String> {
-        Storage::send_for_move(self, &id, &mv, snapshots, sink).await
+        keep: Option<&str>,
+    ) {
+        self.drop_live_snapshots(&id, &mv, keep).await
     }
-    async fn take_move(
+    async fn move_record(
         &self,
         mv: crate::domain::moves::MoveId,
-    ) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
-        self.take_move_id(&mv)
+    ) -> Result<Option<Option<crate::domain::moves::TargetState>>, StorageError> {
+        self.read_move_record(&mv)
+    }
+    async fn save_move_record(
+        &self,
+        mv: crate::domain::moves::MoveId,
+        st: &crate::domain::moves::TargetState,
+    ) -> Result<(PathBuf, PathBuf), StorageError> {
+        self.write_move_record(&mv, st)
     }
     async fn inspect_move(
         &self,
@@ -244,24 +266,25 @@ impl crate::ports::Storage for Storage {
     ) -> Result<Vec<(String, bool, bool)>, StorageError> {
         self.inspect_staging(&mv).await
     }
+    async fn sweep_move(&self, mv: crate::domain::moves::MoveId, keep: &[String]) {
+        self.sweep_staging(&mv, keep).await
+    }
     async fn place_move(
         &self,
         id: ProjectId,
         mv: crate::domain::moves::MoveId,
         snapshots: &[SnapshotName],
+        live: &str,
     ) -> Result<(), StorageError> {
-        self.place_moved(&id, &mv, snapshots).await.map(|_| ())
-    }
-    async fn drop_move_snapshot(&self, id: ProjectId, mv: crate::domain::moves::MoveId) {
-        let p = self.move_snapshot(&id, &mv);
-        if std::fs::symlink_metadata(&p).is_ok()
-            && let Err(e) = self.delete_subvolume(&p).await
-        {
-            tracing::warn!(project_id = %id, error = %e, "cannot delete the move's live snapshot");
-        }
+        self.place_moved(&id, &mv, snapshots, live)
+            .await
+            .map(|_| ())
     }
     async fn clean_move(&self, mv: crate::domain::moves::MoveId) {
         Storage::clean_move(self, &mv).await
+    }
+    fn open_moves(&self) -> Vec<crate::domain::moves::MoveId> {
+        self.open_move_ids()
     }
     async fn reserved_ids(&self) -> crate::domain::ids::Forbidden {
         tokio::task::spawn_blocking(crate::backends::ids::forbidden_from_host)

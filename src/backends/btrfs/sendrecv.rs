@@ -4,8 +4,11 @@
 //! sandboxed transient unit (`ports::Helper::Receive`), confined to the staging area.
 //!
 //! Layout under the storage root: `.moves/` (root, 0700, outside every home and every mount
-//! into a container) holds `<move>.stream` (the spooled stream), `<move>/` (the staging area)
-//! and `used/<move>` (a move id taken once, kept for replays).
+//! into a container) holds `<move>.stream` (the spooled stream being received), `<move>/` (the
+//! staging area: the subvolumes received whole so far), `<move>.json` (the move's record: what
+//! was received, the last stream number taken) and `used/<move>` (a move id taken once, kept
+//! against replays). On the source a move's live-state snapshots (`.move-<move>-<n>`) sit in
+//! the project's snapshots directory until the move ends.
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
@@ -14,18 +17,42 @@ use tokio::io::AsyncReadExt as _;
 use super::subvol::{is_subvolume, mkdir_mode};
 use super::{BTRFS, Storage, StorageError, io};
 use crate::cmd::{self, CmdError};
-use crate::domain::moves::{MoveId, live_name};
+use crate::domain::moves::{MoveId, TargetState, is_live_name};
 use crate::domain::project::ProjectId;
 use crate::domain::snapshots::SnapshotName;
 
 /// The directory of moves under the storage root.
 pub const MOVES_DIR: &str = ".moves";
 
-/// What the receive unit may write: the whole project storage (`<root>/.moves/<move>` → `<root>`).
-/// Not just the staging area: a bind mount of a subdirectory makes btrfs-progs lose the parent
-/// of an incremental stream, like `--chroot` does.
+/// What the receive unit may write: the staging area only. `btrfs receive` then needs `-m`
+/// (the filesystem's mount point, [`mount_root`]): without it, it takes the unit's bind mount
+/// of the staging area for the filesystem's root and cannot find an incremental stream's
+/// parent ("you have changed your default subvolume"), as with `--chroot` (btrfs-progs 6.2,
+/// measured in the testbed).
 pub fn receive_writable(staging: &Path) -> &Path {
-    staging.ancestors().nth(2).unwrap_or(staging)
+    staging
+}
+
+/// The mount point `path` lives under, from `/proc/self/mountinfo`'s text: the longest mount
+/// point that is `path` or one of its ancestors. (Mount points with spaces are escaped as
+/// `\040` there; such a one never matches, and `/` always does.)
+pub fn mount_root_in(mountinfo: &str, path: &Path) -> PathBuf {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(Path::new)
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.components().count())
+        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+}
+
+/// The mount point of the filesystem `path` is on (see [`mount_root_in`]).
+pub fn mount_root(path: &Path) -> PathBuf {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    mount_root_in(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        &path,
+    )
 }
 
 /// `btrfs send` argv (after the program) of one subvolume, incremental to `parent` when given.
@@ -40,14 +67,17 @@ pub fn send_args(path: &Path, parent: Option<&Path>) -> Vec<std::ffi::OsString> 
 }
 
 /// `btrfs receive` argv (with the program): reads the spooled stream into the staging area and
-/// stops at the first error. Not `--chroot`: btrfs-progs 6.2 then cannot find the parent of an
+/// stops at the first error; `mount` is the filesystem's mount point (`-m`, see
+/// [`receive_writable`]). Not `--chroot`: btrfs-progs 6.2 then cannot find the parent of an
 /// incremental stream ("you have changed your default subvolume"), measured in the testbed.
-pub fn receive_argv(spool: &Path, staging: &Path) -> Vec<String> {
+pub fn receive_argv(spool: &Path, staging: &Path, mount: &Path) -> Vec<String> {
     vec![
         BTRFS.to_string(),
         "receive".into(),
         "-E".into(),
         "1".into(),
+        "-m".into(),
+        mount.display().to_string(),
         "-f".into(),
         spool.display().to_string(),
         staging.display().to_string(),
@@ -69,36 +99,95 @@ impl Storage {
         self.moves_dir().join(format!("{mv}.stream"))
     }
 
-    /// The path of the move's live-state snapshot on the source (beside the project's
-    /// snapshots, hidden from the project: a dot name is never a snapshot's).
-    pub fn move_snapshot(&self, id: &ProjectId, mv: &MoveId) -> PathBuf {
-        self.snapshots_dir(id).join(live_name(mv))
+    /// Where a move's record lives (`core::moves`: what the target received of it).
+    pub fn move_record_path(&self, mv: &MoveId) -> PathBuf {
+        self.moves_dir().join(format!("{mv}.json"))
     }
 
-    /// Takes a move id once: false when it was taken before (a replay). Creates the staging
-    /// area (root, 0700) and returns it with the spool path.
-    pub fn take_move_id(&self, mv: &MoveId) -> Result<Option<(PathBuf, PathBuf)>, StorageError> {
+    fn used_marker(&self, mv: &MoveId) -> PathBuf {
+        self.moves_dir().join("used").join(mv.to_string())
+    }
+
+    /// A subvolume of a project by name for a move: a snapshot or one of the move's live-state
+    /// snapshots, both in the project's snapshots directory (a live-state name starts with a
+    /// dot: never a snapshot's, hidden from snapshot listings). `None` for a name that is not
+    /// one path component.
+    pub fn move_subvolume(&self, id: &ProjectId, name: &str) -> Option<PathBuf> {
+        let ok = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains('/')
+            && !name.contains('\0');
+        ok.then(|| self.snapshots_dir(id).join(name))
+    }
+
+    /// The record of a move: `None` when there is none, `Some(None)` when the id was used and
+    /// the move finished or was cancelled.
+    pub fn read_move_record(
+        &self,
+        mv: &MoveId,
+    ) -> Result<Option<Option<TargetState>>, StorageError> {
+        let p = self.move_record_path(mv);
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(|s| Some(Some(s)))
+                .map_err(|e| io(&p)(std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(std::fs::symlink_metadata(self.used_marker(mv))
+                    .is_ok()
+                    .then_some(None))
+            }
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    /// Writes a move's record (a temporary file renamed over it); the first write takes the id
+    /// (`used/<move>`, kept for good against replays) and makes the staging area (root, 0700)
+    /// unless the move is done.
+    pub fn write_move_record(
+        &self,
+        mv: &MoveId,
+        st: &TargetState,
+    ) -> Result<(PathBuf, PathBuf), StorageError> {
         let dir = self.moves_dir();
         mkdir_mode(&dir, 0o700)?;
         mkdir_mode(&dir.join("used"), 0o700)?;
-        let marker = dir.join("used").join(mv.to_string());
-        match std::fs::OpenOptions::new()
+        let marker = self.used_marker(mv);
+        if let Err(e) = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&marker)
+            && e.kind() != std::io::ErrorKind::AlreadyExists
         {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
-            Err(e) => return Err(io(&marker)(e)),
+            return Err(io(&marker)(e));
         }
         let staging = self.staging(mv);
-        std::fs::create_dir(&staging).map_err(io(&staging))?;
-        std::fs::set_permissions(
-            &staging,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .map_err(io(&staging))?;
-        Ok(Some((staging, self.spool(mv))))
+        if !st.placed {
+            mkdir_mode(&staging, 0o700)?;
+        }
+        let p = self.move_record_path(mv);
+        let tmp = dir.join(format!("{mv}.json.tmp"));
+        let body = serde_json::to_vec(st)
+            .map_err(|e| io(&p)(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        std::fs::write(&tmp, body).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io(&p))?;
+        Ok((staging, self.spool(mv)))
+    }
+
+    /// The moves with anything under `.moves/` (a staging area, a spool or a record).
+    pub fn open_move_ids(&self) -> Vec<MoveId> {
+        let mut v: Vec<MoveId> = std::fs::read_dir(self.moves_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.split('.').next().and_then(|b| b.parse().ok())
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// What the staging area holds: (name, is a subvolume, is read-only) of each entry.
@@ -134,12 +223,15 @@ impl Storage {
     }
 
     /// Places a checked staging area: a read-only snapshot of each received snapshot into the
-    /// project's snapshots directory and a writable snapshot of the live state as the home. The project has no home here (checked before the stream was taken).
+    /// project's snapshots directory and a writable snapshot of the live state `live` as the
+    /// home; then the staging area, its spool and the move's record go. The project has no home
+    /// here (checked before).
     pub async fn place_moved(
         &self,
         id: &ProjectId,
         mv: &MoveId,
         snapshots: &[SnapshotName],
+        live: &str,
     ) -> Result<PathBuf, StorageError> {
         let staging = self.staging(mv);
         let home = self.home(id);
@@ -161,7 +253,7 @@ impl Storage {
             ])
             .await?;
         }
-        let live = staging.join(live_name(mv));
+        let live = staging.join(live);
         super::subvol::btrfs([
             "subvolume".as_ref(),
             "snapshot".as_ref(),
@@ -171,16 +263,21 @@ impl Storage {
         .await?;
         std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o750))
             .map_err(io(&home))?;
-        self.clean_move(mv).await;
+        self.sweep_staging(mv, &[]).await;
+        let _ = std::fs::remove_dir(&staging);
         Ok(home)
     }
 
-    /// Deletes a move's staging area and spool (whatever a failed or refused receive left);
-    /// the used-id marker stays. Errors are logged: nothing else can be done about them.
-    pub async fn clean_move(&self, mv: &MoveId) {
+    /// Deletes the spool and every entry of the staging area but `keep` (what a broken or
+    /// refused stream left). Errors are logged: nothing else can be done about them.
+    pub async fn sweep_staging(&self, mv: &MoveId, keep: &[String]) {
         let staging = self.staging(mv);
         if let Ok(rd) = std::fs::read_dir(&staging) {
             for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if keep.contains(&name) {
+                    continue;
+                }
                 let p = e.path();
                 let r = if is_subvolume(&p) {
                     // a received subvolume is read-only; deleting it needs no flag change
@@ -195,8 +292,15 @@ impl Storage {
                 }
             }
         }
-        let _ = std::fs::remove_dir(&staging);
         let _ = std::fs::remove_file(self.spool(mv));
+    }
+
+    /// Deletes a move's staging area, spool and record; the used-id marker stays.
+    pub async fn clean_move(&self, mv: &MoveId) {
+        self.sweep_staging(mv, &[]).await;
+        let _ = std::fs::remove_dir(self.staging(mv));
+        let _ = std::fs::remove_file(self.move_record_path(mv));
+        let _ = std::fs::remove_file(self.moves_dir().join(format!("{mv}.json.tmp")));
     }
 
     /// Free bytes of the project storage.
@@ -255,46 +359,60 @@ pub async fn send_one(
 }
 
 impl Storage {
-    /// Sends, for a move, every snapshot in order (each incremental to the one before) and then
-    /// a read-only snapshot of the live home taken now (incremental to the newest snapshot); the
-    /// live snapshot is deleted afterwards, whatever happened.
-    pub async fn send_for_move(
-        &self,
-        id: &ProjectId,
-        mv: &MoveId,
-        snapshots: &[SnapshotName],
-        sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
-    ) -> Result<u64, String> {
-        let live = self.move_snapshot(id, mv);
+    /// Takes a read-only snapshot of the live home named `name` (a move's live state) and
+    /// commits it: the kernel refuses (EINVAL) to send a snapshot its transaction has not
+    /// committed yet.
+    pub async fn take_move_snapshot(&self, id: &ProjectId, name: &str) -> Result<(), String> {
+        let to = self
+            .move_subvolume(id, name)
+            .ok_or_else(|| format!("invalid subvolume name {name:?}"))?;
+        self.ensure_snapshots_dir(id).map_err(|e| e.to_string())?;
         super::subvol::btrfs([
             "subvolume".as_ref(),
             "snapshot".as_ref(),
             "-r".as_ref(),
             self.home(id).as_os_str(),
-            live.as_os_str(),
+            to.as_os_str(),
         ])
         .await
         .map_err(|e| e.to_string())?;
-        // the kernel refuses (EINVAL) to send a snapshot its transaction has not committed yet
         if let Err(e) = self.sync().await {
             tracing::warn!(project_id = %id, error = %e, "btrfs filesystem sync before the send failed");
         }
-        let r = async {
-            let mut total = 0;
-            let mut parent: Option<PathBuf> = None;
-            for s in snapshots {
-                let p = self.snapshot_path(id, s);
-                total += send_one(&p, parent.as_deref(), sink).await?;
-                parent = Some(p);
+        Ok(())
+    }
+
+    /// Sends the subvolume `name` (incremental to `parent`) into `sink`.
+    pub async fn send_move_subvolume(
+        &self,
+        id: &ProjectId,
+        name: &str,
+        parent: Option<&str>,
+        sink: &tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, String> {
+        let path = |n: &str| {
+            self.move_subvolume(id, n)
+                .ok_or_else(|| format!("invalid subvolume name {n:?}"))
+        };
+        let p = path(name)?;
+        let parent = parent.map(path).transpose()?;
+        send_one(&p, parent.as_deref(), sink).await
+    }
+
+    /// Deletes the move's live-state snapshots of the project but `keep`.
+    pub async fn drop_live_snapshots(&self, id: &ProjectId, mv: &MoveId, keep: Option<&str>) {
+        let Ok(rd) = std::fs::read_dir(self.snapshots_dir(id)) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !is_live_name(mv, &name) || keep == Some(name.as_str()) {
+                continue;
             }
-            total += send_one(&live, parent.as_deref(), sink).await?;
-            Ok(total)
+            if let Err(err) = self.delete_subvolume(&e.path()).await {
+                tracing::warn!(project_id = %id, move_id = %mv, error = %err, "cannot delete a move's live snapshot");
+            }
         }
-        .await;
-        if let Err(e) = self.delete_subvolume(&live).await {
-            tracing::warn!(project_id = %id, error = %e, "cannot delete the move's live snapshot");
-        }
-        r
     }
 }
 
@@ -315,12 +433,31 @@ mod tests {
         );
         assert_eq!(
             receive_writable(Path::new("/var/lib/p/.moves/m")),
-            Path::new("/var/lib/p")
+            Path::new("/var/lib/p/.moves/m")
         );
-        let r = receive_argv(Path::new("/m/x.stream"), Path::new("/m/x"));
+        let r = receive_argv(Path::new("/m/x.stream"), Path::new("/m/x"), Path::new("/m"));
         assert_eq!(
             r,
-            [BTRFS, "receive", "-E", "1", "-f", "/m/x.stream", "/m/x"]
+            [
+                BTRFS,
+                "receive",
+                "-E",
+                "1",
+                "-m",
+                "/m",
+                "-f",
+                "/m/x.stream",
+                "/m/x"
+            ]
         );
+        let mi = "22 1 0:21 / / rw - ext4 /dev/vda rw\n\
+                  40 22 0:40 / /var/lib/p rw - btrfs /dev/loop0 rw\n\
+                  41 22 0:41 / /var/lib/pp rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mount_root_in(mi, Path::new("/var/lib/p/.moves/m")),
+            Path::new("/var/lib/p")
+        );
+        assert_eq!(mount_root_in(mi, Path::new("/var/lib/px")), Path::new("/"));
+        assert_eq!(mount_root_in("", Path::new("/x")), Path::new("/"));
     }
 }
