@@ -144,6 +144,9 @@ pub struct Load {
     pub bytes_per_response: usize,
     /// latency in milliseconds
     pub latency_ms: Summary,
+    /// CPU seconds used during the measured window by the load generator's process (first), then
+    /// by each watched process ([`load_watching`]; empty when unknown)
+    pub cpu_secs: Vec<f64>,
 }
 
 /// `conns` keep-alive connections each sending `GET path` back to back for `warmup` + `secs`;
@@ -156,6 +159,29 @@ pub async fn load(
     warmup: Duration,
     secs: Duration,
 ) -> Result<Load> {
+    load_watching(t, path, conns, warmup, secs, &[]).await
+}
+
+/// CPU seconds (user + system) of each process, 0 when unreadable.
+fn cpu_of(pids: &[u32]) -> Vec<f64> {
+    pids.iter()
+        .map(|p| crate::stats::cpu_secs(*p).unwrap_or(0.0))
+        .collect()
+}
+
+/// [`load`], also measuring the CPU time the load generator and the `watch` processes use during
+/// the measured window (`Load::cpu_secs`): the cost per request of each hop, whatever else
+/// the machine runs meanwhile.
+pub async fn load_watching(
+    t: &Target,
+    path: &str,
+    conns: usize,
+    warmup: Duration,
+    secs: Duration,
+    watch: &[u32],
+) -> Result<Load> {
+    let mut pids = vec![std::process::id()];
+    pids.extend_from_slice(watch);
     // a first request proves the target answers, and gives the response size
     let (s, first) = call(t, "GET", path, None).await?;
     if s != StatusCode::OK {
@@ -220,6 +246,11 @@ pub async fn load(
             (lat, errors)
         }));
     }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu0 = cpu_of(&pids);
+    tokio::time::sleep_until(end.into()).await;
+    let cpu1 = cpu_of(&pids);
+    let cpu_secs = cpu0.iter().zip(&cpu1).map(|(a, b)| b - a).collect();
     let mut all: Vec<u32> = Vec::new();
     let mut errors = 0;
     for task in tasks {
@@ -239,5 +270,6 @@ pub async fn load(
         rps: all.len() as f64 / elapsed,
         bytes_per_response: first.len(),
         latency_ms: Summary::of(&ms),
+        cpu_secs,
     })
 }

@@ -21,9 +21,10 @@ use std::path::PathBuf;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    // `suite load ADDR PATH CONNS WARM_MS SECS`: one load run, its figures as JSON on stdout (the
-    // proxy phase runs it inside a project's network namespace under nsenter)
-    if args.first().map(String::as_str) == Some("load") && args.len() == 6 {
+    // `suite load ADDR PATH CONNS WARM_MS SECS [PID,…]`: one load run, its figures as JSON on
+    // stdout, with the CPU time of the listed processes (the proxy phase runs it inside a
+    // project's network namespace under nsenter)
+    if args.first().map(String::as_str) == Some("load") && (6..=7).contains(&args.len()) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -31,12 +32,17 @@ fn main() {
             .unwrap();
         let num = |i: usize| args[i].parse::<u64>().unwrap();
         let target = http::Target::Tcp(args[1].parse().unwrap());
-        let l = rt.block_on(http::load(
+        let watch: Vec<u32> = args
+            .get(6)
+            .map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect())
+            .unwrap_or_default();
+        let l = rt.block_on(http::load_watching(
             &target,
             &args[2],
             num(3) as usize,
             std::time::Duration::from_millis(num(4)),
             std::time::Duration::from_secs(num(5)),
+            &watch,
         ));
         match l {
             Ok(l) => println!("{}", serde_json::to_string(&l).unwrap()),

@@ -182,9 +182,12 @@ for f in profiles:
         "api_list": "the daemon, for 5 s while `GET /projects` was under load (64 connections)",
         "api_start_stop": "systemd (PID 1) and the daemon together, for 8 s of back-to-back API start/stop "
                           "cycles of one project",
+        "proxy_get": "the daemon, nginx's worker (the project's server) and the load generator, for 6 s while "
+                     "the 1 KiB GET through the proxy was under load",
+        "proxy_download": "the daemon and nginx's worker, for 4 s around the big download through the proxy",
     }.get(label, label)
     w(f"`perf record -e cpu-clock -F 1999 -p …`: {what}; flat profile, share of the samples "
-      f"(`perf report --no-children`, by {'process, ' if label == 'api_start_stop' else ''}library and symbol):")
+      f"(`perf report --no-children`, by {'process, ' if label in ('api_start_stop', 'proxy_get', 'proxy_download') else ''}library and symbol):")
     w("")
     w("```")
     w(open(os.path.join(out, f)).read().rstrip() or "(empty)")

@@ -471,3 +471,78 @@ fn a_master_token_of_one_project_is_refused_on_another() {
     ));
     assert_eq!((s, code(&body)), (403, "forbidden".into()), "{body}");
 }
+
+#[test]
+fn autostart_off_is_503_at_once_and_on_an_authorized_request_starts_the_project() {
+    let p = Project::start();
+    let id = p.id.clone();
+    stop(&id, false);
+    let auth = tb::AUTH;
+    // default off: a stopped project is 503 project_not_running at once, and stays stopped
+    let t = std::time::Instant::now();
+    let (s, b) = curl(&format!("{auth} {PROXY}/{id}/server/8000/hello.txt"));
+    assert_eq!((s, code(&b)), (503, "project_not_running".into()), "{b}");
+    assert!(
+        t.elapsed().as_millis() < 1500,
+        "{:?} (with the exec round trip)",
+        t.elapsed()
+    );
+    assert_eq!(tb::status(&id)["state"], "opened");
+
+    // on: with a master key too, for a token that is valid but for another project
+    use base64::Engine as _;
+    let mut seed = [0u8; 32];
+    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+    let _d = DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-proxy-autostart.toml",
+        &format!("[proxy]\nautostart = true\n[auth]\nmaster_public_keys = [\"{b64}\"]\n"),
+    );
+    let other = new_id();
+    let now = cocalc_project_host::auth::now_secs();
+    let others_token = cocalc_project_host::auth::sign(
+        &seed,
+        &json!({"aud": tb::host_id(), "sub": "e2e", "exp": now + 600,
+                "scope": {"projects": [other], "actions": ["proxy"]}}),
+    )
+    .unwrap();
+    // unauthorized requests do not start it: no credential, a bad one, another project's
+    let (s, b) = curl(&format!("{PROXY}/{id}/server/8000/hello.txt"));
+    assert_eq!((s, code(&b)), (401, "unauthorized".into()), "{b}");
+    let (s, b) = curl(&format!(
+        "-H 'Authorization: Bearer x.y.z' {PROXY}/{id}/server/8000/hello.txt"
+    ));
+    assert_eq!(s, 401, "{b}");
+    let (s, b) = curl(&format!(
+        "-H 'Authorization: Bearer {others_token}' {PROXY}/{id}/server/8000/hello.txt"
+    ));
+    assert_eq!((s, code(&b)), (403, "forbidden".into()), "{b}");
+    let (s, b) = curl(&format!(
+        "'{PROXY}/{id}/server/8000/hello.txt?token={others_token}'"
+    ));
+    assert_eq!((s, code(&b)), (403, "forbidden".into()), "{b}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        tb::status(&id)["state"],
+        "opened",
+        "started by a refused request"
+    );
+
+    // an authorized request starts it, waits for its server and is answered
+    let t = std::time::Instant::now();
+    let (s, b) = curl(&format!("{auth} {PROXY}/{id}/server/8000/hello.txt"));
+    println!("answered after an autostart in {:?}", t.elapsed());
+    assert_eq!((s, b.as_str()), (200, "hello\n"), "{b}");
+    assert_eq!(tb::status(&id)["state"], "running");
+
+    // an id this host does not know is not created: 503, and it stays unknown
+    let (s, b) = curl(&format!("{auth} {PROXY}/{other}/server/8000/hello.txt"));
+    assert_eq!((s, code(&b)), (503, "project_not_running".into()), "{b}");
+    assert_eq!(tb::status(&other)["state"], "opened", "not created");
+    let (_, list) = tb::http("GET", "/projects", None);
+    assert!(!list.to_string().contains(&other), "{list}");
+}

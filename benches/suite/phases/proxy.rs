@@ -10,14 +10,17 @@ use super::*;
 const BACKEND_PORT: u16 = 8001;
 const NGINX_PROXY_PORT: u16 = 9081;
 
-/// `suite load ADDR PATH CONNS WARM_MS SECS` inside the network namespace of `pid`.
+/// `suite load ADDR PATH CONNS WARM_MS SECS PIDS` inside the network namespace of `pid`,
+/// measuring the CPU time of the `watch` processes too.
 async fn load_in_netns(
     pid: u32,
     addr: &str,
     path: &str,
     conns: usize,
     secs: u64,
+    watch: &[u32],
 ) -> Result<http::Load> {
+    let watch: Vec<String> = watch.iter().map(u32::to_string).collect();
     let exe = std::env::current_exe()?;
     let out = stats::run(&[
         "nsenter",
@@ -32,6 +35,7 @@ async fn load_in_netns(
         &conns.to_string(),
         "1000",
         &secs.to_string(),
+        &watch.join(","),
     ])
     .await?;
     let v: Value =
@@ -46,6 +50,7 @@ async fn load_in_netns(
         rps: v["rps"].as_f64().unwrap_or_default(),
         bytes_per_response: v["bytes_per_response"].as_u64().unwrap_or_default() as usize,
         latency_ms: serde_json::from_value(v["latency_ms"].clone())?,
+        cpu_secs: serde_json::from_value(v["cpu_secs"].clone()).unwrap_or_default(),
     })
 }
 
@@ -62,6 +67,24 @@ async fn download_mbs(pid: Option<u32>, url: &str) -> Result<f64> {
         .parse()
         .with_context(|| format!("curl said {out:?}"))?;
     Ok(bps / 1e6)
+}
+
+/// CPU µs per measured request of the load generator, the daemon and nginx (the sum of its
+/// workers) during `l`.
+fn cpu_us_per_request(l: &http::Load) -> [f64; 3] {
+    let per = |s: f64| {
+        if l.requests == 0 {
+            0.0
+        } else {
+            s * 1e6 / l.requests as f64
+        }
+    };
+    let c = &l.cpu_secs;
+    [
+        per(c.first().copied().unwrap_or(0.0)),
+        per(c.get(1).copied().unwrap_or(0.0)),
+        per(c.iter().skip(2).sum()),
+    ]
 }
 
 pub(super) async fn proxy(ctx: &mut Ctx) -> Result<()> {
@@ -128,14 +151,23 @@ http {{
     })
     .await?;
 
+    // whose CPU time each load measures: the daemon, then nginx's worker(s) (the backend, and
+    // the proxy_pass server for the nginx load)
+    let daemon = daemon_main_pid().await?;
+    let mut watch = vec![daemon];
+    if let Some(master) = nginx.id() {
+        let w = sh(&format!("pgrep -P {master} || true")).await?;
+        watch.extend(w.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
     let run = async {
-        let px = http::load(&proxied, &ppath, conns, Duration::from_secs(1), Duration::from_secs(secs)).await?;
-        let direct = load_in_netns(pid, &format!("127.0.0.1:{BACKEND_PORT}"), "/small.txt", conns, secs).await?;
-        let ngx = load_in_netns(pid, &format!("127.0.0.1:{NGINX_PROXY_PORT}"), "/small.txt", conns, secs).await?;
+        let px = http::load_watching(&proxied, &ppath, conns, Duration::from_secs(1), Duration::from_secs(secs), &watch).await?;
+        let direct = load_in_netns(pid, &format!("127.0.0.1:{BACKEND_PORT}"), "/small.txt", conns, secs, &watch).await?;
+        let ngx = load_in_netns(pid, &format!("127.0.0.1:{NGINX_PROXY_PORT}"), "/small.txt", conns, secs, &watch).await?;
         for (k, l) in [("proxy", &px), ("direct", &direct), ("nginx_proxy_pass", &ngx)] {
+            let us = cpu_us_per_request(l);
             println!(
-                "  {k:<17} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
-                l.rps, l.latency_ms.p50, l.latency_ms.p99, l.errors
+                "  {k:<17} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}  CPU µs/request: load generator {:.1}, daemon {:.1}, nginx {:.1}",
+                l.rps, l.latency_ms.p50, l.latency_ms.p99, l.errors, us[0], us[1], us[2]
             );
         }
         let big_px = download_mbs(None, &format!("http://127.0.0.1:8080/{id}/server/{BACKEND_PORT}/big")).await?;
@@ -145,6 +177,31 @@ http {{
         anyhow::Ok((px, direct, ngx, big_px, big_direct, big_ngx))
     }
     .await;
+    if run.is_ok() {
+        // profiles (not part of the figures above: perf costs a little): the daemon, nginx's
+        // worker (the backend) and the load generator, by process
+        let mut pids = watch.clone();
+        pids.push(std::process::id());
+        let psecs = 6;
+        if perf_request(ctx, &pids, psecs, "proxy_get").await {
+            let l = http::load(
+                &proxied,
+                &ppath,
+                conns,
+                Duration::from_millis(200),
+                Duration::from_secs(psecs - 1),
+            )
+            .await?;
+            println!("  profiled proxy_get: {:.0} req/s under perf", l.rps);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        if perf_request(ctx, &pids, 4, "proxy_download").await {
+            let url = format!("http://127.0.0.1:8080/{id}/server/{BACKEND_PORT}/big");
+            let mbs = download_mbs(None, &url).await?;
+            println!("  profiled proxy_download: {mbs:.0} MB/s under perf");
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+    }
     if let Some(p) = nginx.id() {
         sh_quiet(&format!("kill -QUIT {p}")).await;
     }
@@ -164,6 +221,11 @@ http {{
                "download_mb": big_mb, "download_mbs": {"proxy": big_px, "direct": big_direct, "nginx": big_ngx}}),
     );
     let f = "GET 1 KiB file in a project";
+    let (us_px, us_direct, us_ngx) = (
+        cpu_us_per_request(&px),
+        cpu_us_per_request(&direct),
+        cpu_us_per_request(&ngx),
+    );
     ctx.rows(
         sec,
         [
@@ -194,6 +256,38 @@ http {{
                 px.errors as f64,
                 "",
             ),
+            // CPU per request of each hop (user + system, /proc/<pid>/stat over the measured
+            // window): what the ratios above cost on a machine whose CPUs the loads share
+            r(
+                format!("  {f}: CPU per request, all processes, through the proxy"),
+                us_px.iter().sum(),
+                "µs",
+            )
+            .vs("direct", us_direct.iter().sum()),
+            r(
+                format!("  {f}: CPU per request, all processes, through the proxy"),
+                us_px.iter().sum(),
+                "µs",
+            )
+            .vs("nginx proxy_pass", us_ngx.iter().sum()),
+            r(
+                format!("  {f}: CPU per request, the daemon"),
+                us_px[1],
+                "µs",
+            )
+            .vs("nginx proxy_pass's extra hop", us_ngx[2] - us_direct[2]),
+            r(
+                format!("  {f}: CPU per request, the load generator, through the proxy"),
+                us_px[0],
+                "µs",
+            )
+            .vs("direct", us_direct[0]),
+            r(
+                format!("  {f}: CPU per request, nginx (the backend), through the proxy"),
+                us_px[2],
+                "µs",
+            )
+            .vs("direct", us_direct[2]),
             r(
                 format!("{big_mb} MB download through the proxy"),
                 big_px,

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -18,50 +20,51 @@ use crate::api::{ErrorKind, WireError};
 use crate::core::Host;
 use crate::domain::project::ProjectId;
 
-/// Idle connections kept per project and port.
-const MAX_IDLE: usize = 64;
+/// Connections kept per project and port (busy or idle); one made while that many are kept
+/// serves its request and closes.
+const MAX_POOLED: usize = 256;
 
 type Sender = SendRequest<Body>;
 
-/// Idle backend connections by project and port.
+/// Backend connections by project and port. A connection goes back as soon as its response head
+/// is in (no task per request waits for the end of its body): it is busy until hyper has read
+/// that body, and [`Pool::take`] only hands out one that is ready for a new request. Busy ones
+/// stay (a concurrent request must not open a new connection while another is finishing, then
+/// close one when too many are idle), closed ones are dropped as they are found.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<(ProjectId, u16), Vec<Sender>>>,
+    conns: Mutex<HashMap<(ProjectId, u16), Vec<Sender>>>,
 }
 
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ProjectId, u16), Vec<Sender>>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A connection ready for a request, taken out of the pool.
     fn take(&self, id: ProjectId, port: u16) -> Option<Sender> {
-        let mut idle = self.lock();
-        let v = idle.get_mut(&(id, port))?;
-        while let Some(s) = v.pop() {
-            if s.is_ready() && !s.is_closed() {
-                return Some(s);
-            }
+        let mut conns = self.lock();
+        let v = conns.get_mut(&(id, port))?;
+        v.retain(|s| !s.is_closed());
+        // the most recently returned first: its buffers are warm
+        let i = v.iter().rposition(SendRequest::is_ready)?;
+        Some(v.swap_remove(i))
+    }
+
+    /// Puts a connection (back) into the pool, unless it is full.
+    fn put(&self, id: ProjectId, port: u16, s: Sender) {
+        if s.is_closed() {
+            return;
         }
-        None
+        let mut conns = self.lock();
+        let v = conns.entry((id, port)).or_default();
+        if v.len() < MAX_POOLED {
+            v.push(s);
+        }
     }
 
-    /// Returns a connection to the pool once its response is read to the end (hyper's
-    /// `ready()`), unless it closes first.
-    fn give_back(self: &Arc<Self>, id: ProjectId, port: u16, mut s: Sender) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if s.ready().await.is_ok() {
-                let mut idle = pool.lock();
-                let v = idle.entry((id, port)).or_default();
-                v.retain(|s| !s.is_closed());
-                if v.len() < MAX_IDLE {
-                    v.push(s);
-                }
-            }
-        });
-    }
-
-    /// Closes every idle connection into the project (it stopped).
+    /// Drops every connection into the project (it stopped): idle ones close at once, busy
+    /// ones once their response is read.
     pub fn drop_project(&self, id: ProjectId) {
         self.lock().retain(|(p, _), _| *p != id);
     }
@@ -71,7 +74,7 @@ impl Pool {
         self.lock()
             .iter()
             .filter(|((p, _), _)| *p == id)
-            .map(|(_, v)| v.len())
+            .map(|(_, v)| v.iter().filter(|s| s.is_ready() && !s.is_closed()).count())
             .sum()
     }
 }
@@ -102,8 +105,35 @@ fn backend_error(id: ProjectId, port: u16, e: &hyper::Error) -> WireError {
     )
 }
 
+/// A new connection as [`connect`]; until `listen_by` (a project just started for this request:
+/// its server may not listen yet), a port that refuses is tried again every 100 ms.
+async fn connect_waiting(
+    host: &Host,
+    id: ProjectId,
+    port: u16,
+    listen_by: Option<Instant>,
+) -> Result<Sender, WireError> {
+    loop {
+        match connect(host, id, port).await {
+            Err(e)
+                if matches!(e.kind, ErrorKind::BackendUnavailable)
+                    && listen_by.is_some_and(|t| Instant::now() + LISTEN_RETRY < t) =>
+            {
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How often a port of a project just started is tried until its server listens.
+const LISTEN_RETRY: Duration = Duration::from_millis(100);
+
 /// Sends `req` into the project and returns the answer with its body streaming. A pooled
 /// connection the server closed meanwhile is replaced once, if the request was not sent on it.
+/// `listen_by`: the project was just started for this request, and its server gets until then
+/// to listen (on top of `timeout`).
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
     host: &Host,
     pool: &Arc<Pool>,
@@ -112,6 +142,7 @@ pub async fn send(
     req: Request<Body>,
     timeout: Duration,
     upgrade: bool,
+    listen_by: Option<Instant>,
 ) -> Result<Response<Incoming>, WireError> {
     let timed_out = || {
         WireError::new(
@@ -127,7 +158,7 @@ pub async fn send(
         let pooled = if upgrade { None } else { pool.take(id, port) };
         let (mut sender, reused) = match pooled {
             Some(s) => (s, true),
-            None => (connect(host, id, port).await?, false),
+            None => (connect_waiting(host, id, port, listen_by).await?, false),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
@@ -145,11 +176,14 @@ pub async fn send(
             Err(e) => return Err(backend_error(id, port, e.error())),
         };
         if !upgrade {
-            pool.give_back(id, port, sender);
+            pool.put(id, port, sender);
         }
         Ok(resp)
     };
-    tokio::time::timeout(timeout, work)
+    let waiting = listen_by.map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(Instant::now())
+    });
+    tokio::time::timeout(timeout + waiting, work)
         .await
         .map_err(|_| timed_out())?
 }

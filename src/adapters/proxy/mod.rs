@@ -325,10 +325,14 @@ impl Proxy {
     }
 
     /// Waits for the project to run: at once when it does, after a start with `proxy.autostart`
-    /// (a project this host knows only), else `503 project_not_running`.
-    async fn ensure_running(&self, id: ProjectId) -> Result<(), WireError> {
+    /// (a project this host knows only), else `503 project_not_running`. After a start, the
+    /// time until which its server may take to listen (the rest of `proxy.autostart_timeout`).
+    async fn ensure_running(
+        &self,
+        id: ProjectId,
+    ) -> Result<Option<tokio::time::Instant>, WireError> {
         if self.host.is_running(id) {
-            return Ok(());
+            return Ok(None);
         }
         let s = &self.host.settings().proxy;
         if !s.autostart || !self.host.is_known(id) {
@@ -338,8 +342,9 @@ impl Proxy {
             ));
         }
         tracing::info!(project_id = %id, "proxy: starting the project for a request (proxy.autostart)");
-        match tokio::time::timeout(s.autostart_timeout, self.host.start(id, None)).await {
-            Ok(Ok(st)) if st.state == ProjectState::Running => Ok(()),
+        let deadline = tokio::time::Instant::now() + s.autostart_timeout;
+        match tokio::time::timeout_at(deadline, self.host.start(id, None)).await {
+            Ok(Ok(st)) if st.state == ProjectState::Running => Ok(Some(deadline)),
             Ok(Ok(st)) => Err(WireError::new(
                 ErrorKind::ProjectNotRunning,
                 format!("project {id} is {} after its start", st.state),
@@ -364,7 +369,7 @@ impl Proxy {
         path_and_query: &str,
         peer: SocketAddr,
     ) -> Result<Response<Body>, WireError> {
-        self.ensure_running(id).await?;
+        let listen_by = self.ensure_running(id).await?;
         let upgrade = headers::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -386,7 +391,10 @@ impl Proxy {
         parts.version = hyper::Version::HTTP_11;
         let out = Request::from_parts(parts, forward::stream_body(body));
         let timeout = self.host.settings().proxy.timeout;
-        let resp = forward::send(&self.host, &self.pool, id, port, out, timeout, upgrade).await?;
+        let resp = forward::send(
+            &self.host, &self.pool, id, port, out, timeout, upgrade, listen_by,
+        )
+        .await?;
         let switched = forward::is_switch(resp.status());
         let resp = match (switched, client_upgrade) {
             (true, Some(c)) => forward::tunnel(c, resp, self.stop.clone(), id),

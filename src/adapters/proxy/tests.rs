@@ -455,6 +455,40 @@ async fn connections_are_pooled_and_dropped_when_the_project_stops() {
     b.task.await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_reuse_backend_connections_without_churn() {
+    let b = bed(|_| {}).await;
+    let p = id(4);
+    let backend = echo_backend().await;
+    b.sim.units.listen(p, 8000, backend);
+    b.host.start(p, None).await.unwrap();
+    let auth = bearer();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (addr, auth) = (b.addr, auth.clone());
+        tasks.push(tokio::spawn(async move {
+            let h = [("authorization", auth.as_str())];
+            let mut seen = Vec::new();
+            for _ in 0..30 {
+                let a = call(addr, "GET", &format!("/{p}/port/8000/"), &h).await;
+                assert_eq!(a.status, 200);
+                seen.push(a.json()["conn"].to_string());
+            }
+            seen
+        }));
+    }
+    let mut conns = std::collections::HashSet::new();
+    for t in tasks {
+        conns.extend(t.await.unwrap());
+    }
+    // 8 at a time: a connection goes back with its response head and is reused once its
+    // body is read, so the backend sees about 8 connections for 240 requests (not one per
+    // request that came while another was finishing)
+    assert!(conns.len() <= 16, "{} backend connections", conns.len());
+    b.stop.cancel();
+    b.task.await.unwrap();
+}
+
 impl Bed {
     fn px_idle(&self, p: ProjectId) -> usize {
         self.px.pool().idle(p)
@@ -533,6 +567,33 @@ async fn autostart_starts_a_known_project_only_when_configured() {
     let a = call(b.addr, "GET", &format!("/{known}/server/8000/x"), &h).await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
     assert!(b.host.is_running(known));
+    // a project whose server listens only a while after its start: the request waits for it
+    let late = id(7);
+    b.host.start(late, None).await.unwrap();
+    b.host.stop(late, false).await.unwrap();
+    let units = b.sim.units.clone();
+    let t = tokio::time::Instant::now();
+    let opens = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        units.listen(late, 8000, backend);
+    });
+    let a = call(b.addr, "GET", &format!("/{late}/server/8000/x"), &h).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        t.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        t.elapsed()
+    );
+    opens.await.unwrap();
+    // a running project's closed port is still a 502 at once: only a start waits
+    let t = tokio::time::Instant::now();
+    let a = call(b.addr, "GET", &format!("/{late}/server/8001/x"), &h).await;
+    assert_eq!(a.status, 502, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
     // a project this host never ran is not created by a proxy request
     let a = call(b.addr, "GET", &format!("/{unknown}/server/8000/x"), &h).await;
     assert_eq!(a.status, 503);
