@@ -24,7 +24,13 @@ use crate::domain::project::ProjectId;
 /// serves its request and closes.
 const MAX_POOLED: usize = 256;
 
+/// How long a pooled connection may sit idle before it is closed: an open connection into a
+/// project counts as use of it, so idle ones must not keep it from its idle stop.
+pub const POOL_IDLE: Duration = Duration::from_secs(30);
+
 type Sender = SendRequest<Body>;
+/// Pooled connections by project and port, each with when it went back.
+type Conns = HashMap<(ProjectId, u16), Vec<(Sender, Instant)>>;
 
 /// Backend connections by project and port. A connection goes back as soon as its response head
 /// is in (no task per request waits for the end of its body): it is busy until hyper has read
@@ -33,11 +39,11 @@ type Sender = SendRequest<Body>;
 /// close one when too many are idle), closed ones are dropped as they are found.
 #[derive(Debug, Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<(ProjectId, u16), Vec<Sender>>>,
+    conns: Mutex<Conns>,
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ProjectId, u16), Vec<Sender>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -45,10 +51,10 @@ impl Pool {
     fn take(&self, id: ProjectId, port: u16) -> Option<Sender> {
         let mut conns = self.lock();
         let v = conns.get_mut(&(id, port))?;
-        v.retain(|s| !s.is_closed());
+        v.retain(|(s, _)| !s.is_closed());
         // the most recently returned first: its buffers are warm
-        let i = v.iter().rposition(SendRequest::is_ready)?;
-        Some(v.swap_remove(i))
+        let i = v.iter().rposition(|(s, _)| s.is_ready())?;
+        Some(v.swap_remove(i).0)
     }
 
     /// Puts a connection (back) into the pool, unless it is full.
@@ -59,7 +65,7 @@ impl Pool {
         let mut conns = self.lock();
         let v = conns.entry((id, port)).or_default();
         if v.len() < MAX_POOLED {
-            v.push(s);
+            v.push((s, Instant::now()));
         }
     }
 
@@ -69,12 +75,25 @@ impl Pool {
         self.lock().retain(|(p, _), _| *p != id);
     }
 
+    /// Closes the connections idle for `max` or longer (a busy one stays, and counts from the
+    /// time it went back).
+    pub fn expire(&self, max: Duration) {
+        self.lock().retain(|_, v| {
+            v.retain(|(s, at)| !s.is_closed() && (!s.is_ready() || at.elapsed() < max));
+            !v.is_empty()
+        });
+    }
+
     /// Idle connections into the project (tests, logs).
     pub fn idle(&self, id: ProjectId) -> usize {
         self.lock()
             .iter()
             .filter(|((p, _), _)| *p == id)
-            .map(|(_, v)| v.iter().filter(|s| s.is_ready() && !s.is_closed()).count())
+            .map(|(_, v)| {
+                v.iter()
+                    .filter(|(s, _)| s.is_ready() && !s.is_closed())
+                    .count()
+            })
             .sum()
     }
 }

@@ -406,15 +406,22 @@ impl Proxy {
         Ok(Response::from_parts(parts, forward::stream_body(body)))
     }
 
-    /// Drops the pooled connections of projects that stop (their namespaces go with them).
+    /// Drops the pooled connections of projects that stop (their namespaces go with them), and
+    /// those idle for [`forward::POOL_IDLE`].
     fn watch_projects(self: &Arc<Self>) {
         let mut events = self.host.subscribe();
         let weak = Arc::downgrade(self);
         let stop = self.stop.clone();
         tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(forward::POOL_IDLE / 3);
             loop {
                 let ev = tokio::select! {
                     ev = events.recv() => ev,
+                    _ = sweep.tick() => {
+                        let Some(px) = weak.upgrade() else { return };
+                        px.pool.expire(forward::POOL_IDLE);
+                        continue;
+                    }
                     () = stop.cancelled() => return,
                 };
                 let Some(px) = weak.upgrade() else { return };

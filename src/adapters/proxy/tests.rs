@@ -437,6 +437,23 @@ async fn connections_are_pooled_and_dropped_when_the_project_stops() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(b.px_idle(p), 1);
+    // an idle connection outlives a sweep younger than it, not one older
+    b.px.pool().expire(Duration::from_secs(60));
+    assert_eq!(b.px_idle(p), 1);
+    b.px.pool().expire(Duration::ZERO);
+    assert_eq!(b.px_idle(p), 0, "idle past the limit: closed");
+    let third = call(b.addr, "GET", &format!("/{p}/port/8000/"), &h)
+        .await
+        .json()["conn"]
+        .clone();
+    assert_ne!(third, first, "a new connection after the expiry");
+    for _ in 0..100 {
+        if b.px_idle(p) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(b.px_idle(p), 1);
     b.host.stop(p, false).await.unwrap();
     for _ in 0..100 {
         if b.px_idle(p) == 0 {
