@@ -103,6 +103,13 @@ mod tests {
         assert_eq!(parse_duration("14d"), s(14 * 86_400));
         assert_eq!(parse_duration("2w"), s(14 * 86_400));
         assert_eq!(parse_duration("1h 30m"), s(5400));
+        // the extremes of docs/openapi.yaml's pattern for run-config durations all parse
+        for ok in [
+            "0", "00000", "99999", "0s", "00000s", "99999s", "99999m", "0m", "99h", "00h", "99d",
+            "0d",
+        ] {
+            assert!(parse_duration(ok).is_ok(), "{ok:?} refused");
+        }
         for bad in ["3y", "1mo", "x", "", "-5s", "1.5s", "5 parsecs"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
         }
