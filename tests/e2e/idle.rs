@@ -14,12 +14,13 @@ use crate::tb::{self, DropIn, new_id, ok, sh, status, stop, wait_for};
 const PROXY: &str = "http://127.0.0.1:8080";
 const SLICE: &str = "cocalc.slice/cocalc-projects.slice";
 
-/// httpd on 8000 over the home, and a ticker writing the time to ~/tick 3 times a second (a
-/// frozen project's ticker stops; it uses well under the CPU threshold).
+/// httpd on 8000 over the home, and a ticker writing a count to ~/tick 3 times a second (a
+/// frozen project's ticker stops; shell arithmetic, no fork but `sleep`: well under the CPU
+/// threshold, also in the emulated VM).
 fn serving(extra: Value) -> String {
     let script = r#"cd /home/user
 echo hello > hello.txt
-(while :; do date +%s%N > tick; sleep 0.3; done) &
+(i=0; while :; do i=$((i+1)); echo $i > tick; sleep 0.3; done) &
 exec httpd -f -p 8000 -h /home/user"#;
     let mut c = json!({"network": "none", "cmd": ["/bin/sh", "-c", script]});
     for (k, v) in extra.as_object().unwrap() {
@@ -66,9 +67,21 @@ fn home_file(id: &str, name: &str) -> String {
 }
 
 fn wait_state(id: &str, state: &str, secs: u64) -> Value {
-    wait_for(&format!("{id} {state}"), secs, || {
-        let v = status(id);
-        (v["state"] == state).then_some(v)
+    let last = std::cell::RefCell::new(Value::Null);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(&format!("{id} {state}"), secs, || {
+            let v = status(id);
+            *last.borrow_mut() = v.clone();
+            (v["state"] == state).then_some(v)
+        })
+    }));
+    r.unwrap_or_else(|_| {
+        // say why it is not there (the status's `activity` names what kept it active)
+        let log = sh("journalctl -u cocalc-project-host -n 30 --no-pager -o cat").stdout;
+        panic!(
+            "{id} never {state}; last status {}; daemon log:\n{log}",
+            last.borrow()
+        )
     })
 }
 
