@@ -3,7 +3,6 @@
 //! changes and a daemon restart, TLS with a wrong CA or pin, the master's revocation list and key
 //! set, a missing credential. Everything the master received is checked against the checked-in
 //! schema (docs/master-protocol.schema.json).
-use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::tb::{self, As, DropIn, http, http_as, new_id, ok, sh, start, stop, wait_for};
@@ -417,16 +416,7 @@ fn a_tls_master_with_a_wrong_ca_or_pin_is_refused_and_the_host_serves_on() {
 
 /// An Ed25519 key: (seed, base64 of the public key).
 fn keypair() -> ([u8; 32], String) {
-    let mut seed = [0u8; 32];
-    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-        .verifying_key()
-        .to_bytes();
-    (
-        seed,
-        base64::engine::general_purpose::STANDARD.encode(public),
-    )
+    tb::master_key()
 }
 
 fn token(seed: &[u8; 32], jti: &str) -> String {

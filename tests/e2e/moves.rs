@@ -157,13 +157,7 @@ struct Master {
 
 impl Master {
     fn install(peer: &Peer) -> Master {
-        let mut seed = [0u8; 32];
-        seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-            .verifying_key()
-            .to_bytes();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+        let (seed, b64) = tb::master_key();
         let cmd = format!(
             "printf '[auth]\\nmaster_public_keys = [\"{b64}\"]\\nmax_token_lifetime = 3600\\n' > {MASTER_DROP_IN} && systemctl restart cocalc-project-host.service"
         );

@@ -416,15 +416,7 @@ fn tls_serves_secure_cookies_and_reloads_its_certificate_on_sighup() {
 
 #[test]
 fn a_master_token_of_one_project_is_refused_on_another() {
-    use base64::Engine as _;
-    // a master key the daemon trusts while the drop-in lives
-    let mut seed = [0u8; 32];
-    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-        .verifying_key()
-        .to_bytes();
-    let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+    let (seed, b64) = tb::master_key();
     let _d = DropIn::install(
         "/etc/cocalc-project-host/config.d/90-e2e-proxy-master.toml",
         &format!("[auth]\nmaster_public_keys = [\"{b64}\"]\n"),
@@ -490,14 +482,7 @@ fn autostart_off_is_503_at_once_and_on_an_authorized_request_starts_the_project(
     assert_eq!(tb::status(&id)["state"], "opened");
 
     // on: with a master key too, for a token that is valid but for another project
-    use base64::Engine as _;
-    let mut seed = [0u8; 32];
-    seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
-        .verifying_key()
-        .to_bytes();
-    let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+    let (seed, b64) = tb::master_key();
     let _d = DropIn::install(
         "/etc/cocalc-project-host/config.d/90-e2e-proxy-autostart.toml",
         &format!("[proxy]\nautostart = true\n[auth]\nmaster_public_keys = [\"{b64}\"]\n"),
