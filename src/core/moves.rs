@@ -639,14 +639,15 @@ impl Host {
             e = self.stall_watchdog(op) => return Err(e),
         };
         // the target's answer first: a refusal also ends the connection under the send
-        pushed.map_err(|e| format!("the target refused stream {} ({}): {e}", s.seq, s.name))?;
+        pushed.map_err(|e| format!("stream {} ({}) to the target failed: {e}", s.seq, s.name))?;
         sent.map_err(|e| format!("sending {}: {e}", s.name))?;
         lock(&op.sent).push(s.name.to_string());
         Ok(())
     }
 
     /// Ends when a stream's body moved no byte for `moves.stall_timeout` (never while the target
-    /// works on a whole body); what to report.
+    /// works on a whole body: then the sender's connection is watched by the kernel, TCP
+    /// keepalive and user timeout, `adapters::moves::watch_peer`); what to report.
     async fn stall_watchdog(&self, op: &Arc<Op>) -> String {
         let stall = self.settings.moves.stall_timeout;
         let tick = (stall / 4).clamp(Duration::from_millis(100), Duration::from_millis(500));
