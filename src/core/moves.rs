@@ -682,7 +682,7 @@ impl Host {
         match self.storage.move_record(mv).await? {
             None => Ok(TargetState::new(&mv, &id)),
             Some(None) => Err(Error::MoveRejected(format!(
-                "move {mv} was cancelled on this host"
+                "move {mv} was cancelled or expired (moves.staging_ttl) on this host: start a new move"
             ))),
             Some(Some(st)) if st.project_id != id.to_string() => Err(Error::MoveRejected(format!(
                 "move {mv} is not for project {id}"
@@ -813,7 +813,7 @@ impl Host {
             None => TargetState::new(&mv, &id),
             Some(None) => {
                 return Err(Error::MoveRejected(format!(
-                    "move {mv} was received before and finished or cancelled: a stream is taken once"
+                    "move {mv} was received before and finished, cancelled or expired: a stream is taken once"
                 )));
             }
             Some(Some(st)) if st.project_id != id.to_string() => {

@@ -83,6 +83,8 @@ impl Peer {
         };
         let a = leader(&mut Command::new(script()));
         let b = leader(&mut p.cmd());
+        // a leftover of an earlier failed run (its peer end gone with the old peer or not)
+        sh("ip link del mvsrc 2>/dev/null");
         let o = Command::new("ip")
             .args([
                 "link", "add", "mvsrc", "netns", &a, "type", "veth", "peer", "name", "mvdst",
@@ -395,10 +397,11 @@ fn a_connection_killed_midway_leaves_the_source_running_and_the_move_resumes() {
     assert_eq!(s, 202, "{v}");
     let op = v["op"].as_str().unwrap().to_string();
     let moves = format!("{}/.moves", tb::STORAGE);
-    // the target dies (SIGKILL: its connections reset) as soon as s1 was received whole, while
-    // the next stream is on the wire
+    // the target dies (SIGKILL: its connections reset) once s1 was received whole and the next
+    // stream is being spooled (a spool newer than the record: on the wire, not between streams,
+    // where the socket-activated daemon would come back before the next connection)
     peer.ok(&format!(
-        "for i in $(seq 600); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && break; sleep 0.02; done; systemctl kill -s KILL cocalc-project-host.service"
+        "for i in $(seq 1500); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && [ {moves}/{op}.stream -nt {moves}/{op}.json ] && break; sleep 0.02; done; systemctl kill -s KILL cocalc-project-host.service"
     ));
     let v = wait_op(&op, &["failed", "done"]);
     assert_eq!(v["phase"], "failed", "killed midway: {v}");
@@ -522,21 +525,22 @@ fn a_network_cut_midway_stalls_the_move_the_source_keeps_running_and_it_resumes(
     assert_eq!(s, 202, "{v}");
     let op = v["op"].as_str().unwrap().to_string();
     let moves = format!("{}/.moves", tb::STORAGE);
-    // the link between the machines goes down (the daemons keep running) as soon as s1 was
-    // received whole, while the next stream is on the wire
+    // the link between the machines goes down (the daemons keep running) once s1 was received
+    // whole and the next stream is being spooled (a spool newer than the record)
     let t0 = std::time::Instant::now();
     peer.ok(&format!(
-        "for i in $(seq 600); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && break; sleep 0.02; done; ip link set mvdst down"
+        "for i in $(seq 1500); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && [ {moves}/{op}.stream -nt {moves}/{op}.json ] && break; sleep 0.02; done; ip link set mvdst down"
     ));
     let v = wait_op(&op, &["failed", "done"]);
     let failed_after = t0.elapsed();
     assert_eq!(v["phase"], "failed", "cut midway: {v}");
     assert_eq!(v["resumable"], true, "{v}");
     let err = v["error"].as_str().unwrap_or_default();
-    // the stall watchdog (bytes stuck on the wire) or the kernel's (TCP keepalive/user timeout,
-    // when the cut came while the target worked on a whole stream)
+    // the stall watchdog (bytes stuck on the wire) or the kernel's TCP user timeout / keepalive
+    // (unacknowledged data or probes for stall_timeout: "timed out", or "no route to host" once
+    // the neighbour is unreachable), whichever comes first
     assert!(
-        err.contains("stalled") || err.contains("timed out"),
+        err.contains("stalled") || err.contains("connection to 10.213.0.2:9002 broke"),
         "a clear error: {v}"
     );
     assert!(
