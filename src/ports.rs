@@ -289,6 +289,15 @@ pub trait Storage: Send + Sync + Debug {
     ) -> Result<u64, String> {
         Err("this storage backend does not move projects".into())
     }
+    /// Source: the identity `btrfs send` writes for the project's subvolume `name` (its received
+    /// UUID when it has one, else its own): the stream's manifest announces it.
+    async fn move_subvolume_uuid(
+        &self,
+        _id: ProjectId,
+        _name: &str,
+    ) -> Result<crate::domain::moves::SubvolUuid, String> {
+        Err("this storage backend does not move projects".into())
+    }
     /// Source: deletes the move's live-state snapshots but `keep`.
     async fn drop_move_snapshots(
         &self,
@@ -314,11 +323,11 @@ pub trait Storage: Send + Sync + Debug {
     ) -> Result<(PathBuf, PathBuf), StorageError> {
         no_moves()
     }
-    /// Target: (name, is a subvolume, is read-only) of what the staging area holds.
+    /// Target: what the staging area holds (names, kinds, read-only flags, UUIDs).
     async fn inspect_move(
         &self,
         _mv: crate::domain::moves::MoveId,
-    ) -> Result<Vec<(String, bool, bool)>, StorageError> {
+    ) -> Result<Vec<crate::domain::moves::Staged>, StorageError> {
         no_moves()
     }
     /// Target: deletes the spool and everything in the staging area but `keep` (what a broken
@@ -339,6 +348,11 @@ pub trait Storage: Send + Sync + Debug {
     /// Target: the moves with a staging area or a record (to sweep at start).
     fn open_moves(&self) -> Vec<crate::domain::moves::MoveId> {
         Vec::new()
+    }
+    /// Target: when anything of a move (its record, spool or staging area) last changed, in
+    /// ms since the epoch (`None`: nothing of it is there).
+    fn move_touched_ms(&self, _mv: crate::domain::moves::MoveId) -> Option<u64> {
+        None
     }
 }
 

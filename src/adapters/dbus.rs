@@ -374,9 +374,10 @@ impl Manager {
         let (req, t) = body
             .into_request()
             .map_err(|e| Error::from(WireError::new(ErrorKind::InvalidBody, e)))?;
-        let v = self
-            .host()?
-            .start_move(id, req, super::moves::sender(t))
+        let host = self.host()?;
+        let stall = host.settings().moves.stall_timeout;
+        let v = host
+            .start_move(id, req, super::moves::sender(t, stall))
             .await?;
         tracing::info!(project_id = %id, op = %v.op, target = %v.target, "move started over D-Bus");
         op_json(&v)

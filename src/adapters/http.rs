@@ -466,7 +466,10 @@ async fn dispatch(
             let (r, target) = body
                 .into_request()
                 .map_err(|e| ApiError::new(ErrorKind::InvalidBody, e))?;
-            let view = host.start_move(id, r, super::moves::sender(target)).await?;
+            let stall = host.settings().moves.stall_timeout;
+            let view = host
+                .start_move(id, r, super::moves::sender(target, stall))
+                .await?;
             tracing::info!(principal = principal.as_ref().map(Principal::name), project_id = %id, op = %view.op, target = %view.target, "move started");
             answer(StatusCode::ACCEPTED, &view)
         }

@@ -79,6 +79,31 @@ impl MoveBody {
 pub struct HttpSender {
     /// the target
     pub target: Target,
+    /// `moves.stall_timeout`: a connection whose peer acknowledges nothing for this long is
+    /// dead (TCP keepalive and user timeout on its socket)
+    pub stall: std::time::Duration,
+}
+
+/// Makes the kernel end a connection to the target whose peer acknowledges nothing for `stall`
+/// (a cut network), also while the source only waits for the answer to a whole stream (the
+/// target may work long on it, but its kernel answers keepalive probes meanwhile): keepalive
+/// probes after `stall / 2` idle, every `stall / 4`, and `TCP_USER_TIMEOUT` = `stall`.
+pub fn watch_peer(tcp: &tokio::net::TcpStream, stall: std::time::Duration) -> Result<(), String> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = |d: std::time::Duration| (d.as_secs() as u32).max(1);
+    let e = |what: &str, e: nix::Error| format!("setting {what} on the connection: {e}");
+    setsockopt(tcp, sockopt::KeepAlive, &true).map_err(|x| e("SO_KEEPALIVE", x))?;
+    setsockopt(tcp, sockopt::TcpKeepIdle, &secs(stall / 2)).map_err(|x| e("TCP_KEEPIDLE", x))?;
+    setsockopt(tcp, sockopt::TcpKeepInterval, &secs(stall / 4))
+        .map_err(|x| e("TCP_KEEPINTVL", x))?;
+    setsockopt(tcp, sockopt::TcpKeepCount, &3).map_err(|x| e("TCP_KEEPCNT", x))?;
+    setsockopt(
+        tcp,
+        sockopt::TcpUserTimeout,
+        &(stall.as_millis().min(u32::MAX as u128) as u32),
+    )
+    .map_err(|x| e("TCP_USER_TIMEOUT", x))?;
+    Ok(())
 }
 
 impl HttpSender {
@@ -104,6 +129,7 @@ impl HttpSender {
         .map_err(|_| format!("cannot connect to {}: timed out", self.target.authority))?
         .map_err(|e| format!("cannot connect to {}: {e}", self.target.authority))?;
         let _ = tcp.set_nodelay(true);
+        watch_peer(&tcp, self.stall)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| format!("HTTP handshake: {e}"))?;
@@ -123,7 +149,13 @@ impl HttpSender {
         )
         .await
         .map_err(|_| format!("no answer from {}", self.target.authority))?
-        .map_err(|e| format!("sending to {}: {e}", self.target.authority))?;
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(" ({c})"));
+            format!(
+                "the connection to {} broke: {e}{cause}",
+                self.target.authority
+            )
+        })?;
         let status = resp.status();
         let text = match tokio::time::timeout(
             std::time::Duration::from_secs(30),
@@ -223,14 +255,32 @@ pub fn bearer(h: Option<&hyper::header::HeaderValue>) -> Option<String> {
         .then(|| t.trim_matches(' ').to_string())
 }
 
-/// A shared sender for the core.
-pub fn sender(target: Target) -> Arc<dyn Sender> {
-    Arc::new(HttpSender { target })
+/// A shared sender for the core; `stall`: `moves.stall_timeout`.
+pub fn sender(target: Target, stall: std::time::Duration) -> Arc<dyn Sender> {
+    Arc::new(HttpSender { target, stall })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_to_the_target_is_watched_by_the_kernel() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        watch_peer(&tcp, std::time::Duration::from_secs(8)).unwrap();
+        assert!(getsockopt(&tcp, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepIdle).unwrap(), 4);
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepInterval).unwrap(), 2);
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepCount).unwrap(), 3);
+        assert_eq!(getsockopt(&tcp, sockopt::TcpUserTimeout).unwrap(), 8000);
+        // a short stall still probes every second at most
+        watch_peer(&tcp, std::time::Duration::from_secs(1)).unwrap();
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepInterval).unwrap(), 1);
+    }
 
     #[test]
     fn targets() {

@@ -470,6 +470,23 @@ impl SimStorage {
     }
 }
 
+/// The simulated UUID of a project's subvolume (`SimStorage::move_subvolume_uuid`).
+pub fn sim_uuid(id: ProjectId, name: &str) -> crate::domain::moves::SubvolUuid {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(format!("{id}/{name}").as_bytes());
+    let x: String = h[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
+    .parse()
+    .unwrap_or_else(|_| unreachable!("a non-nil hex UUID"))
+}
+
 #[async_trait]
 impl ports::Storage for SimStorage {
     async fn move_snapshot(&self, id: ProjectId, name: &str) -> Result<(), String> {
@@ -507,6 +524,17 @@ impl ports::Storage for SimStorage {
             .await
             .map_err(|_| "the connection to the target ended".to_string())?;
         Ok(n)
+    }
+    /// A simulated UUID: derived from the project and the subvolume's name.
+    async fn move_subvolume_uuid(
+        &self,
+        id: ProjectId,
+        name: &str,
+    ) -> Result<crate::domain::moves::SubvolUuid, String> {
+        if !self.has_move_subvolume(id, name) {
+            return Err(format!("no subvolume {name} of {id}"));
+        }
+        Ok(sim_uuid(id, name))
     }
     async fn drop_move_snapshots(
         &self,

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    ConfigError, HttpSettings, ProjectSettings, Settings, SnapshotSettings, SshSettings,
-    StorageSettings,
+    ConfigError, HttpSettings, MoveSettings, ProjectSettings, Settings, SnapshotSettings,
+    SshSettings, StorageSettings,
 };
 use crate::auth::AuthFragment;
 use crate::domain::limits::{Amount, LimitSettings, Networks, SliceSettings};
@@ -53,6 +53,8 @@ pub(super) struct Fragment {
     proxy: crate::adapters::proxy::ProxyFragment,
     #[serde(default)]
     master: super::master::MasterFragment,
+    #[serde(default)]
+    moves: MovesFragment,
 }
 
 impl Fragment {
@@ -78,6 +80,41 @@ impl Fragment {
         self.ssh.apply(&mut s.ssh, mark);
         s.proxy.merge(self.proxy, mark);
         self.master.apply(&mut s.master, mark);
+        self.moves.apply(&mut s.moves, mark);
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MovesFragment {
+    #[serde(default, deserialize_with = "opt_duration")]
+    staging_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    stall_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    receive_idle: Option<Duration>,
+}
+
+impl MovesFragment {
+    fn apply(self, s: &mut MoveSettings, mark: Mark<'_>) {
+        put(
+            &mut s.staging_ttl,
+            self.staging_ttl,
+            "moves.staging_ttl",
+            mark,
+        );
+        put(
+            &mut s.stall_timeout,
+            self.stall_timeout,
+            "moves.stall_timeout",
+            mark,
+        );
+        put(
+            &mut s.receive_idle,
+            self.receive_idle,
+            "moves.receive_idle",
+            mark,
+        );
     }
 }
 

@@ -55,6 +55,31 @@ pub struct Settings {
     pub proxy: crate::adapters::proxy::ProxySettings,
     /// The fleet's master (`[master]`; no url: standalone).
     pub master: MasterSettings,
+    /// Moves of projects between hosts (`core::moves`).
+    pub moves: MoveSettings,
+}
+
+/// Moves of projects between hosts (`[moves]`, docs/moves.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoveSettings {
+    /// Target: a move neither finished nor cancelled whose staging area, spool and record saw
+    /// no change for this long is deleted (its id stays taken: a replay is still refused).
+    pub staging_ttl: Duration,
+    /// Source: a stream that moves no byte for this long has stalled: the move fails
+    /// (resumable).
+    pub stall_timeout: Duration,
+    /// Target: how long it waits for the next bytes of a stream before refusing it.
+    pub receive_idle: Duration,
+}
+
+impl Default for MoveSettings {
+    fn default() -> Self {
+        MoveSettings {
+            staging_ttl: Duration::from_secs(86_400),
+            stall_timeout: Duration::from_secs(60),
+            receive_idle: Duration::from_secs(120),
+        }
+    }
 }
 
 /// The SSH server into projects.
@@ -207,6 +232,7 @@ impl Default for Settings {
             },
             proxy: crate::adapters::proxy::ProxySettings::default(),
             master: MasterSettings::default(),
+            moves: MoveSettings::default(),
         }
     }
 }

@@ -69,6 +69,16 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
     if !(1..=4096).contains(&s.http.max_connections_per_peer) {
         return Err(("http.max_connections_per_peer", "must be 1 to 4096".into()));
     }
+    if !(Duration::from_secs(1)..=Duration::from_secs(365 * 86_400)).contains(&s.moves.staging_ttl)
+    {
+        return Err(("moves.staging_ttl", "must be 1s to 365d".into()));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.moves.stall_timeout) {
+        return Err(("moves.stall_timeout", "must be 1s to 1h".into()));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.moves.receive_idle) {
+        return Err(("moves.receive_idle", "must be 1s to 1h".into()));
+    }
     if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.ssh.keepalive) {
         return Err(("ssh.keepalive", "must be 1s to 1h".into()));
     }

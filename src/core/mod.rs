@@ -468,6 +468,19 @@ impl Host {
             }
         });
         let weak = Arc::downgrade(&host);
+        let every = (host.settings.moves.staging_ttl / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(600));
+        host.tasks.spawn_loop("move staging expiry", async move {
+            // the first tick is at once: what expired while the daemon was down goes at start
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(h) = weak.upgrade() else { break };
+                h.expire_moves().await;
+            }
+        });
+        let weak = Arc::downgrade(&host);
         host.tasks.spawn_loop("disk refresh", async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {

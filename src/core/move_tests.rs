@@ -189,6 +189,16 @@ impl Sender for Target {
             .position(|b| *b == b'\n')
             .expect("a manifest line");
         let m = Manifest::parse(&data[..nl], mv, id).map_err(|e| e.to_string())?;
+        // the source announces each subvolume's and its parent's UUID (the real target checks
+        // them against what `btrfs receive` made: domain::moves::check_lineage)
+        assert_eq!(m.uuid, crate::backends::sim::sim_uuid(id, &m.name), "{m:?}");
+        assert_eq!(
+            m.parent_uuid,
+            m.parent
+                .as_deref()
+                .map(|p| crate::backends::sim::sim_uuid(id, p)),
+            "{m:?}"
+        );
         let running = self
             .host
             .get()

@@ -25,10 +25,6 @@ use crate::domain::moves::{self, Manifest, MoveId, TargetState, live_name};
 use crate::domain::project::{ProjectId, ProjectState, RunConfig};
 use crate::ports::Helper;
 
-/// A stream's body that moves no byte for this long has stalled: the move fails (resumable).
-pub const STALL: Duration = Duration::from_secs(60);
-/// How long the target waits for the next bytes of a stream before giving it up.
-pub const RECEIVE_IDLE: Duration = Duration::from_secs(120);
 /// How long a state query or an abort waits for a stream of the same move being received.
 const BUSY_WAIT: Duration = Duration::from_secs(600);
 
@@ -214,6 +210,27 @@ fn cancel_outcome(abort: Result<(), String>) -> String {
             )
         }
     }
+}
+
+/// What every stream of one attempt of a move shares.
+struct Run<'a> {
+    id: ProjectId,
+    mv: MoveId,
+    req: &'a MoveRequest,
+    op: &'a Arc<Op>,
+    sender: &'a Arc<dyn Sender>,
+    config: RunConfig,
+}
+
+/// The chain of subvolumes a move sends: each stream incremental to the one before.
+struct Chain<'a> {
+    run: Run<'a>,
+    /// what the target holds, in order
+    held: Vec<String>,
+    /// the newest subvolume the target holds (the next stream's parent)
+    parent: Option<String>,
+    /// the next stream's sequence number
+    seq: u64,
 }
 
 /// A stream of a move the source is about to send.
@@ -443,11 +460,23 @@ impl Host {
                 .map_err(|e| format!("moved, but deleting the source's copy failed: {e}"));
         }
         *lock(&op.skipped) = st.received.clone();
-        let mut held = st.received;
-        let mut seq = st.last_seq + 1;
         let storage = self.storage.clone();
         let snaps = self.snapshot_names(id).await?;
-        let (todo, mut parent) = moves::plan(&snaps, &held, |n| storage.has_move_subvolume(id, n));
+        let (todo, parent) =
+            moves::plan(&snaps, &st.received, |n| storage.has_move_subvolume(id, n));
+        let mut chain = Chain {
+            run: Run {
+                id,
+                mv,
+                req,
+                op,
+                sender,
+                config,
+            },
+            held: st.received,
+            parent,
+            seq: st.last_seq + 1,
+        };
         let running = self.status(id).state.is_up();
         op.set(if running {
             Phase::Precopy
@@ -455,49 +484,15 @@ impl Host {
             Phase::Sending
         });
         for s in &todo {
-            self.stream(
-                id,
-                mv,
-                req,
-                op,
-                sender,
-                &config,
-                Stream {
-                    seq,
-                    name: s,
-                    parent: parent.as_deref(),
-                    last: None,
-                },
-            )
-            .await?;
-            held.push(s.clone());
-            parent = Some(s.clone());
-            seq += 1;
+            self.push(&mut chain, s, None).await?;
         }
         if running {
             // the live state while it keeps running: the bulk of what changed since the newest
             // snapshot goes now, not during the downtime
-            let name = live_name(&mv, seq);
+            let name = live_name(&mv, chain.seq);
             self.storage.move_snapshot(id, &name).await?;
-            self.stream(
-                id,
-                mv,
-                req,
-                op,
-                sender,
-                &config,
-                Stream {
-                    seq,
-                    name: &name,
-                    parent: parent.as_deref(),
-                    last: None,
-                },
-            )
-            .await?;
+            self.push(&mut chain, &name, None).await?;
             self.storage.drop_move_snapshots(id, mv, Some(&name)).await;
-            held.push(name.clone());
-            parent = Some(name);
-            seq += 1;
         }
         op.set(Phase::Stopping);
         let stopped_at = Instant::now();
@@ -506,45 +501,14 @@ impl Host {
         let bytes_at_stop = op.bytes.load(Ordering::Relaxed);
         // snapshots taken during the pre-copy go now (small: incremental)
         let snaps = self.snapshot_names(id).await?;
-        let (todo, _) = moves::plan(&snaps, &held, |_| true);
+        let (todo, _) = moves::plan(&snaps, &chain.held, |_| true);
         for s in &todo {
-            self.stream(
-                id,
-                mv,
-                req,
-                op,
-                sender,
-                &config,
-                Stream {
-                    seq,
-                    name: s,
-                    parent: parent.as_deref(),
-                    last: None,
-                },
-            )
-            .await?;
-            held.push(s.clone());
-            parent = Some(s.clone());
-            seq += 1;
+            self.push(&mut chain, s, None).await?;
         }
-        let name = live_name(&mv, seq);
+        let name = live_name(&mv, chain.seq);
         self.storage.move_snapshot(id, &name).await?;
         op.final_sent.store(true, Ordering::Relaxed);
-        self.stream(
-            id,
-            mv,
-            req,
-            op,
-            sender,
-            &config,
-            Stream {
-                seq,
-                name: &name,
-                parent: parent.as_deref(),
-                last: Some(snaps),
-            },
-        )
-        .await?;
+        self.push(&mut chain, &name, Some(snaps)).await?;
         op.final_bytes.store(
             op.bytes.load(Ordering::Relaxed) - bytes_at_stop,
             Ordering::Relaxed,
@@ -565,26 +529,57 @@ impl Host {
         Ok(snaps.into_iter().map(|s| s.name.to_string()).collect())
     }
 
+    /// Sends the subvolume `name` as the next stream of the chain (incremental to the chain's
+    /// newest subvolume; `last`: the final stream with the snapshots the target places), and
+    /// makes it the chain's newest.
+    async fn push(
+        self: &Arc<Self>,
+        chain: &mut Chain<'_>,
+        name: &str,
+        last: Option<Vec<String>>,
+    ) -> Result<(), String> {
+        self.stream(
+            &chain.run,
+            Stream {
+                seq: chain.seq,
+                name,
+                parent: chain.parent.as_deref(),
+                last,
+            },
+        )
+        .await?;
+        chain.held.push(name.to_string());
+        chain.parent = Some(name.to_string());
+        chain.seq += 1;
+        Ok(())
+    }
+
     /// Sends one stream: manifest line, the subvolume's `btrfs send`, the MAC; Ok once the
     /// target answered that it received (and, for the final one, placed) it.
-    #[allow(clippy::too_many_arguments)]
-    async fn stream(
-        self: &Arc<Self>,
-        id: ProjectId,
-        mv: MoveId,
-        req: &MoveRequest,
-        op: &Arc<Op>,
-        sender: &Arc<dyn Sender>,
-        config: &RunConfig,
-        s: Stream<'_>,
-    ) -> Result<(), String> {
+    async fn stream(self: &Arc<Self>, run: &Run<'_>, s: Stream<'_>) -> Result<(), String> {
+        let Run {
+            id,
+            mv,
+            req,
+            op,
+            sender,
+            config,
+        } = run;
+        let (id, mv) = (*id, *mv);
         let last = s.last.is_some();
+        let uuid = self.storage.move_subvolume_uuid(id, s.name).await?;
+        let parent_uuid = match s.parent {
+            Some(p) => Some(self.storage.move_subvolume_uuid(id, p).await?),
+            None => None,
+        };
         let manifest = Manifest {
             move_id: mv.to_string(),
             project_id: id.to_string(),
             seq: s.seq,
             name: s.name.to_string(),
             parent: s.parent.map(str::to_string),
+            uuid,
+            parent_uuid,
             config: config.clone(),
             start: req.start,
             last: s.last,
@@ -595,7 +590,7 @@ impl Host {
         let (raw_tx, mut raw_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let (net_tx, net_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let token = req.token.clone();
-        let counter = op.clone();
+        let counter = (*op).clone();
         let pump = async move {
             let mut mac = moves::mac(&token);
             while let Some(chunk) = raw_rx.recv().await {
@@ -611,7 +606,7 @@ impl Host {
         };
         let storage = self.storage.clone();
         let (name, parent) = (s.name.to_string(), s.parent.map(str::to_string));
-        let o = op.clone();
+        let o = (*op).clone();
         let produce = async move {
             raw_tx
                 .send(line)
@@ -644,27 +639,30 @@ impl Host {
             e = self.stall_watchdog(op) => return Err(e),
         };
         // the target's answer first: a refusal also ends the connection under the send
-        pushed.map_err(|e| format!("the target refused stream {} ({}): {e}", s.seq, s.name))?;
+        pushed.map_err(|e| format!("stream {} ({}) to the target failed: {e}", s.seq, s.name))?;
         sent.map_err(|e| format!("sending {}: {e}", s.name))?;
         lock(&op.sent).push(s.name.to_string());
         Ok(())
     }
 
-    /// Ends when a stream's body moved no byte for [`STALL`] (never while the target works on a
-    /// whole body); what to report.
+    /// Ends when a stream's body moved no byte for `moves.stall_timeout` (never while the target
+    /// works on a whole body: then the sender's connection is watched by the kernel, TCP
+    /// keepalive and user timeout, `adapters::moves::watch_peer`); what to report.
     async fn stall_watchdog(&self, op: &Arc<Op>) -> String {
+        let stall = self.settings.moves.stall_timeout;
+        let tick = (stall / 4).clamp(Duration::from_millis(100), Duration::from_millis(500));
         let mut seen = op.bytes.load(Ordering::Relaxed);
         let mut since = Instant::now();
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(tick).await;
             let now = op.bytes.load(Ordering::Relaxed);
             if now != seen || !op.in_body.load(Ordering::Relaxed) {
                 seen = now;
                 since = Instant::now();
-            } else if since.elapsed() >= STALL {
+            } else if since.elapsed() >= stall {
                 return format!(
                     "the connection to the target stalled ({}s without progress)",
-                    STALL.as_secs()
+                    stall.as_secs_f64()
                 );
             }
         }
@@ -684,7 +682,7 @@ impl Host {
         match self.storage.move_record(mv).await? {
             None => Ok(TargetState::new(&mv, &id)),
             Some(None) => Err(Error::MoveRejected(format!(
-                "move {mv} was cancelled on this host"
+                "move {mv} was cancelled or expired (moves.staging_ttl) on this host: start a new move"
             ))),
             Some(Some(st)) if st.project_id != id.to_string() => Err(Error::MoveRejected(format!(
                 "move {mv} is not for project {id}"
@@ -740,6 +738,36 @@ impl Host {
         }
     }
 
+    /// The target: deletes what moves neither finished nor cancelled left (staging area, spool,
+    /// record) once idle longer than `moves.staging_ttl`; their ids stay taken (a replay is
+    /// still refused). A move whose stream is being received is left alone. How many went.
+    pub async fn expire_moves(&self) -> usize {
+        let ttl = self.settings.moves.staging_ttl;
+        let mut n = 0;
+        for mv in self.storage.open_moves() {
+            let l = self.receive_lock(mv);
+            let Ok(_g) = l.try_lock() else { continue };
+            match self.storage.move_record(mv).await {
+                // a done move's record stays: the source may still ask whether it was placed
+                Ok(Some(Some(st))) if st.placed => continue,
+                Ok(_) | Err(_) => {}
+            }
+            let Some(touched) = self.storage.move_touched_ms(mv) else {
+                continue;
+            };
+            if !moves::expired(touched, now_ms(), ttl) {
+                continue;
+            }
+            self.storage.clean_move(mv).await;
+            n += 1;
+            tracing::info!(move_id = %mv, idle_s = now_ms().saturating_sub(touched) / 1000, "an unfinished move's staging area expired (moves.staging_ttl): deleted; its id stays taken");
+        }
+        if n > 0 {
+            lock(&self.moves.receiving).retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        n
+    }
+
     /// Receives one stream of a move for `id` (the target side). `body` yields the request
     /// body's chunks, an `Err` when the connection broke. What the stream brought is deleted
     /// unless it was received whole and checked; the final stream places the project. Runs to
@@ -785,7 +813,7 @@ impl Host {
             None => TargetState::new(&mv, &id),
             Some(None) => {
                 return Err(Error::MoveRejected(format!(
-                    "move {mv} was received before and finished or cancelled: a stream is taken once"
+                    "move {mv} was received before and finished, cancelled or expired: a stream is taken once"
                 )));
             }
             Some(Some(st)) if st.project_id != id.to_string() => {
@@ -847,14 +875,15 @@ impl Host {
         let mut tail: Vec<u8> = Vec::new();
         let mut bytes = 0u64;
         let mut max = u64::MAX;
+        let idle = self.settings.moves.receive_idle;
         loop {
-            let chunk = match tokio::time::timeout(RECEIVE_IDLE, body.recv()).await {
+            let chunk = match tokio::time::timeout(idle, body.recv()).await {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(_) => {
                     return Err(reject(format!(
                         "stream stalled ({}s without data)",
-                        RECEIVE_IDLE.as_secs()
+                        idle.as_secs_f64()
                     )));
                 }
             };
@@ -931,6 +960,7 @@ impl Host {
             .chain(std::iter::once(m.name.clone()))
             .collect();
         moves::check_received(&expected, &found).map_err(reject)?;
+        moves::check_lineage(&m, &found).map_err(reject)?;
         st.received.push(m.name.clone());
         self.storage.save_move_record(mv, st).await?;
         self.storage.sweep_move(mv, &st.received).await;

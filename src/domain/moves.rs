@@ -41,6 +41,78 @@ pub fn is_live_name(mv: &MoveId, name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// A btrfs subvolume's UUID (as `btrfs subvolume show` prints it: lowercase, hyphenated; never
+/// the nil UUID, which btrfs prints as `-`). A stream announces the one `btrfs send` writes into
+/// it for its subvolume and its parent (a subvolume's received UUID when it has one, else its
+/// own: [`SubvolUuid::send_identity`]); after `btrfs receive` the target finds it as the new
+/// subvolume's received UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SubvolUuid(uuid::Uuid);
+
+impl SubvolUuid {
+    /// The UUID `btrfs send` writes for a subvolume with these UUIDs: its received UUID when it
+    /// has one (it was itself received), else its own.
+    pub fn send_identity(uuid: SubvolUuid, received: Option<SubvolUuid>) -> SubvolUuid {
+        received.unwrap_or(uuid)
+    }
+}
+
+impl FromStr for SubvolUuid {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SubvolUuid, String> {
+        let bad = || {
+            format!(
+                "invalid subvolume UUID {:?}: expected a lowercase hyphenated UUID",
+                s.chars().take(64).collect::<String>()
+            )
+        };
+        if s.len() != 36 || s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(bad());
+        }
+        match uuid::Uuid::parse_str(s) {
+            Ok(u) if !u.is_nil() => Ok(SubvolUuid(u)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl TryFrom<String> for SubvolUuid {
+    type Error = String;
+    fn try_from(s: String) -> Result<SubvolUuid, String> {
+        s.parse()
+    }
+}
+
+impl From<SubvolUuid> for String {
+    fn from(u: SubvolUuid) -> String {
+        u.to_string()
+    }
+}
+
+impl fmt::Display for SubvolUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.hyphenated())
+    }
+}
+
+/// What the target finds in a move's staging area, one entry (`backends::btrfs::sendrecv`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// The entry's name.
+    pub name: String,
+    /// Whether it is a subvolume.
+    pub subvolume: bool,
+    /// Whether it is a read-only subvolume.
+    pub read_only: bool,
+    /// Its own UUID (a subvolume's).
+    pub uuid: Option<SubvolUuid>,
+    /// The UUID of the subvolume it was received as (`btrfs receive` sets it).
+    pub received_uuid: Option<SubvolUuid>,
+    /// The UUID of the local subvolume it is a snapshot of (an incremental stream's parent).
+    pub parent_uuid: Option<SubvolUuid>,
+}
+
 /// The MAC of a move stream.
 pub type StreamMac = hmac::Hmac<sha2::Sha256>;
 
@@ -99,6 +171,13 @@ pub struct Manifest {
     /// this move; `None`: a whole subvolume.
     #[serde(default)]
     pub parent: Option<String>,
+    /// The subvolume's identity in the stream ([`SubvolUuid::send_identity`]): the target
+    /// wants it as the received subvolume's received UUID.
+    pub uuid: SubvolUuid,
+    /// The parent's identity in the stream (with `parent` only): the target wants it as the
+    /// received UUID of the parent it holds, and the new subvolume a snapshot of that one.
+    #[serde(default)]
+    pub parent_uuid: Option<SubvolUuid>,
     /// The project's run config on the source (limits, image, disk quota).
     pub config: RunConfig,
     /// Whether the target starts the project once placed.
@@ -164,6 +243,11 @@ impl Manifest {
                 "parent {:?} is neither a snapshot name nor this move's live state",
                 p.chars().take(80).collect::<String>()
             )));
+        }
+        if m.parent.is_some() != m.parent_uuid.is_some() {
+            return Err(ManifestError::Shape(
+                "parent and parent_uuid go together (an incremental stream names both)".into(),
+            ));
         }
         if m.last.is_some() && !is_live_name(&move_id, &m.name) {
             return Err(ManifestError::Snapshots(
@@ -297,11 +381,11 @@ pub fn verify(m: StreamMac, trailer: &[u8]) -> bool {
 }
 
 /// Compares what the staging area holds with what the manifest announced: exactly the expected
-/// names, each a read-only subvolume. `found` is (name, is_subvolume, read_only).
-pub fn check_received(expected: &[String], found: &[(String, bool, bool)]) -> Result<(), String> {
+/// names, each a read-only subvolume.
+pub fn check_received(expected: &[String], found: &[Staged]) -> Result<(), String> {
     let mut want: Vec<&str> = expected.iter().map(String::as_str).collect();
     want.sort_unstable();
-    let mut got: Vec<&str> = found.iter().map(|(n, _, _)| n.as_str()).collect();
+    let mut got: Vec<&str> = found.iter().map(|s| s.name.as_str()).collect();
     got.sort_unstable();
     if want != got {
         let extra: Vec<&&str> = got.iter().filter(|n| !want.contains(n)).collect();
@@ -310,15 +394,74 @@ pub fn check_received(expected: &[String], found: &[(String, bool, bool)]) -> Re
             "the stream did not create exactly the announced subvolumes (unexpected: {extra:?}, missing: {missing:?})"
         ));
     }
-    for (n, subvol, ro) in found {
-        if !subvol {
+    for s in found {
+        let n = &s.name;
+        if !s.subvolume {
             return Err(format!("{n:?} is not a subvolume"));
         }
-        if !ro {
+        if !s.read_only {
             return Err(format!("{n:?} is not read-only (not a received snapshot)"));
         }
     }
     Ok(())
+}
+
+/// Checks the lineage of the subvolume a stream created (`m.name`, found in `found` with what
+/// was received before): it is the announced subvolume (its received UUID is `m.uuid`), and it
+/// was received against the announced parent: a snapshot of the staged parent whose received
+/// UUID is `m.parent_uuid`; a whole stream's subvolume is a snapshot of nothing.
+pub fn check_lineage(m: &Manifest, found: &[Staged]) -> Result<(), String> {
+    let get = |n: &str| {
+        found
+            .iter()
+            .find(|s| s.name == n)
+            .ok_or_else(|| format!("{n:?} is not in the staging area"))
+    };
+    let show = |u: Option<SubvolUuid>| u.map_or_else(|| "none".to_string(), |u| u.to_string());
+    let new = get(&m.name)?;
+    if new.received_uuid != Some(m.uuid) {
+        return Err(format!(
+            "{:?} is not the announced subvolume (received UUID {}, announced {}): an unrelated stream under its name?",
+            m.name,
+            show(new.received_uuid),
+            m.uuid
+        ));
+    }
+    match (&m.parent, m.parent_uuid) {
+        (Some(p), Some(pu)) => {
+            let parent = get(p)?;
+            if parent.received_uuid != Some(pu) {
+                return Err(format!(
+                    "the parent {p:?} held here is not the announced one (received UUID {}, announced {pu})",
+                    show(parent.received_uuid)
+                ));
+            }
+            if parent.uuid.is_none() || new.parent_uuid != parent.uuid {
+                return Err(format!(
+                    "{:?} was not received against its announced parent {p:?} (its parent UUID {}, {p:?} is {})",
+                    m.name,
+                    show(new.parent_uuid),
+                    show(parent.uuid)
+                ));
+            }
+        }
+        (None, None) => {
+            if let Some(pu) = new.parent_uuid {
+                return Err(format!(
+                    "{:?} was announced whole but was received as a snapshot of {pu}",
+                    m.name
+                ));
+            }
+        }
+        _ => return Err("parent and parent_uuid go together".into()),
+    }
+    Ok(())
+}
+
+/// Whether a move's staging area, last touched at `touched_ms`, has been idle longer than `ttl`
+/// at `now_ms` (the sweep deletes it then).
+pub fn expired(touched_ms: u64, now_ms: u64, ttl: std::time::Duration) -> bool {
+    now_ms.saturating_sub(touched_ms) > ttl.as_millis() as u64
 }
 
 /// The most bytes a stream may hold: the disk quota once per subvolume it carries (each
@@ -337,6 +480,15 @@ mod tests {
 
     const P: &str = "6f1c2d3e-0000-4000-8000-000000000001";
 
+    const U1: &str = "0b5c3d9e-1111-4a2b-9c3d-000000000001";
+    const U2: &str = "0b5c3d9e-1111-4a2b-9c3d-000000000002";
+    const U3: &str = "0b5c3d9e-1111-4a2b-9c3d-000000000003";
+    const U4: &str = "0b5c3d9e-1111-4a2b-9c3d-000000000004";
+
+    fn u(s: &str) -> SubvolUuid {
+        s.parse().unwrap()
+    }
+
     fn m(mv: &MoveId, seq: u64, name: &str, parent: Option<&str>) -> Manifest {
         Manifest {
             move_id: mv.to_string(),
@@ -344,6 +496,8 @@ mod tests {
             seq,
             name: name.into(),
             parent: parent.map(Into::into),
+            uuid: u(U1),
+            parent_uuid: parent.map(|_| u(U2)),
             config: RunConfig::default(),
             start: false,
             last: None,
@@ -514,13 +668,140 @@ mod tests {
     fn received_must_be_exactly_the_announced_read_only_subvolumes() {
         const LIVE: &str = ".move-x";
         let want = vec!["a".to_string(), LIVE.to_string()];
-        let ok = |n: &str| (n.to_string(), true, true);
+        let st = |n: &str, subvolume: bool, read_only: bool| Staged {
+            name: n.into(),
+            subvolume,
+            read_only,
+            uuid: None,
+            received_uuid: None,
+            parent_uuid: None,
+        };
+        let ok = |n: &str| st(n, true, true);
         assert!(check_received(&want, &[ok(LIVE), ok("a")]).is_ok());
         let e = check_received(&want, &[ok("a"), ok(LIVE), ok("evil")]).unwrap_err();
         assert!(e.contains("evil"), "{e}");
         assert!(check_received(&want, &[ok("a")]).is_err());
-        assert!(check_received(&want, &[ok("a"), (LIVE.into(), false, true)]).is_err());
-        assert!(check_received(&want, &[ok("a"), (LIVE.into(), true, false)]).is_err());
+        assert!(check_received(&want, &[ok("a"), st(LIVE, false, true)]).is_err());
+        assert!(check_received(&want, &[ok("a"), st(LIVE, true, false)]).is_err());
+    }
+
+    #[test]
+    fn subvolume_uuids_are_validated() {
+        assert_eq!(u(U1).to_string(), U1);
+        for bad in [
+            "",
+            "-",
+            &U1.to_uppercase(),
+            "00000000-0000-0000-0000-000000000000",
+            "x",
+        ] {
+            assert!(bad.parse::<SubvolUuid>().is_err(), "{bad}");
+        }
+        let j: Result<SubvolUuid, _> = serde_json::from_str("\"../etc\"");
+        assert!(j.is_err());
+        assert_eq!(serde_json::to_string(&u(U1)).unwrap(), format!("\"{U1}\""));
+        assert_eq!(SubvolUuid::send_identity(u(U1), None), u(U1));
+        assert_eq!(SubvolUuid::send_identity(u(U1), Some(u(U2))), u(U2));
+        // a manifest names parent and parent_uuid together
+        let mv = MoveId::new();
+        let id: ProjectId = P.parse().unwrap();
+        let half = Manifest {
+            parent_uuid: None,
+            ..m(&mv, 2, "b", Some("a"))
+        };
+        let line = serde_json::to_vec(&half).unwrap();
+        assert!(matches!(
+            Manifest::parse(&line, mv, id),
+            Err(ManifestError::Shape(_))
+        ));
+        let orphan = Manifest {
+            parent_uuid: Some(u(U2)),
+            ..m(&mv, 2, "b", None)
+        };
+        let line = serde_json::to_vec(&orphan).unwrap();
+        assert!(Manifest::parse(&line, mv, id).is_err());
+    }
+
+    /// The target's staging area after receiving `b` incremental to `a`: `a` (local U3,
+    /// received as U2) and `b` (local U4, received as U1, a snapshot of U3).
+    fn staged_chain() -> Vec<Staged> {
+        vec![
+            Staged {
+                name: "a".into(),
+                subvolume: true,
+                read_only: true,
+                uuid: Some(u(U3)),
+                received_uuid: Some(u(U2)),
+                parent_uuid: None,
+            },
+            Staged {
+                name: "b".into(),
+                subvolume: true,
+                read_only: true,
+                uuid: Some(u(U4)),
+                received_uuid: Some(u(U1)),
+                parent_uuid: Some(u(U3)),
+            },
+        ]
+    }
+
+    #[test]
+    fn the_received_subvolume_must_be_the_announced_one_against_the_announced_parent() {
+        let mv = MoveId::new();
+        let good = m(&mv, 2, "b", Some("a"));
+        assert_eq!(check_lineage(&good, &staged_chain()), Ok(()));
+        // an unrelated subvolume under the announced name
+        let e = check_lineage(
+            &Manifest {
+                uuid: u(U3),
+                ..good.clone()
+            },
+            &staged_chain(),
+        )
+        .unwrap_err();
+        assert!(e.contains("not the announced subvolume"), "{e}");
+        // never received (a plain directory or a subvolume made otherwise)
+        let mut f = staged_chain();
+        f[1].received_uuid = None;
+        assert!(check_lineage(&good, &f).is_err());
+        // the parent held is not the announced one
+        let e = check_lineage(
+            &Manifest {
+                parent_uuid: Some(u(U4)),
+                ..good.clone()
+            },
+            &staged_chain(),
+        )
+        .unwrap_err();
+        assert!(e.contains("parent"), "{e}");
+        // received against another subvolume than the announced parent
+        let mut f = staged_chain();
+        f[1].parent_uuid = Some(u(U2));
+        let e = check_lineage(&good, &f).unwrap_err();
+        assert!(e.contains("not received against"), "{e}");
+        // announced incremental, received whole
+        let mut f = staged_chain();
+        f[1].parent_uuid = None;
+        assert!(check_lineage(&good, &f).is_err());
+        // announced whole, received as a snapshot of something
+        let whole = m(&mv, 2, "b", None);
+        let e = check_lineage(&whole, &staged_chain()).unwrap_err();
+        assert!(e.contains("announced whole"), "{e}");
+        let mut f = staged_chain();
+        f[1].parent_uuid = None;
+        assert_eq!(check_lineage(&whole, &f), Ok(()));
+        // the subvolume is missing
+        assert!(check_lineage(&m(&mv, 3, "c", None), &f).is_err());
+    }
+
+    #[test]
+    fn staging_expires_after_its_ttl_idle() {
+        let ttl = std::time::Duration::from_secs(10);
+        assert!(!expired(1_000, 1_000, ttl));
+        assert!(!expired(1_000, 11_000, ttl));
+        assert!(expired(1_000, 11_001, ttl));
+        // touched in the future (a clock step back): not expired
+        assert!(!expired(20_000, 11_001, ttl));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use crate::tb::{self, http, new_id, ok, sh};
 
 const MASTER_DROP_IN: &str = "/etc/cocalc-project-host/config.d/90-e2e-moves.toml";
+const MOVES_DROP_IN: &str = "/etc/cocalc-project-host/config.d/91-e2e-moves-timeouts.toml";
 const STORAGE_DROP_IN: &str = "/etc/cocalc-project-host/config.d/05-e2e-moves-storage.toml";
 
 /// Makes sure the machine's project storage is up: when the default 20G image does not fit the
@@ -82,6 +83,8 @@ impl Peer {
         };
         let a = leader(&mut Command::new(script()));
         let b = leader(&mut p.cmd());
+        // a leftover of an earlier failed run (its peer end gone with the old peer or not)
+        sh("ip link del mvsrc 2>/dev/null");
         let o = Command::new("ip")
             .args([
                 "link", "add", "mvsrc", "netns", &a, "type", "veth", "peer", "name", "mvdst",
@@ -394,10 +397,11 @@ fn a_connection_killed_midway_leaves_the_source_running_and_the_move_resumes() {
     assert_eq!(s, 202, "{v}");
     let op = v["op"].as_str().unwrap().to_string();
     let moves = format!("{}/.moves", tb::STORAGE);
-    // the target dies (SIGKILL: its connections reset) as soon as s1 was received whole, while
-    // the next stream is on the wire
+    // the target dies (SIGKILL: its connections reset) once s1 was received whole and the next
+    // stream is being spooled (a spool newer than the record: on the wire, not between streams,
+    // where the socket-activated daemon would come back before the next connection)
     peer.ok(&format!(
-        "for i in $(seq 600); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && break; sleep 0.02; done; systemctl kill -s KILL cocalc-project-host.service"
+        "for i in $(seq 1500); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && [ {moves}/{op}.stream -nt {moves}/{op}.json ] && break; sleep 0.02; done; systemctl kill -s KILL cocalc-project-host.service"
     ));
     let v = wait_op(&op, &["failed", "done"]);
     assert_eq!(v["phase"], "failed", "killed midway: {v}");
@@ -481,6 +485,114 @@ fn a_connection_killed_midway_leaves_the_source_running_and_the_move_resumes() {
     drop(peer);
 }
 
+/// A config drop-in on the main machine while this lives (the daemon restarted both ways).
+struct DropIn(&'static str);
+
+impl DropIn {
+    fn install(path: &'static str, text: &str) -> DropIn {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(text);
+        ok(&format!(
+            "echo {b64} | base64 -d > {path} && systemctl restart cocalc-project-host.service"
+        ));
+        DropIn(path)
+    }
+}
+
+impl Drop for DropIn {
+    fn drop(&mut self) {
+        sh(&format!(
+            "rm -f {}; systemctl restart cocalc-project-host.service",
+            self.0
+        ));
+    }
+}
+
+#[test]
+fn a_network_cut_midway_stalls_the_move_the_source_keeps_running_and_it_resumes() {
+    let peer = Peer::up();
+    let master = Master::install(&peer);
+    // short watchdogs: the source gives a stalled stream up after 4s, the target after 6s
+    let _stall = DropIn::install(MOVES_DROP_IN, "[moves]\nstall_timeout = \"4s\"\n");
+    peer.ok(&format!(
+        "printf '[moves]\\nreceive_idle = \"6s\"\\n' > {MOVES_DROP_IN} && systemctl restart cocalc-project-host.service"
+    ));
+    let target_id = peer_host_id(&peer);
+    let id = new_id();
+    let (before, snaps_before) = populate(&id);
+    let token = master.token(&target_id, &id, &["move"]);
+    let body = json!({"target": TARGET, "token": token, "start": true}).to_string();
+    let (s, v) = http("POST", &format!("/projects/{id}/move"), Some(&body));
+    assert_eq!(s, 202, "{v}");
+    let op = v["op"].as_str().unwrap().to_string();
+    let moves = format!("{}/.moves", tb::STORAGE);
+    // the link between the machines goes down (the daemons keep running) once s1 was received
+    // whole and the next stream is being spooled (a spool newer than the record)
+    let t0 = std::time::Instant::now();
+    peer.ok(&format!(
+        "for i in $(seq 1500); do grep -q '\"s1\"' {moves}/{op}.json 2>/dev/null && [ {moves}/{op}.stream -nt {moves}/{op}.json ] && break; sleep 0.02; done; ip link set mvdst down"
+    ));
+    let v = wait_op(&op, &["failed", "done"]);
+    let failed_after = t0.elapsed();
+    assert_eq!(v["phase"], "failed", "cut midway: {v}");
+    assert_eq!(v["resumable"], true, "{v}");
+    let err = v["error"].as_str().unwrap_or_default();
+    // the stall watchdog (bytes stuck on the wire) or the kernel's TCP user timeout / keepalive
+    // (unacknowledged data or probes for stall_timeout: "timed out", or "no route to host" once
+    // the neighbour is unreachable), whichever comes first
+    assert!(
+        err.contains("stalled") || err.contains("connection to 10.213.0.2:9002 broke"),
+        "a clear error: {v}"
+    );
+    assert!(
+        failed_after >= std::time::Duration::from_secs(3),
+        "failed after {failed_after:?}, before the stall timeout: {v}"
+    );
+    eprintln!("network cut: the move failed after {failed_after:?}: {err}");
+    // the source: intact, and it never stopped running
+    assert_eq!(tb::status(&id)["state"], "running");
+    assert_eq!(inventory(ok, &id), before, "the source is intact");
+    assert_eq!(
+        ok(&format!("ls {}/.snapshots/project-{id}", tb::STORAGE)),
+        snaps_before
+    );
+    // the target gives the broken stream up after receive_idle: no spool; what it received
+    // whole stays staged (the move is resumable), nothing is placed
+    tb::wait_for("the target's spool deleted", 30, || {
+        (peer.ok(&format!("ls {moves} | grep -c '[.]stream$' || true")) == "0").then_some(())
+    });
+    let record: Value = serde_json::from_str(&peer.ok(&format!("cat {moves}/{op}.json"))).unwrap();
+    let received: Vec<String> = serde_json::from_value(record["received"].clone()).unwrap();
+    assert!(received.contains(&"s1".to_string()), "{record}");
+    let staged = peer.ok(&format!("ls -A {moves}/{op}"));
+    let mut staged: Vec<&str> = staged.lines().collect();
+    staged.sort_unstable();
+    let mut want: Vec<&str> = received.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(staged, want, "only whole, recorded subvolumes stay staged");
+    assert_eq!(
+        peer.ok(&format!(
+            "test -e {}/project-{id} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "no"
+    );
+    // the link back: the same move resumes and completes
+    peer.ok("ip link set mvdst up");
+    let (s, v) = http("POST", &format!("/projects/{id}/move"), Some(&body));
+    assert_eq!(
+        (s, v["op"].as_str()),
+        (202, Some(op.as_str())),
+        "resumed: {v}"
+    );
+    let v = wait_op(&op, &["failed", "done"]);
+    assert_eq!(v["phase"], "done", "{v}");
+    let skipped: Vec<String> = serde_json::from_value(v["skipped"].clone()).unwrap();
+    assert_eq!(skipped, received, "{v}");
+    moved_whole(&peer, &id, &before, &snaps_before);
+    drop(master);
+    drop(peer);
+}
+
 #[test]
 fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_nothing() {
     let peer = Peer::up();
@@ -512,18 +624,24 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
     // a stream made in the peer: a real btrfs send of one subvolume (named `name`), maybe plus
     // an extra subvolume; `manifest` as the source would write it
     let token = master.token(&target_id, &id, &["move"]);
-    let craft = |mv: &str, name: &str, extra: bool, tamper: bool, manifest: Value| {
+    // the manifest announces the sent subvolume's UUID (as `btrfs send` writes it) unless it
+    // names one itself; the UUID is returned
+    let craft = |mv: &str, name: &str, extra: bool, tamper: bool, manifest: Value| -> String {
         let w = format!("{}/.e2e-craft", tb::STORAGE);
-        peer.ok(&format!(
+        let uuid = peer.ok(&format!(
             "rm -rf {w}; mkdir -p {w} && btrfs -q subvolume create {w}/src && echo x > {w}/src/f \
              && btrfs -q subvolume snapshot -r {w}/src {w}/{name} && btrfs -q subvolume snapshot -r {w}/src {w}/extra \
              && btrfs filesystem sync {w} && btrfs send -q {w}/{name} | cat > /tmp/s1 && {{ if [ {extra} = true ]; then btrfs send -q {w}/extra | cat >> /tmp/s1; fi; }} \
+             && btrfs subvolume show {w}/{name} | awk '$1 == \"UUID:\" {{print $2; exit}}' \
              && btrfs -q subvolume delete {w}/src {w}/{name} {w}/extra && rm -rf {w}"
         ));
         let mut manifest = manifest;
         manifest["move_id"] = json!(mv);
         manifest["project_id"] = json!(id);
         manifest["config"] = json!({});
+        if manifest.get("uuid").is_none() {
+            manifest["uuid"] = json!(uuid);
+        }
         let manifest = manifest.to_string();
         let py = format!(
             "import hmac,hashlib,sys\nd=b'{manifest}\\n'+open('/tmp/s1','rb').read()\nm=hmac.new(sys.argv[1].encode(),d,hashlib.sha256).digest()\nif {}: d=d[:-1]+bytes([d[-1]^1])\nopen('/tmp/body-{mv}','wb').write(d+m)\n",
@@ -533,6 +651,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         peer.ok(&format!(
             "echo {b64} | base64 -d > /tmp/mk.py && python3 /tmp/mk.py '{token}'"
         ));
+        uuid
     };
     let post = |mv: &str| -> (u16, Value) {
         let out = peer.ok(&format!(
@@ -609,7 +728,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
     // a pre-copy stream (not the final one) is kept staged; replaying it, or another stream
     // with a number not above it, is refused; a cancel deletes it and ends the move there
     let mv5 = uuid::Uuid::new_v4().to_string();
-    craft(
+    let snap1_uuid = craft(
         &mv5,
         "snap1",
         false,
@@ -667,13 +786,115 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         "snap2",
         false,
         false,
-        json!({"seq": 3, "name": "snap2", "parent": "snap1"}),
+        json!({"seq": 3, "name": "snap2", "parent": "snap1", "parent_uuid": snap1_uuid}),
     );
     let (s, v) = post(&mv5);
     assert_eq!(
         (s, v["code"].as_str()),
         (409, Some("move_rejected")),
         "after cancel: {v}"
+    );
+    nothing_placed();
+    // what `btrfs receive` made must be the announced UUID chain: a valid stream of an
+    // unrelated subvolume under the announced name → refused, nothing placed
+    let mv6 = uuid::Uuid::new_v4().to_string();
+    let live6 = format!(".move-{mv6}-1");
+    craft(
+        &mv6,
+        &live6,
+        false,
+        false,
+        json!({"seq": 1, "name": live6, "last": [], "uuid": uuid::Uuid::new_v4().to_string()}),
+    );
+    let (s, v) = post(&mv6);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not the announced subvolume"),
+        "{v}"
+    );
+    nothing_placed();
+    // announced incremental to a staged snapshot but received whole (not against it) →
+    // refused; what the move received before stays staged
+    let mv7 = uuid::Uuid::new_v4().to_string();
+    let a = craft(
+        &mv7,
+        "snap1",
+        false,
+        false,
+        json!({"seq": 1, "name": "snap1"}),
+    );
+    let (s, v) = post(&mv7);
+    assert_eq!((s, v["placed"].as_bool()), (200, Some(false)), "{v}");
+    craft(
+        &mv7,
+        "snap2",
+        false,
+        false,
+        json!({"seq": 2, "name": "snap2", "parent": "snap1", "parent_uuid": a}),
+    );
+    let (s, v) = post(&mv7);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not received against"),
+        "{v}"
+    );
+    let staged7 = || peer.ok(&format!("ls -A {}/.moves/{mv7}", tb::STORAGE));
+    assert_eq!(staged7(), "snap1");
+    // a parent announced with another UUID than the staged one's → refused
+    craft(
+        &mv7,
+        "snap3",
+        false,
+        false,
+        json!({"seq": 3, "name": "snap3", "parent": "snap1", "parent_uuid": uuid::Uuid::new_v4().to_string()}),
+    );
+    let (s, v) = post(&mv7);
+    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("parent \"snap1\" held here"),
+        "{v}"
+    );
+    assert_eq!(staged7(), "snap1");
+    assert_eq!(
+        peer.ok(&format!(
+            "test -e {}/project-{id} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "no"
+    );
+    // moves never resumed nor cancelled (mv7's staged snapshot, the records of the refused
+    // ones) expire after moves.staging_ttl idle (3s here); their ids stay taken
+    peer.ok(&format!(
+        "printf '[moves]\\nstaging_ttl = \"3s\"\\n' > {MOVES_DROP_IN} && systemctl restart cocalc-project-host.service"
+    ));
+    tb::wait_for("the unfinished moves expired on the target", 30, || {
+        (peer.ok(&format!("ls -A {}/.moves", tb::STORAGE)) == "used").then_some(())
+    });
+    assert_eq!(
+        peer.ok(&format!(
+            "test -e {}/.moves/used/{mv7} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "yes"
+    );
+    let (s, v) = post(&mv7);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("move_rejected")),
+        "a stream of an expired move: {v}"
+    );
+    assert!(
+        v["error"].as_str().unwrap().contains("received before"),
+        "{v}"
     );
     nothing_placed();
     // and the same intact stream under a fresh id is placed (the checks refuse only what is

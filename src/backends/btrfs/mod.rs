@@ -239,6 +239,13 @@ impl crate::ports::Storage for Storage {
     ) -> Result<u64, String> {
         self.send_move_subvolume(&id, name, parent, sink).await
     }
+    async fn move_subvolume_uuid(
+        &self,
+        id: ProjectId,
+        name: &str,
+    ) -> Result<crate::domain::moves::SubvolUuid, String> {
+        self.send_identity(&id, name).await
+    }
     async fn drop_move_snapshots(
         &self,
         id: ProjectId,
@@ -263,7 +270,7 @@ impl crate::ports::Storage for Storage {
     async fn inspect_move(
         &self,
         mv: crate::domain::moves::MoveId,
-    ) -> Result<Vec<(String, bool, bool)>, StorageError> {
+    ) -> Result<Vec<crate::domain::moves::Staged>, StorageError> {
         self.inspect_staging(&mv).await
     }
     async fn sweep_move(&self, mv: crate::domain::moves::MoveId, keep: &[String]) {
@@ -285,6 +292,9 @@ impl crate::ports::Storage for Storage {
     }
     fn open_moves(&self) -> Vec<crate::domain::moves::MoveId> {
         self.open_move_ids()
+    }
+    fn move_touched_ms(&self, mv: crate::domain::moves::MoveId) -> Option<u64> {
+        self.move_touched(&mv)
     }
     async fn reserved_ids(&self) -> crate::domain::ids::Forbidden {
         tokio::task::spawn_blocking(crate::backends::ids::forbidden_from_host)

@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt as _;
 use super::subvol::{is_subvolume, mkdir_mode};
 use super::{BTRFS, Storage, StorageError, io};
 use crate::cmd::{self, CmdError};
-use crate::domain::moves::{MoveId, TargetState, is_live_name};
+use crate::domain::moves::{MoveId, Staged, SubvolUuid, TargetState, is_live_name};
 use crate::domain::project::ProjectId;
 use crate::domain::snapshots::SnapshotName;
 
@@ -82,6 +82,52 @@ pub fn receive_argv(spool: &Path, staging: &Path, mount: &Path) -> Vec<String> {
         spool.display().to_string(),
         staging.display().to_string(),
     ]
+}
+
+/// What `btrfs subvolume show` says of a subvolume that a move checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubvolShow {
+    /// `UUID`
+    pub uuid: Option<SubvolUuid>,
+    /// `Parent UUID` (`-`: none)
+    pub parent_uuid: Option<SubvolUuid>,
+    /// `Received UUID` (`-`: none)
+    pub received_uuid: Option<SubvolUuid>,
+    /// `Flags` holds `readonly`
+    pub read_only: bool,
+}
+
+/// Parses `btrfs subvolume show <path>` (btrfs-progs 6.x): the `Key: value` lines after the
+/// path line, up to the snapshot list (whose lines are paths). A value that is not a UUID (`-`)
+/// is none.
+pub fn parse_subvolume_show(out: &str) -> SubvolShow {
+    let mut s = SubvolShow::default();
+    for line in out.lines().skip(1) {
+        let Some((k, v)) = line.trim().split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k.trim() {
+            "UUID" => s.uuid = v.parse().ok(),
+            "Parent UUID" => s.parent_uuid = v.parse().ok(),
+            "Received UUID" => s.received_uuid = v.parse().ok(),
+            "Flags" => s.read_only = v.split([',', ' ']).any(|f| f == "readonly"),
+            "Snapshot(s)" => break,
+            _ => {}
+        }
+    }
+    s
+}
+
+/// `btrfs subvolume show` of `path`, parsed.
+pub async fn subvolume_show(path: &Path) -> Result<SubvolShow, StorageError> {
+    let out = cmd::run(
+        BTRFS,
+        ["subvolume".as_ref(), "show".as_ref(), path.as_os_str()],
+        super::TIMEOUT,
+    )
+    .await?;
+    Ok(parse_subvolume_show(&out))
 }
 
 impl Storage {
@@ -190,36 +236,47 @@ impl Storage {
         v
     }
 
-    /// What the staging area holds: (name, is a subvolume, is read-only) of each entry.
-    pub async fn inspect_staging(
-        &self,
-        mv: &MoveId,
-    ) -> Result<Vec<(String, bool, bool)>, StorageError> {
+    /// What the staging area holds: each entry's name, whether it is a subvolume, and of a
+    /// subvolume its read-only flag and UUIDs (`btrfs subvolume show`).
+    pub async fn inspect_staging(&self, mv: &MoveId) -> Result<Vec<Staged>, StorageError> {
         let staging = self.staging(mv);
         let mut out = Vec::new();
         for e in std::fs::read_dir(&staging).map_err(io(&staging))? {
             let e = e.map_err(io(&staging))?;
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
-            let subvol = is_subvolume(&p);
-            let ro = subvol
-                && cmd::run(
-                    BTRFS,
-                    [
-                        "property".as_ref(),
-                        "get".as_ref(),
-                        "-ts".as_ref(),
-                        p.as_os_str(),
-                        "ro".as_ref(),
-                    ],
-                    super::TIMEOUT,
-                )
-                .await?
-                .trim()
-                    == "ro=true";
-            out.push((name, subvol, ro));
+            let subvolume = is_subvolume(&p);
+            let show = if subvolume {
+                subvolume_show(&p).await?
+            } else {
+                SubvolShow::default()
+            };
+            out.push(Staged {
+                name,
+                subvolume,
+                read_only: show.read_only,
+                uuid: show.uuid,
+                received_uuid: show.received_uuid,
+                parent_uuid: show.parent_uuid,
+            });
         }
         Ok(out)
+    }
+
+    /// When anything of a move last changed (its record, spool, staging area), ms since the
+    /// epoch; `None` when none of them is there.
+    pub fn move_touched(&self, mv: &MoveId) -> Option<u64> {
+        [
+            self.move_record_path(mv),
+            self.spool(mv),
+            self.staging(mv),
+            self.moves_dir().join(format!("{mv}.json.tmp")),
+        ]
+        .iter()
+        .filter_map(|p| std::fs::symlink_metadata(p).ok()?.modified().ok())
+        .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .max()
     }
 
     /// Places a checked staging area: a read-only snapshot of each received snapshot into the
@@ -382,6 +439,19 @@ impl Storage {
         Ok(())
     }
 
+    /// The identity `btrfs send` writes into a stream for the project's subvolume `name`: its
+    /// received UUID when it has one, else its own.
+    pub async fn send_identity(&self, id: &ProjectId, name: &str) -> Result<SubvolUuid, String> {
+        let p = self
+            .move_subvolume(id, name)
+            .ok_or_else(|| format!("invalid subvolume name {name:?}"))?;
+        let show = subvolume_show(&p).await.map_err(|e| e.to_string())?;
+        let uuid = show
+            .uuid
+            .ok_or_else(|| format!("{}: btrfs shows no UUID", p.display()))?;
+        Ok(SubvolUuid::send_identity(uuid, show.received_uuid))
+    }
+
     /// Sends the subvolume `name` (incremental to `parent`) into `sink`.
     pub async fn send_move_subvolume(
         &self,
@@ -459,5 +529,53 @@ mod tests {
         );
         assert_eq!(mount_root_in(mi, Path::new("/var/lib/px")), Path::new("/"));
         assert_eq!(mount_root_in("", Path::new("/x")), Path::new("/"));
+    }
+
+    #[test]
+    fn subvolume_show_parses() {
+        // btrfs-progs 6.2, a received read-only snapshot
+        let out = "moves/m/s2
+\tName: \t\t\ts2
+\tUUID: \t\t\t4e4b9a0c-8f1d-3a4b-9c2e-5d6f7a8b9c0d
+\tParent UUID: \t\t1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d
+\tReceived UUID: \t\t9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a
+\tCreation time: \t\t2026-12-02 06:00:00 +0000
+\tSubvolume ID: \t\t262
+\tGeneration: \t\t20
+\tGen at creation: \t19
+\tParent ID: \t\t5
+\tTop level ID: \t\t5
+\tFlags: \t\t\treadonly
+\tSend transid: \t\t0
+\tSend time: \t\t2026-12-02 06:00:00 +0000
+\tReceive transid: \t20
+\tReceive time: \t\t2026-12-02 06:00:00 +0000
+\tSnapshot(s):
+\t\t\t\tUUID: 00000000-0000-4000-8000-000000000001
+\tQuota group:\t\t0/262
+";
+        let s = parse_subvolume_show(out);
+        assert_eq!(
+            s.uuid.unwrap().to_string(),
+            "4e4b9a0c-8f1d-3a4b-9c2e-5d6f7a8b9c0d"
+        );
+        assert_eq!(
+            s.parent_uuid.unwrap().to_string(),
+            "1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d"
+        );
+        assert_eq!(
+            s.received_uuid.unwrap().to_string(),
+            "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
+        );
+        assert!(s.read_only);
+        // a writable subvolume made here
+        let out = "p\n\tName: \tp\n\tUUID: \t4e4b9a0c-8f1d-3a4b-9c2e-5d6f7a8b9c0d\n\tParent UUID: \t-\n\tReceived UUID: \t-\n\tFlags: \t-\n";
+        let s = parse_subvolume_show(out);
+        assert!(s.uuid.is_some());
+        assert_eq!(
+            (s.parent_uuid, s.received_uuid, s.read_only),
+            (None, None, false)
+        );
+        assert_eq!(parse_subvolume_show(""), SubvolShow::default());
     }
 }
