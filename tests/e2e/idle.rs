@@ -2,8 +2,9 @@
 //! idle project is frozen (the freezer state read from the cgroup files: `freezer.state` on v1,
 //! `cgroup.events` on v2; its processes make no progress), a proxy request and an SSH login thaw
 //! it and are answered, an idle project is stopped (host config), a CPU-busy project is never
-//! frozen, an open SSH session keeps a project from being frozen or stopped. Timeouts are the
-//! projects' own (`idle_freeze`/`idle_stop` in the start config, seconds).
+//! frozen, an open SSH session keeps a project from being frozen or stopped, and refused requests
+//! (no credential, a bad one, another project's token) and logins (a wrong key) do not thaw it.
+//! Timeouts are the projects' own (`idle_freeze`/`idle_stop` in the start config, seconds).
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -153,6 +154,115 @@ fn an_idle_project_freezes_and_a_proxy_request_thaws_it() {
         v["state"] == "running" || v["state"] == "frozen",
         "thawed, maybe frozen again since: {v}"
     );
+    stop(&id, false);
+}
+
+/// `curl` of the proxy: the status and the JSON error code (empty for a non-JSON body).
+fn curl_code(args: &str) -> (u16, String) {
+    let o = sh(&format!(
+        "curl -s --path-as-is -m 20 -o /tmp/idle-body.$$ -w '%{{http_code}}' {args}; r=$?; echo; cat /tmp/idle-body.$$; rm -f /tmp/idle-body.$$; exit $r"
+    ));
+    assert_eq!(o.code, 0, "curl {args}: {}", o.stderr);
+    let (status, body) = o.stdout.split_once('\n').unwrap_or((&o.stdout, ""));
+    let code = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    (status.trim().parse().unwrap(), code)
+}
+
+#[test]
+fn refused_requests_and_logins_do_not_thaw_a_frozen_project() {
+    // a master key, for a valid token of another project (the proxy's 403 case)
+    let (seed, b64) = tb::master_key();
+    let cpu = if tb::flavour() == tb::Flavour::Vm {
+        "[projects]\nidle_cpu = 0.6\n"
+    } else {
+        ""
+    };
+    let _d = DropIn::install(
+        "/etc/cocalc-project-host/config.d/90-e2e-idle-refused.toml",
+        &format!("{cpu}[auth]\nmaster_public_keys = [\"{b64}\"]\n"),
+    );
+    known_hosts();
+    let freeze_s = 3 * tb::time_scale();
+    let id = new_id();
+    tb::start(&id, Some(&serving(json!({"idle_freeze": freeze_s}))));
+    set_keys(&id, &[key("idle")]);
+    wait_for("the project's server", 60, || {
+        let o = sh(&format!(
+            "curl -sf {} {PROXY}/{id}/server/8000/hello.txt",
+            tb::AUTH
+        ));
+        (o.stdout.trim() == "hello").then_some(())
+    });
+    wait_state(&id, "frozen", 30);
+    assert!(kernel_frozen(&id), "the cgroup freezer says frozen");
+    let now = cocalc_project_host::auth::now_secs();
+    let other = new_id();
+    let others = cocalc_project_host::auth::sign(
+        &seed,
+        &json!({"aud": tb::host_id(), "sub": "e2e", "exp": now + 600,
+                "scope": {"projects": [other], "actions": ["proxy", "files"]}}),
+    )
+    .unwrap();
+    let url = format!("{PROXY}/{id}/server/8000/hello.txt");
+    let files = format!("{PROXY}/{id}/files/hello.txt");
+    let refused = [
+        (url.clone(), 401, "unauthorized"),
+        (
+            format!("-H 'Authorization: Bearer x.y.z' {url}"),
+            401,
+            "invalid_token",
+        ),
+        (
+            format!("-H 'Authorization: Bearer not-a-token' {url}"),
+            401,
+            "invalid_token",
+        ),
+        (
+            format!("-H 'Cookie: cocalc_project_host=forged' {url}"),
+            401,
+            "invalid_token",
+        ),
+        (
+            format!("-H 'Authorization: Bearer {others}' {url}"),
+            403,
+            "forbidden",
+        ),
+        (format!("'{url}?token={others}'"), 403, "forbidden"),
+        (format!("'{url}?token=x.y.z'"), 401, "invalid_token"),
+        (files.clone(), 401, "unauthorized"),
+        (
+            format!("-H 'Authorization: Bearer {others}' {files}"),
+            403,
+            "forbidden",
+        ),
+    ];
+    for (args, status, code) in &refused {
+        let (s, c) = curl_code(args);
+        assert_eq!((s, c.as_str()), (*status, *code), "curl {args}");
+    }
+    // an SSH login with a key the project does not have: refused before the project is touched
+    let wrong = key("idle-wrong");
+    assert!(!wrong.is_empty());
+    let o = sh(&ssh_cmd("idle-wrong", &id, "", "'echo in'"));
+    assert_ne!(o.code, 0, "a wrong key logged in: {o:?}");
+    assert_ne!(o.stdout.trim(), "in", "{o:?}");
+    // still frozen, by the kernel's and the daemon's account, and no progress
+    assert!(
+        kernel_frozen(&id),
+        "a refused request or login thawed the project"
+    );
+    let v = status(&id);
+    assert_eq!(v["state"], "frozen", "{v}");
+    assert_no_progress(&id);
+    assert!(kernel_frozen(&id));
+    // the same request with a credential thaws it and is answered
+    let (s, _) = curl_code(&format!("{} {url}", tb::AUTH));
+    assert_eq!(s, 200);
+    assert!(!kernel_frozen(&id), "thawed");
+    wait_progress(&id);
     stop(&id, false);
 }
 
