@@ -113,30 +113,23 @@ pub fn update_argv(id: &ProjectId, lim: &limits::Limits) -> Vec<String> {
     a
 }
 
-/// `ExecStop`: graceful stop with the configured timeout.
+/// `ExecStop`, the unit's only line besides `ExecStart`: a graceful stop with the configured
+/// timeout (SIGTERM, SIGKILL after `timeout_secs`) and the removal, in one podman process, as a
+/// raw `podman rm -f` does. No `ExecStopPost`: conmon's own exit command (`--rm`) removes a
+/// container that ended by itself, the next start's `--replace` takes the name back from any
+/// container left behind, and a delete removes it (`Helper::RemoveContainer`).
 pub fn stop_argv(id: &ProjectId, timeout_secs: u64) -> Vec<String> {
     vec![
         PODMAN.into(),
-        "stop".into(),
+        "rm".into(),
+        "--force".into(),
         "--ignore".into(),
         format!("--time={timeout_secs}"),
         format!("--cidfile={}", cidfile(id)),
     ]
 }
 
-/// `ExecStopPost`: whatever happened, leave no container behind.
-pub fn rm_argv(id: &ProjectId) -> Vec<String> {
-    vec![
-        PODMAN.into(),
-        "rm".into(),
-        "--force".into(),
-        "--ignore".into(),
-        "--time=0".into(),
-        format!("--cidfile={}", cidfile(id)),
-    ]
-}
-
-/// Removes a container by name, for cleaning up after a failed start.
+/// Removes a container by name, for cleaning up after a failed start or a delete.
 pub fn rm_by_name_argv(id: &ProjectId) -> Vec<String> {
     vec![
         "rm".into(),
@@ -328,13 +321,17 @@ mod tests {
     }
 
     #[test]
-    fn stop_and_rm_use_the_cidfile() {
-        assert_eq!(stop_argv(&id(), 7)[3], "--time=7");
-        assert!(
-            rm_argv(&id())
-                .last()
-                .unwrap()
-                .starts_with("--cidfile=/run/cocalc-project-")
+    fn stop_removes_with_the_timeout_through_the_cidfile() {
+        assert_eq!(
+            stop_argv(&id(), 7),
+            [
+                PODMAN,
+                "rm",
+                "--force",
+                "--ignore",
+                "--time=7",
+                "--cidfile=/run/cocalc-project-6f1c2d3e-0000-4000-8000-000000000001/ctr-id"
+            ]
         );
     }
 
