@@ -113,11 +113,8 @@ pub fn update_argv(id: &ProjectId, lim: &limits::Limits) -> Vec<String> {
     a
 }
 
-/// `ExecStop`, the unit's only line besides `ExecStart`: a graceful stop with the configured
-/// timeout (SIGTERM, SIGKILL after `timeout_secs`) and the removal, in one podman process, as a
-/// raw `podman rm -f` does. No `ExecStopPost`: conmon's own exit command (`--rm`) removes a
-/// container that ended by itself, the next start's `--replace` takes the name back from any
-/// container left behind, and a delete removes it (`Helper::RemoveContainer`).
+/// `ExecStop`: a graceful stop with the configured timeout (SIGTERM, SIGKILL after
+/// `timeout_secs`) and the removal, in one podman process, as a raw `podman rm -f` does.
 pub fn stop_argv(id: &ProjectId, timeout_secs: u64) -> Vec<String> {
     vec![
         PODMAN.into(),
@@ -125,6 +122,32 @@ pub fn stop_argv(id: &ProjectId, timeout_secs: u64) -> Vec<String> {
         "--force".into(),
         "--ignore".into(),
         format!("--time={timeout_secs}"),
+        format!("--cidfile={}", cidfile(id)),
+    ]
+}
+
+/// `ExecStopPost`: the removal again, but only when the unit's main process did not exit by
+/// itself (`$EXIT_CODE` is not `exited`: conmon killed, or a stop while `podman run` was still
+/// starting — systemd runs `ExecStop` only after a successful start and a clean exit). After a
+/// normal stop conmon exits once `ExecStop` removed the container, and this is a shell's test,
+/// not a second podman process.
+pub fn stop_post_argv(id: &ProjectId) -> Vec<String> {
+    let rm = rm_argv(id).join(" ");
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("[ \"$EXIT_CODE\" = exited ] || exec {rm}"),
+    ]
+}
+
+/// `podman rm` of the unit's container through its cidfile, at once.
+fn rm_argv(id: &ProjectId) -> Vec<String> {
+    vec![
+        PODMAN.into(),
+        "rm".into(),
+        "--force".into(),
+        "--ignore".into(),
+        "--time=0".into(),
         format!("--cidfile={}", cidfile(id)),
     ]
 }
@@ -332,6 +355,17 @@ mod tests {
                 "--time=7",
                 "--cidfile=/run/cocalc-project-6f1c2d3e-0000-4000-8000-000000000001/ctr-id"
             ]
+        );
+    }
+
+    #[test]
+    fn stop_post_removes_only_after_an_unclean_end() {
+        let a = stop_post_argv(&id());
+        assert_eq!(&a[..2], ["/bin/sh", "-c"]);
+        assert_eq!(
+            a[2],
+            "[ \"$EXIT_CODE\" = exited ] || exec /usr/bin/podman rm --force --ignore --time=0 \
+             --cidfile=/run/cocalc-project-6f1c2d3e-0000-4000-8000-000000000001/ctr-id"
         );
     }
 

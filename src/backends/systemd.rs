@@ -187,11 +187,13 @@ pub fn unit_properties(
             "TimeoutStopUSec",
             Variant::from((stop_timeout_secs + 15) * 1_000_000),
         ),
-        // two Exec* lines, each a fork of PID 1: no ExecStartPre (the cidfile lives in the
-        // unit's RuntimeDirectory, made empty at each start and removed at its end), and the
-        // stop removes the container in the same podman process (no ExecStopPost)
+        // each Exec* line is a fork of PID 1: no ExecStartPre (the cidfile lives in the unit's
+        // RuntimeDirectory, made empty at each start and removed at its end); the stop removes
+        // the container in the same podman process; ExecStopPost runs podman only after an
+        // unclean end
         ("ExecStart", exec(run_argv)),
         ("ExecStop", exec(podman::stop_argv(id, stop_timeout_secs))),
+        ("ExecStopPost", exec(podman::stop_post_argv(id))),
     ]
 }
 
@@ -730,13 +732,13 @@ mod tests {
         for (k, v) in &props {
             assert!(!v.value_signature().to_string().is_empty(), "{k}");
         }
-        // one Exec* line each way: every line is a fork of PID 1 on the start or stop path
+        // every Exec* line is a fork of PID 1 on the start or stop path
         let execs: Vec<&str> = props
             .iter()
             .map(|(k, _)| *k)
             .filter(|k| k.starts_with("Exec"))
             .collect();
-        assert_eq!(execs, ["ExecStart", "ExecStop"]);
+        assert_eq!(execs, ["ExecStart", "ExecStop", "ExecStopPost"]);
         let stop = get("ExecStop").unwrap();
         assert!(stop.contains("\"rm\", \"--force\""), "{stop}");
     }
