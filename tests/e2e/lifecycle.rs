@@ -139,7 +139,7 @@ fn stop_keeps_files_and_a_new_start_sees_them() {
 }
 
 #[test]
-fn the_unit_has_two_exec_lines_and_no_container_outlives_it() {
+fn the_unit_recipe_leaves_no_container_behind() {
     let id = new_id();
     let v = start(&id, None);
     assert_eq!(v["state"], "running", "{v}");
