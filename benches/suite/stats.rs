@@ -149,15 +149,35 @@ pub fn comm(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// The pids in a cgroup of the name=systemd hierarchy (v1) or the unified one.
-pub fn cgroup_pids(rel: &str) -> Vec<u32> {
+/// The processes of a cgroup's whole subtree but the container's own (`libpod-payload-*`, the
+/// project's processes): what a project costs the host outside its container. With podman's
+/// `--cgroups=split` the unit's top cgroup is empty and conmon sits in `<unit>/runtime`.
+pub fn cgroup_host_side_pids(rel: &str) -> Vec<u32> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<u32>) {
+        if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if e.file_type().is_ok_and(|t| t.is_dir()) && !name.starts_with("libpod-payload-") {
+                walk(&e.path(), out);
+            }
+        }
+    }
     for base in [
         "/sys/fs/cgroup/systemd",
         "/sys/fs/cgroup/unified",
         "/sys/fs/cgroup",
     ] {
-        if let Ok(s) = std::fs::read_to_string(format!("{base}{rel}/cgroup.procs")) {
-            return s.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let top = std::path::PathBuf::from(format!("{base}{rel}"));
+        if top.join("cgroup.procs").exists() {
+            let mut out = Vec::new();
+            walk(&top, &mut out);
+            return out;
         }
     }
     Vec::new()

@@ -113,19 +113,35 @@ pub fn update_argv(id: &ProjectId, lim: &limits::Limits) -> Vec<String> {
     a
 }
 
-/// `ExecStop`: graceful stop with the configured timeout.
+/// `ExecStop`: a graceful stop with the configured timeout (SIGTERM, SIGKILL after
+/// `timeout_secs`) and the removal, in one podman process, as a raw `podman rm -f` does.
 pub fn stop_argv(id: &ProjectId, timeout_secs: u64) -> Vec<String> {
     vec![
         PODMAN.into(),
-        "stop".into(),
+        "rm".into(),
+        "--force".into(),
         "--ignore".into(),
         format!("--time={timeout_secs}"),
         format!("--cidfile={}", cidfile(id)),
     ]
 }
 
-/// `ExecStopPost`: whatever happened, leave no container behind.
-pub fn rm_argv(id: &ProjectId) -> Vec<String> {
+/// `ExecStopPost`: the removal again, but only when the unit's main process did not exit by
+/// itself (`$EXIT_CODE` is not `exited`: conmon killed, or a stop while `podman run` was still
+/// starting — systemd runs `ExecStop` only after a successful start and a clean exit). After a
+/// normal stop conmon exits once `ExecStop` removed the container, and this is a shell's test,
+/// not a second podman process.
+pub fn stop_post_argv(id: &ProjectId) -> Vec<String> {
+    let rm = rm_argv(id).join(" ");
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("[ \"$EXIT_CODE\" = exited ] || exec {rm}"),
+    ]
+}
+
+/// `podman rm` of the unit's container through its cidfile, at once.
+fn rm_argv(id: &ProjectId) -> Vec<String> {
     vec![
         PODMAN.into(),
         "rm".into(),
@@ -136,7 +152,7 @@ pub fn rm_argv(id: &ProjectId) -> Vec<String> {
     ]
 }
 
-/// Removes a container by name, for cleaning up after a failed start.
+/// Removes a container by name, for cleaning up after a failed start or a delete.
 pub fn rm_by_name_argv(id: &ProjectId) -> Vec<String> {
     vec![
         "rm".into(),
@@ -328,13 +344,28 @@ mod tests {
     }
 
     #[test]
-    fn stop_and_rm_use_the_cidfile() {
-        assert_eq!(stop_argv(&id(), 7)[3], "--time=7");
-        assert!(
-            rm_argv(&id())
-                .last()
-                .unwrap()
-                .starts_with("--cidfile=/run/cocalc-project-")
+    fn stop_removes_with_the_timeout_through_the_cidfile() {
+        assert_eq!(
+            stop_argv(&id(), 7),
+            [
+                PODMAN,
+                "rm",
+                "--force",
+                "--ignore",
+                "--time=7",
+                "--cidfile=/run/cocalc-project-6f1c2d3e-0000-4000-8000-000000000001/ctr-id"
+            ]
+        );
+    }
+
+    #[test]
+    fn stop_post_removes_only_after_an_unclean_end() {
+        let a = stop_post_argv(&id());
+        assert_eq!(&a[..2], ["/bin/sh", "-c"]);
+        assert_eq!(
+            a[2],
+            "[ \"$EXIT_CODE\" = exited ] || exec /usr/bin/podman rm --force --ignore --time=0 \
+             --cidfile=/run/cocalc-project-6f1c2d3e-0000-4000-8000-000000000001/ctr-id"
         );
     }
 

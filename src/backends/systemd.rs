@@ -152,7 +152,6 @@ pub fn unit_properties(
         let path = argv[0].clone();
         Variant::from(vec![(path, argv, false)])
     };
-    let cidfile = podman::cidfile(id);
     vec![
         ("Description", Variant::from(format!("CoCalc project {id}"))),
         ("Slice", Variant::from(PROJECTS_SLICE.to_string())),
@@ -183,18 +182,18 @@ pub fn unit_properties(
         // an OOM kill inside the project kills its offender, not the whole project
         ("OOMPolicy", Variant::from("continue".to_string())),
         ("TimeoutStartUSec", Variant::from(120_000_000u64)),
-        // podman stop's own timeout plus room for podman itself and ExecStopPost
+        // podman's own stop timeout plus room for podman itself
         (
             "TimeoutStopUSec",
             Variant::from((stop_timeout_secs + 15) * 1_000_000),
         ),
-        (
-            "ExecStartPre",
-            exec(vec!["/bin/rm".into(), "-f".into(), cidfile]),
-        ),
+        // each Exec* line is a fork of PID 1: no ExecStartPre (the cidfile lives in the unit's
+        // RuntimeDirectory, made empty at each start and removed at its end); the stop removes
+        // the container in the same podman process; ExecStopPost runs podman only after an
+        // unclean end
         ("ExecStart", exec(run_argv)),
         ("ExecStop", exec(podman::stop_argv(id, stop_timeout_secs))),
-        ("ExecStopPost", exec(podman::rm_argv(id))),
+        ("ExecStopPost", exec(podman::stop_post_argv(id))),
     ]
 }
 
@@ -462,31 +461,44 @@ impl Systemd {
             .await
     }
 
-    /// Reads the state of a unit; `None` when it is not loaded.
+    /// Reads the state of a unit; `None` when it is not loaded. Five small `Get`s sent at once,
+    /// not `GetAll` of the Unit and Service interfaces: PID 1 then serializes five values instead
+    /// of a few hundred (the Service's include every `Exec*` line with its whole argv), on every
+    /// start and stop.
     pub async fn unit_info(&self, unit: &str) -> Result<Option<UnitInfo>, SystemdError> {
         let props = self.props_proxy(unit).await?;
-        let iface = |s: &'static str| zbus::names::InterfaceName::from_static_str_unchecked(s);
-        let u = match props.get_all(iface("org.freedesktop.systemd1.Unit")).await {
-            Ok(u) => u,
+        let u = || {
+            zbus::names::InterfaceName::from_static_str_unchecked("org.freedesktop.systemd1.Unit")
+        };
+        let s = zbus::names::InterfaceName::from_static_str_unchecked(
+            "org.freedesktop.systemd1.Service",
+        );
+        let (load, active, sub, since, pid) = tokio::join!(
+            props.get(u(), "LoadState"),
+            props.get(u(), "ActiveState"),
+            props.get(u(), "SubState"),
+            props.get(u(), "ActiveEnterTimestamp"),
+            props.get(s, "MainPID"),
+        );
+        let load = match load {
+            Ok(v) => String::try_from(v).unwrap_or_default(),
             Err(zbus::fdo::Error::UnknownObject(_))
             | Err(zbus::fdo::Error::UnknownInterface(_)) => return Ok(None),
             Err(e) => return Err(zbus::Error::from(e).into()),
         };
-        let load: String = prop(&u, "LoadState").unwrap_or_default();
         if load == "not-found" {
             return Ok(None);
         }
-        let s = props
-            .get_all(iface("org.freedesktop.systemd1.Service"))
-            .await
-            .unwrap_or_default();
+        let string = |v: zbus::fdo::Result<OwnedVariant>| {
+            v.ok()
+                .and_then(|v| String::try_from(v).ok())
+                .unwrap_or_default()
+        };
         Ok(Some(UnitInfo {
-            active_state: parse_active_state(
-                &prop::<String>(&u, "ActiveState").unwrap_or_default(),
-            ),
-            sub_state: prop(&u, "SubState").unwrap_or_default(),
-            main_pid: prop(&s, "MainPID").unwrap_or(0),
-            active_enter_usec: prop(&u, "ActiveEnterTimestamp").unwrap_or(0),
+            active_state: parse_active_state(&string(active)),
+            sub_state: string(sub),
+            main_pid: pid.ok().and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+            active_enter_usec: since.ok().and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
         }))
     }
 
@@ -720,6 +732,15 @@ mod tests {
         for (k, v) in &props {
             assert!(!v.value_signature().to_string().is_empty(), "{k}");
         }
+        // every Exec* line is a fork of PID 1 on the start or stop path
+        let execs: Vec<&str> = props
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| k.starts_with("Exec"))
+            .collect();
+        assert_eq!(execs, ["ExecStart", "ExecStop", "ExecStopPost"]);
+        let stop = get("ExecStop").unwrap();
+        assert!(stop.contains("\"rm\", \"--force\""), "{stop}");
     }
 
     #[test]

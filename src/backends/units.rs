@@ -30,7 +30,13 @@ pub struct SystemdUnits {
     settings: Settings,
     netns: super::netns::Netns,
     cgroups: super::cgroup::Cgroups,
+    /// The projects' seccomp profile last made, with the base profile's size and mtime it was
+    /// made from: each start compares, and parses podman's profile again only when it changed.
+    seccomp: std::sync::Mutex<Option<(SeccompBase, std::sync::Arc<String>)>>,
 }
+
+/// Which base seccomp profile a made profile came from.
+type SeccompBase = (u64, Option<SystemTime>);
 
 impl SystemdUnits {
     /// Connects to systemd on the system bus.
@@ -40,24 +46,44 @@ impl SystemdUnits {
             settings,
             netns: super::netns::Netns::new(),
             cgroups: super::cgroup::Cgroups::host(),
+            seccomp: std::sync::Mutex::new(None),
         })
     }
 
     /// Writes the projects' seccomp profile (podman's default minus the btrfs subvolume ioctls)
     /// into the state directory when it is missing or out of date; returns its path.
     fn seccomp_profile(&self) -> Result<PathBuf, String> {
-        let base = std::fs::read_to_string(BASE_SECCOMP_PROFILE)
+        let meta = std::fs::metadata(BASE_SECCOMP_PROFILE)
             .map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
-        let base: serde_json::Value =
-            serde_json::from_str(&base).map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
-        let profile = seccomp::project_profile(&base).map_err(|e| e.to_string())?;
-        let text = serde_json::to_string(&profile).map_err(|e| e.to_string())?;
+        let key: SeccompBase = (meta.len(), meta.modified().ok());
+        let cached = {
+            let c = self.seccomp.lock().unwrap_or_else(|p| p.into_inner());
+            c.as_ref()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, t)| t.clone())
+        };
+        let text = match cached {
+            Some(t) => t,
+            None => {
+                let base = std::fs::read_to_string(BASE_SECCOMP_PROFILE)
+                    .map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
+                let base: serde_json::Value = serde_json::from_str(&base)
+                    .map_err(|e| format!("{BASE_SECCOMP_PROFILE}: {e}"))?;
+                let profile = seccomp::project_profile(&base).map_err(|e| e.to_string())?;
+                let t = std::sync::Arc::new(
+                    serde_json::to_string(&profile).map_err(|e| e.to_string())?,
+                );
+                *self.seccomp.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, t.clone()));
+                t
+            }
+        };
+        let text = text.as_str();
         let path = self.settings.state_dir.join("seccomp-projects.json");
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
             // a name of its own: concurrent starts may write at the same time, and each rename
             // must put a complete file in place
             let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
-            std::fs::write(&tmp, &text)
+            std::fs::write(&tmp, text)
                 .and_then(|()| std::fs::rename(&tmp, &path))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }

@@ -984,7 +984,12 @@ impl Host {
         let t_ready = std::time::Instant::now();
         // what the backend did not account to itself (its own preparation) counts as the unit's
         let unit_took = t_unit.elapsed().saturating_sub(unit_timings.podman);
-        if let Err(e) = self.units.set_cpu_quota(id, Some(limits.cpu)).await {
+        // the CPU quota and the read of the unit's state: two calls to PID 1 at once
+        let (quota, info) = tokio::join!(
+            self.units.set_cpu_quota(id, Some(limits.cpu)),
+            self.units.info(id)
+        );
+        if let Err(e) = quota {
             // never leave a project running without its CPU limit
             self.clean_up_failed_start(id).await;
             return Err(Error::StartFailed {
@@ -993,8 +998,7 @@ impl Host {
                 journal: String::new(),
             });
         }
-        let info = self.units.info(id).await?;
-        self.set_unit(id, info);
+        self.set_unit(id, info?);
         let state = self.status_of(id).state;
         let now = now_ms();
         self.store
@@ -1131,12 +1135,23 @@ impl Host {
                     ProjectState::Opened
                 )
             });
-            if let (Err(e), true) = (stopped, still_up) {
-                self.set_unit(id, info);
-                return Err(Error::StopFailed {
-                    id,
-                    reason: e.to_string(),
-                });
+            match (stopped, still_up) {
+                (Err(e), true) => {
+                    self.set_unit(id, info);
+                    return Err(Error::StopFailed {
+                        id,
+                        reason: e.to_string(),
+                    });
+                }
+                // the unit is gone but its stop failed (a timeout: systemd killed what was
+                // left, `podman rm` among it): the container may still be recorded
+                (Err(e), false) => {
+                    tracing::warn!(project_id = %id, error = %e, "the unit's stop failed: removing the container");
+                    if let Err(e) = self.units.run_helper(Helper::RemoveContainer(id)).await {
+                        tracing::warn!(project_id = %id, error = %e, "cleanup: removing the container");
+                    }
+                }
+                (Ok(()), _) => {}
             }
             if info
                 .as_ref()

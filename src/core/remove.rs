@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::{Error, Host, now_ms};
 use crate::domain::project::{ProjectId, ProjectState};
+use crate::ports::Helper;
 
 /// What a delete did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -55,6 +56,12 @@ impl Host {
             }
             if self.snapshots_locked(id) {
                 return Err(Error::SnapshotsLocked(id));
+            }
+            // the unit's stop removes the container; one left behind by a conmon that died
+            // without its cleanup (the next start would `--replace` it) must not outlive the
+            // project: `podman rm --ignore` by name
+            if let Err(e) = self.units.run_helper(Helper::RemoveContainer(id)).await {
+                tracing::warn!(project_id = %id, error = %e, "delete: removing the container");
             }
             let had_storage = self.storage.has_home(id);
             self.storage.delete_project(id).await?;

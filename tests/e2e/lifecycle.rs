@@ -139,6 +139,61 @@ fn stop_keeps_files_and_a_new_start_sees_them() {
 }
 
 #[test]
+fn the_unit_recipe_leaves_no_container_behind() {
+    let id = new_id();
+    let v = start(&id, None);
+    assert_eq!(v["state"], "running", "{v}");
+    let unit = format!("cocalc-project-{id}.service");
+    // no ExecStartPre, and an ExecStopPost that runs podman only after an unclean end (issue 18)
+    let show = |p: &str| ok(&format!("systemctl show -p {p} --value {unit}"));
+    assert_eq!(show("ExecStartPre"), "");
+    assert!(
+        show("ExecStopPost").contains("EXIT_CODE"),
+        "{}",
+        show("ExecStopPost")
+    );
+    assert!(
+        show("ExecStop").contains("argv[]=/usr/bin/podman rm --force --ignore --time="),
+        "{}",
+        show("ExecStop")
+    );
+
+    // conmon killed: ExecStopPost removes the container
+    let conmon = ok(&format!(
+        "podman inspect -f '{{{{.State.ConmonPid}}}}' project-{id}"
+    ));
+    ok(&format!("kill -9 {conmon}"));
+    wait_for("the unit to end after its conmon was killed", 30, || {
+        (unit_active(&id) != "active" && unit_active(&id) != "deactivating").then_some(())
+    });
+    wait_for("status to show it stopped", 20, || {
+        (status(&id)["state"] == "opened").then_some(())
+    });
+    assert_eq!(
+        containers_named(&id),
+        0,
+        "ExecStopPost removed the container"
+    );
+
+    // a container left behind all the same (here made by hand): the next start takes the name
+    // back (--replace), and a delete removes one that is left
+    ok(&format!(
+        "podman create --name project-{id} localhost/cocalc-project:latest true"
+    ));
+    let v = start(&id, None);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(containers_named(&id), 1);
+    assert_eq!(stop(&id, false)["state"], "opened");
+    ok(&format!(
+        "podman create --name project-{id} localhost/cocalc-project:latest true"
+    ));
+    assert_eq!(containers_named(&id), 1);
+    let (s, v) = http("DELETE", &format!("/projects/{id}"), None);
+    assert_eq!((s, &v["removed"]), (200, &serde_json::json!(true)), "{v}");
+    assert_eq!(containers_named(&id), 0, "the delete removed the container");
+}
+
+#[test]
 fn projects_survive_a_killed_daemon() {
     let (a, b) = (new_id(), new_id());
     let pa = start(&a, None)["main_pid"].clone();

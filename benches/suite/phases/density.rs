@@ -57,8 +57,9 @@ pub(super) async fn density(ctx: &mut Ctx) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let rss_n = stats::status_kb(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0;
 
-    // per-project host overhead: the processes of the project's unit (conmon; the container's
-    // own processes live in their libpod scope) and the unit's MemoryCurrent
+    // per-project host overhead: the processes of the project's unit outside its container
+    // (conmon, in `<unit>/runtime` with --cgroups=split; the container's own processes live in
+    // `<unit>/libpod-payload-…`) and the unit's MemoryCurrent
     let mut unit_rss = Vec::new();
     let mut unit_pss = Vec::new();
     let mut unit_procs = Vec::new();
@@ -68,7 +69,7 @@ pub(super) async fn density(ctx: &mut Ctx) -> Result<()> {
             "systemctl show -p ControlGroup --value cocalc-project-{id}.service"
         ))
         .await?;
-        let pids = stats::cgroup_pids(&cg);
+        let pids = stats::cgroup_host_side_pids(&cg);
         unit_procs.push(json!(
             pids.iter()
                 .map(|p| stats::comm(*p))
@@ -85,6 +86,14 @@ pub(super) async fn density(ctx: &mut Ctx) -> Result<()> {
         if let Some(m) = st["memory_current"].as_f64() {
             memcur.push(m / 1024.0);
         }
+    }
+    if unit_procs
+        .iter()
+        .all(|v| v.as_str().is_none_or(str::is_empty))
+    {
+        bail!(
+            "no process found in any running project's unit outside its container (where is conmon?)"
+        );
     }
     let procs_kinds: std::collections::BTreeSet<String> = unit_procs
         .iter()
@@ -143,13 +152,13 @@ pub(super) async fn density(ctx: &mut Ctx) -> Result<()> {
             "KiB",
         ),
         r(
-            "per-project unit RSS (conmon), mean",
+            "per-project host-side RSS (conmon in <unit>/runtime), mean",
             Summary::of(&unit_rss).mean,
             "KiB",
         )
         .vs(conmon, Summary::of(&raw_rss).mean),
         r(
-            "per-project unit PSS (conmon), mean",
+            "per-project host-side PSS (conmon in <unit>/runtime), mean",
             Summary::of(&unit_pss).mean,
             "KiB",
         )

@@ -311,7 +311,7 @@ pub(super) async fn start_parts(
                 "ms",
             ),
             r(
-                "  part: unit job → READY (ExecStartPre rm + podman run)",
+                "  part: unit job → READY (podman run until conmon's READY)",
                 p("c_unit_job_to_ready"),
                 "ms",
             )
