@@ -694,21 +694,28 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         let (_, list) = peer.http("GET", "/projects", None);
         assert!(!list.to_string().contains(&id), "{list}");
     };
+    // a stream refused with 409 move_rejected, its error naming `why` ("" for any reason)
+    let rejected = |(s, v): (u16, Value), why: &str| {
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (409, Some("move_rejected")),
+            "{why}: {v}"
+        );
+        assert!(
+            v["error"].as_str().unwrap_or("").contains(why),
+            "{why}: {v}"
+        );
+    };
     // tampered (one bit of the stream flipped) → refused before btrfs sees it
-    let (s, v) = send(&mv, json!([]), false, true);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
-    assert!(v["error"].as_str().unwrap().contains("MAC"), "{v}");
+    rejected(send(&mv, json!([]), false, true), "MAC");
     nothing_placed();
     // an extra subvolume → refused, all of it deleted
     let mv2 = uuid::Uuid::new_v4().to_string();
-    let (s, v) = send(&mv2, json!([]), true, false);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
-    assert!(v["error"].as_str().unwrap().contains("extra"), "{v}");
+    rejected(send(&mv2, json!([]), true, false), "extra");
     nothing_placed();
     // names that are paths out of the staging area → refused
     let mv3 = uuid::Uuid::new_v4().to_string();
-    let (s, v) = send(&mv3, json!(["../../escape"]), false, false);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    rejected(send(&mv3, json!(["../../escape"]), false, false), "");
     nothing_placed();
     let mv3b = uuid::Uuid::new_v4().to_string();
     craft(
@@ -718,8 +725,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         false,
         json!({"seq": 1, "name": "../../escape"}),
     );
-    let (s, v) = post(&mv3b);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
+    rejected(post(&mv3b), "");
     nothing_placed();
     assert_eq!(
         peer.ok(&format!("ls {} | grep -c escape || true", tb::STORAGE)),
@@ -741,12 +747,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         peer.ok(&format!("ls -A {}/.moves/{mv5}", tb::STORAGE)),
         "snap1"
     );
-    let (s, v) = post(&mv5);
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (409, Some("move_rejected")),
-        "replay: {v}"
-    );
+    rejected(post(&mv5), ""); // replay
     craft(
         &mv5,
         "snap0",
@@ -754,13 +755,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         false,
         json!({"seq": 1, "name": "snap0"}),
     );
-    let (s, v) = post(&mv5);
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (409, Some("move_rejected")),
-        "reordered: {v}"
-    );
-    assert!(v["error"].as_str().unwrap().contains("in order"), "{v}");
+    rejected(post(&mv5), "in order");
     let (s, v) = peer.http(
         "GET",
         &format!("/projects/{id}/receive/{mv5}"),
@@ -788,12 +783,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         false,
         json!({"seq": 3, "name": "snap2", "parent": "snap1", "parent_uuid": snap1_uuid}),
     );
-    let (s, v) = post(&mv5);
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (409, Some("move_rejected")),
-        "after cancel: {v}"
-    );
+    rejected(post(&mv5), ""); // after cancel
     nothing_placed();
     // what `btrfs receive` made must be the announced UUID chain: a valid stream of an
     // unrelated subvolume under the announced name → refused, nothing placed
@@ -806,15 +796,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         false,
         json!({"seq": 1, "name": live6, "last": [], "uuid": uuid::Uuid::new_v4().to_string()}),
     );
-    let (s, v) = post(&mv6);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("not the announced subvolume"),
-        "{v}"
-    );
+    rejected(post(&mv6), "not the announced subvolume");
     nothing_placed();
     // announced incremental to a staged snapshot but received whole (not against it) →
     // refused; what the move received before stays staged
@@ -835,15 +817,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         false,
         json!({"seq": 2, "name": "snap2", "parent": "snap1", "parent_uuid": a}),
     );
-    let (s, v) = post(&mv7);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("not received against"),
-        "{v}"
-    );
+    rejected(post(&mv7), "not received against");
     let staged7 = || peer.ok(&format!("ls -A {}/.moves/{mv7}", tb::STORAGE));
     assert_eq!(staged7(), "snap1");
     // a parent announced with another UUID than the staged one's → refused
@@ -854,15 +828,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         false,
         json!({"seq": 3, "name": "snap3", "parent": "snap1", "parent_uuid": uuid::Uuid::new_v4().to_string()}),
     );
-    let (s, v) = post(&mv7);
-    assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("parent \"snap1\" held here"),
-        "{v}"
-    );
+    rejected(post(&mv7), "parent \"snap1\" held here");
     assert_eq!(staged7(), "snap1");
     assert_eq!(
         peer.ok(&format!(
@@ -886,16 +852,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
         )),
         "yes"
     );
-    let (s, v) = post(&mv7);
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (409, Some("move_rejected")),
-        "a stream of an expired move: {v}"
-    );
-    assert!(
-        v["error"].as_str().unwrap().contains("received before"),
-        "{v}"
-    );
+    rejected(post(&mv7), "received before");
     nothing_placed();
     // and the same intact stream under a fresh id is placed (the checks refuse only what is
     // wrong); replayed, it is refused
@@ -903,12 +860,7 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
     let (s, v) = send(&mv4, json!([]), false, false);
     assert_eq!(s, 200, "{v}");
     assert_eq!(peer.ok(&format!("cat {}/project-{id}/f", tb::STORAGE)), "x");
-    let (s, v) = post(&mv4);
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (409, Some("move_rejected")),
-        "replay: {v}"
-    );
+    rejected(post(&mv4), ""); // replay
     drop(master);
     drop(peer);
 }
