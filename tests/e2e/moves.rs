@@ -11,6 +11,7 @@ use crate::tb::{self, http, new_id, ok, sh};
 
 const MASTER_DROP_IN: &str = "/etc/cocalc-project-host/config.d/90-e2e-moves.toml";
 const MOVES_DROP_IN: &str = "/etc/cocalc-project-host/config.d/91-e2e-moves-timeouts.toml";
+const SNAPSHOT_TIMER: &str = "cocalc-project-host-snapshots.timer";
 const STORAGE_DROP_IN: &str = "/etc/cocalc-project-host/config.d/05-e2e-moves-storage.toml";
 
 /// Makes sure the machine's project storage is up: when the default 20G image does not fit the
@@ -74,6 +75,10 @@ impl Peer {
         p.ok("dpkg -i /xchg/cocalc-project-host.deb >/dev/null");
         p.ok(&storage_up());
         ok(&storage_up());
+        // the rolling-snapshot timer (every 15 min) would add an `auto-…` snapshot to the
+        // moving project on either side mid-test: paused on both while a peer lives
+        ok(&format!("systemctl stop {SNAPSHOT_TIMER}"));
+        p.ok(&format!("systemctl stop {SNAPSHOT_TIMER}"));
         // the veth pair, created in the two machines' own network namespaces
         let leader = |c: &mut Command| {
             String::from_utf8(c.arg("leader").output().unwrap().stdout)
@@ -150,6 +155,7 @@ impl Drop for Peer {
         let _ = self.cmd().arg("down").output();
         // the storage stays mounted; the drop-in, if it was needed, goes
         sh(&format!("rm -f {STORAGE_DROP_IN}"));
+        sh(&format!("systemctl start {SNAPSHOT_TIMER}"));
     }
 }
 
