@@ -7,7 +7,7 @@ use std::process::Command;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::tb::{self, http, new_id, ok, sh};
+use crate::tb::{self, DropIn, http, new_id, ok, sh};
 
 const MASTER_DROP_IN: &str = "/etc/cocalc-project-host/config.d/90-e2e-moves.toml";
 const MOVES_DROP_IN: &str = "/etc/cocalc-project-host/config.d/91-e2e-moves-timeouts.toml";
@@ -489,28 +489,6 @@ fn a_connection_killed_midway_leaves_the_source_running_and_the_move_resumes() {
     moved_whole(&peer, &id, &before, &snaps_before);
     drop(master);
     drop(peer);
-}
-
-/// A config drop-in on the main machine while this lives (the daemon restarted both ways).
-struct DropIn(&'static str);
-
-impl DropIn {
-    fn install(path: &'static str, text: &str) -> DropIn {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(text);
-        ok(&format!(
-            "echo {b64} | base64 -d > {path} && systemctl restart cocalc-project-host.service"
-        ));
-        DropIn(path)
-    }
-}
-
-impl Drop for DropIn {
-    fn drop(&mut self) {
-        sh(&format!(
-            "rm -f {}; systemctl restart cocalc-project-host.service",
-            self.0
-        ));
-    }
 }
 
 #[test]

@@ -261,8 +261,11 @@ pub struct DropIn(&'static str);
 
 impl DropIn {
     pub fn install(path: &'static str, toml: &str) -> DropIn {
+        // base64 through the shell: any text, quotes included
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(toml);
         ok(&format!(
-            "mkdir -p $(dirname {path}) && printf '%s' '{toml}' > {path} && systemctl restart cocalc-project-host.service"
+            "mkdir -p $(dirname {path}) && echo {b64} | base64 -d > {path} && systemctl restart cocalc-project-host.service"
         ));
         DropIn(path)
     }
