@@ -1,7 +1,7 @@
 //! The master's HTTP API as the host calls it (`ports::Master`): JSON over HTTP/1 (hyper), one
-//! connection per call, TLS by rustls (ring). The master's certificate must chain to
-//! `master.ca_file` (else the system's CAs) and name the URL's host, or, with
-//! `master.pin_sha256`, be exactly the pinned certificate (its SHA-256 over the DER). The
+//! connection per call, TLS by rustls (`backends::tls_client`, shared with moves). The master's
+//! certificate must chain to `master.ca_file` (else the system's CAs) and name the URL's host, or,
+//! with `master.pin_sha256`, be exactly the pinned certificate (its SHA-256 over the DER). The
 //! credential (`Authorization: Bearer …`) comes from the systemd credential `master-credential`.
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,19 +10,15 @@ use async_trait::async_trait;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use sha2::{Digest as _, Sha256};
 use tokio_rustls::rustls;
 
+use super::tls_client::{self, Trust};
 use crate::api::master::{Heartbeat, ProjectStates, Register, RegisterAnswer, ReportAnswer};
 use crate::config::{MasterSettings, MasterUrl, parse_pin, parse_url};
 use crate::ports::{Master, MasterError};
 
 /// Name of the systemd credential the host presents to the master.
 pub const CREDENTIAL: &str = "master-credential";
-/// The system's CA bundle (Debian's), when no `master.ca_file` is set.
-const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// One call, connect to answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest answer read.
@@ -48,92 +44,17 @@ pub fn load_credential() -> Result<String, String> {
         })
 }
 
-/// Accepts exactly the pinned certificate (the chain and name are not looked at: the pin
-/// says which certificate the master has), then checks the handshake's signatures as usual.
-#[derive(Debug)]
-struct Pinned {
-    pin: [u8; 32],
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &self.pin[..])) {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "the master's certificate (SHA-256 {}) is not the pinned one (master.pin_sha256)",
-                hex(&got)
-            )))
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The TLS client config `settings` ask for.
+/// The TLS client config `settings` ask for (`backends::tls_client`): the pin, else the CA
+/// file, else the system's CAs.
 fn tls_config(m: &MasterSettings) -> Result<rustls::ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    if let Some(pin) = &m.pin_sha256 {
-        let pin = parse_pin(pin)?;
-        let verifier = Pinned {
-            pin,
-            algs: provider.signature_verification_algorithms,
-        };
-        return Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth());
-    }
-    let file = m
-        .ca_file
-        .clone()
-        .unwrap_or_else(|| std::path::PathBuf::from(SYSTEM_CAS));
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&file)
-        .map_err(|e| format!("cannot read CA file {}: {e}", file.display()))?;
-    for c in certs {
-        let c = c.map_err(|e| format!("CA file {}: {e}", file.display()))?;
-        roots
-            .add(c)
-            .map_err(|e| format!("CA file {}: {e}", file.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("CA file {} holds no certificate", file.display()));
-    }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    let trust = match &m.pin_sha256 {
+        Some(pin) => Trust::Pin {
+            sha256: parse_pin(pin)?,
+            source: "master.pin_sha256",
+        },
+        None => Trust::Cas(m.ca_file.clone()),
+    };
+    tls_client::config(&trust)
 }
 
 /// The master over HTTP(S).
@@ -212,7 +133,7 @@ impl HttpMaster {
             .map_err(|e| un("request", &e))?;
         let resp = match &self.tls {
             Some(tls) => {
-                let name = ServerName::try_from(self.url.host.clone())
+                let name = tls_client::server_name(&self.url.host)
                     .map_err(|e| un("server name", &e))?;
                 let stream = tls.connect(name, tcp).await.map_err(|e| un("TLS", &e))?;
                 send(TokioIo::new(stream), req).await?
@@ -300,25 +221,6 @@ mod tests {
         assert!(!format!("{c:?}").contains("secret"), "never the credential");
         m.url = Some("http://127.0.0.1:9".into());
         assert!(HttpMaster::new(&m, "c".into()).unwrap().tls.is_none());
-    }
-
-    #[test]
-    fn the_pin_is_the_certificates_sha256() {
-        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        let der = CertificateDer::from(vec![1u8, 2, 3]);
-        let pin: [u8; 32] = Sha256::digest([1u8, 2, 3]).into();
-        let v = Pinned { pin, algs };
-        use rustls::client::danger::ServerCertVerifier as _;
-        let name = ServerName::try_from("m.example").unwrap();
-        assert!(
-            v.verify_server_cert(&der, &[], &name, &[], UnixTime::now())
-                .is_ok()
-        );
-        let other = CertificateDer::from(vec![1u8, 2, 4]);
-        let e = v
-            .verify_server_cert(&other, &[], &name, &[], UnixTime::now())
-            .unwrap_err();
-        assert!(e.to_string().contains("pinned"), "{e}");
     }
 
     #[tokio::test]

@@ -17,4 +17,5 @@ pub mod sim;
 pub mod sim_master;
 pub mod sqlite;
 pub mod systemd;
+pub mod tls_client;
 pub mod units;
