@@ -93,6 +93,9 @@ struct MovesFragment {
     stall_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_duration")]
     receive_idle: Option<Duration>,
+    ca_file: Option<PathBuf>,
+    pin_sha256: Option<String>,
+    allow_http: Option<bool>,
 }
 
 impl MovesFragment {
@@ -115,6 +118,14 @@ impl MovesFragment {
             "moves.receive_idle",
             mark,
         );
+        put(&mut s.ca_file, self.ca_file.map(Some), "moves.ca_file", mark);
+        put(
+            &mut s.pin_sha256,
+            self.pin_sha256.map(Some),
+            "moves.pin_sha256",
+            mark,
+        );
+        put(&mut s.allow_http, self.allow_http, "moves.allow_http", mark);
     }
 }
 
@@ -139,6 +150,8 @@ impl SshFragment {
 #[serde(deny_unknown_fields)]
 struct HttpFragment {
     max_connections_per_peer: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 impl HttpFragment {
@@ -149,6 +162,8 @@ impl HttpFragment {
             "http.max_connections_per_peer",
             mark,
         );
+        put(&mut h.tls_cert, self.tls_cert.map(Some), "http.tls_cert", mark);
+        put(&mut h.tls_key, self.tls_key.map(Some), "http.tls_key", mark);
     }
 }
 

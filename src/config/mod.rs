@@ -70,6 +70,15 @@ pub struct MoveSettings {
     pub stall_timeout: Duration,
     /// Target: how long it waits for the next bytes of a stream before refusing it.
     pub receive_idle: Duration,
+    /// Source: PEM file of the CA(s) an `https://` target's certificate must chain to
+    /// (default: the system's CAs); the certificate must also name the target's host.
+    pub ca_file: Option<PathBuf>,
+    /// Source: the SHA-256 of every target's certificate (`master.pin_sha256`'s format), used
+    /// when a move's request gives no pin of its own.
+    pub pin_sha256: Option<String>,
+    /// Source: allow plain `http://` targets that are not loopback (their streams cross the
+    /// network in clear text).
+    pub allow_http: bool,
 }
 
 impl Default for MoveSettings {
@@ -78,6 +87,9 @@ impl Default for MoveSettings {
             staging_ttl: Duration::from_secs(86_400),
             stall_timeout: Duration::from_secs(60),
             receive_idle: Duration::from_secs(120),
+            ca_file: None,
+            pin_sha256: None,
+            allow_http: false,
         }
     }
 }
@@ -93,11 +105,16 @@ pub struct SshSettings {
     pub keepalive: Duration,
 }
 
-/// The HTTP server's own bounds.
+/// The HTTP server (the API listener).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     /// Most connections open at once from one peer address (more are closed unanswered).
     pub max_connections_per_peer: usize,
+    /// PEM certificate chain for TLS on the API's connections to non-loopback addresses (with
+    /// `tls_key`; reloaded on SIGHUP). Connections to loopback stay plain.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for it.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Rolling snapshots: taken by the sweep that `cocalc-project-host-snapshots.timer` triggers.
@@ -224,6 +241,8 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             http: HttpSettings {
                 max_connections_per_peer: 64,
+                tls_cert: None,
+                tls_key: None,
             },
             ssh: SshSettings {
                 listen: None,

@@ -184,6 +184,8 @@ fn the_shipped_config_is_the_defaults() {
     s.proxy.listen = None;
     s.ssh.listen = None;
     (s.proxy.tls_cert, s.proxy.tls_key) = (None, None);
+    (s.http.tls_cert, s.http.tls_key) = (None, None);
+    s.moves.ca_file = None;
     let m = &mut s.master;
     (m.url, m.ca_file, m.name, m.region) = (None, None, None, None);
     (m.public_url, m.ssh_endpoint) = (None, None);
@@ -403,4 +405,43 @@ fn the_master_section_merges_and_names_bad_keys() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("credential"), "never a config value: {e}");
+}
+
+#[test]
+fn api_tls_and_move_trust_merge_and_validate() {
+    let s = m(&[(
+        "/etc/x/a.toml",
+        "[http]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n[moves]\nallow_http = true\npin_sha256 = \"ab:cd\"\n",
+    )]);
+    let e = s.unwrap_err().to_string();
+    assert!(e.contains("moves.pin_sha256") && e.contains("/etc/x/a.toml"), "{e}");
+    let s = m(&[(
+        "/etc/x/a.toml",
+        &format!(
+            "[http]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n[moves]\nallow_http = true\npin_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        ),
+    )])
+    .unwrap();
+    assert_eq!(s.http.tls_cert.as_deref(), Some(Path::new("/c.pem")));
+    assert_eq!(s.http.tls_key.as_deref(), Some(Path::new("/k.pem")));
+    assert!(s.moves.allow_http);
+    assert_eq!(s.moves.pin_sha256, Some("ab".repeat(32)));
+    assert!(!Settings::default().moves.allow_http, "plain http is opt-in");
+    let pin = format!("pin_sha256 = \"{}\"", "ab".repeat(32));
+    for (toml, key) in [
+        ("[http]\ntls_cert = \"/c.pem\"", "http.tls_key"),
+        ("[http]\ntls_key = \"/k.pem\"", "http.tls_cert"),
+        ("[http]\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"", "http.tls_cert"),
+        ("[moves]\nca_file = \"ca.pem\"", "moves.ca_file"),
+        ("[moves]\npin_sha256 = \"zz\"", "moves.pin_sha256"),
+        (
+            &format!("[moves]\nca_file = \"/ca.pem\"\n{pin}"),
+            "moves.pin_sha256",
+        ),
+        ("[moves]\nallow_http = \"yes\"", "expected a boolean"),
+    ] {
+        let e = m(&[("/etc/x/a.toml", toml)]).unwrap_err().to_string();
+        assert!(e.contains(key), "{toml}: {e}");
+    }
 }

@@ -79,6 +79,7 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
     if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.moves.receive_idle) {
         return Err(("moves.receive_idle", "must be 1s to 1h".into()));
     }
+    validate_tls(s)?;
     if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.ssh.keepalive) {
         return Err(("ssh.keepalive", "must be 1s to 1h".into()));
     }
@@ -183,6 +184,38 @@ pub(super) fn validate(s: &Settings) -> Result<(), (&'static str, String)> {
     s.proxy.validate()?;
     s.master.validate()?;
     s.auth.validate()
+}
+
+/// `[http]` TLS (both files or neither, absolute) and `[moves]`' trust for targets (a CA file
+/// or a pin, not both).
+fn validate_tls(s: &Settings) -> Result<(), (&'static str, String)> {
+    match (&s.http.tls_cert, &s.http.tls_key) {
+        (Some(c), Some(k)) => {
+            for (key, p) in [("http.tls_cert", c), ("http.tls_key", k)] {
+                if !p.is_absolute() {
+                    return Err((key, "must be an absolute path".into()));
+                }
+            }
+        }
+        (None, None) => {}
+        (Some(_), None) => return Err(("http.tls_key", "must be set with http.tls_cert".into())),
+        (None, Some(_)) => return Err(("http.tls_cert", "must be set with http.tls_key".into())),
+    }
+    if let Some(p) = &s.moves.ca_file
+        && !p.is_absolute()
+    {
+        return Err(("moves.ca_file", "must be an absolute path".into()));
+    }
+    if let Some(p) = &s.moves.pin_sha256 {
+        super::parse_pin(p).map_err(|e| ("moves.pin_sha256", e))?;
+        if s.moves.ca_file.is_some() {
+            return Err((
+                "moves.pin_sha256",
+                "set either moves.ca_file or moves.pin_sha256, not both".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Limit settings: each in the range a run config may ask for, defaults at most the maxima.
