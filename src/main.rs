@@ -147,12 +147,17 @@ enum ClientCommand {
     Move {
         /// Project id (lowercase UUID).
         id: String,
-        /// The target host's API: http://host:port.
+        /// The target host's API: https://host:port (http:// only to loopback, or with
+        /// moves.allow_http).
         #[arg(long, value_name = "URL")]
         to: String,
         /// The master's move token for the target (default: $COCALC_MOVE_TOKEN).
         #[arg(long, value_name = "T")]
         token: Option<String>,
+        /// Accept only this certificate from the target: sha256:<64 hex digits of the SHA-256
+        /// of its DER> (default: moves.pin_sha256, else a CA chain naming the host).
+        #[arg(long, value_name = "sha256:HEX")]
+        pin: Option<String>,
         /// Leave the project stopped on the target.
         #[arg(long)]
         no_start: bool,
@@ -330,11 +335,12 @@ fn client(cmd: ClientCommand) -> ExitCode {
             id,
             to,
             token,
+            pin,
             no_start,
         } => {
             return match parsed(&id) {
                 Ok(id) => observe_cli::main(cocalc_project_host::adapters::move_cli::run(
-                    id, to, token, !no_start,
+                    id, to, token, pin, !no_start,
                 )),
                 Err(e) => {
                     eprintln!("cocalc-project-host: {}", e.message);

@@ -165,6 +165,21 @@ impl Manager {
     fn host(&self) -> Result<Arc<Host>, Error> {
         upgrade(&self.host)
     }
+
+    /// `MoveProject` and `MoveProjectWith`: the body checked as over HTTP, the move started.
+    async fn start_move(&self, id: &str, body: super::moves::MoveBody) -> Result<String, Error> {
+        let id = parse_id(id)?;
+        let host = self.host()?;
+        let (req, link) = body
+            .into_request(&host.settings().moves)
+            .map_err(|e| Error::from(WireError::new(ErrorKind::InvalidBody, e)))?;
+        let stall = host.settings().moves.stall_timeout;
+        let v = host
+            .start_move(id, req, super::moves::sender(link, stall))
+            .await?;
+        tracing::info!(project_id = %id, op = %v.op, target = %v.target, "move started over D-Bus");
+        op_json(&v)
+    }
 }
 
 /// A property of an object whose host is gone.
@@ -355,9 +370,9 @@ impl Manager {
     }
 
     /// Moves a project to another host (as `POST /projects/:id/move`): `target` is the target
-    /// host's API (`http://host:port`), `token` the master's move token for it; a failed move
-    /// of the project to the same target is resumed. The operation as JSON
-    /// (`GET /operations/:op`'s shape).
+    /// host's API (`https://host:port`, see `MoveProjectWith` for a pin), `token` the master's
+    /// move token for it; a failed move of the project to the same target is resumed. The
+    /// operation as JSON (`GET /operations/:op`'s shape).
     async fn move_project(
         &self,
         id: &str,
@@ -365,22 +380,21 @@ impl Manager {
         token: &str,
         start: bool,
     ) -> Result<String, Error> {
-        let id = parse_id(id)?;
         let body = super::moves::MoveBody {
             target: target.to_string(),
             token: token.to_string(),
             start,
+            pin_sha256: None,
         };
-        let (req, t) = body
-            .into_request()
-            .map_err(|e| Error::from(WireError::new(ErrorKind::InvalidBody, e)))?;
-        let host = self.host()?;
-        let stall = host.settings().moves.stall_timeout;
-        let v = host
-            .start_move(id, req, super::moves::sender(t, stall))
-            .await?;
-        tracing::info!(project_id = %id, op = %v.op, target = %v.target, "move started over D-Bus");
-        op_json(&v)
+        self.start_move(id, body).await
+    }
+
+    /// As `MoveProject`, with `body_json` exactly `POST /projects/:id/move`'s body (`target`,
+    /// `token`, `start`, `pin_sha256`).
+    async fn move_project_with(&self, id: &str, body_json: &str) -> Result<String, Error> {
+        let body: super::moves::MoveBody = serde_json::from_str(body_json)
+            .map_err(|e| Error::from(WireError::new(ErrorKind::InvalidBody, e.to_string())))?;
+        self.start_move(id, body).await
     }
 
     /// An operation as JSON (as `GET /operations/:op`).

@@ -463,12 +463,12 @@ async fn dispatch(
         }
         Route::Move(id) => {
             let body: super::moves::MoveBody = read_json(req).await?;
-            let (r, target) = body
-                .into_request()
+            let (r, link) = body
+                .into_request(&host.settings().moves)
                 .map_err(|e| ApiError::new(ErrorKind::InvalidBody, e))?;
             let stall = host.settings().moves.stall_timeout;
             let view = host
-                .start_move(id, r, super::moves::sender(target, stall))
+                .start_move(id, r, super::moves::sender(link, stall))
                 .await?;
             tracing::info!(principal = principal.as_ref().map(Principal::name), project_id = %id, op = %view.op, target = %view.target, "move started");
             answer(StatusCode::ACCEPTED, &view)

@@ -1,5 +1,6 @@
-//! The CLI's `move ID --to URL [--token T] [--no-start]`, over the bus like the other commands
-//! (root or group `cocalc-project-host`): `MoveProject` starts (or resumes) the move, then
+//! The CLI's `move ID --to URL [--token T] [--pin sha256:HEX] [--no-start]`, over the bus like
+//! the other commands (root or group `cocalc-project-host`): `MoveProjectWith` (the HTTP body's
+//! JSON) starts (or resumes) the move, then
 //! `GetOperation` is polled until it ends; a progress bar on a terminal, one line per phase
 //! otherwise. Exit 0 when the project lives on the target, non-zero otherwise (the error
 //! table's code when the daemon refused the move, 1 when it failed on the way). ^C cancels the
@@ -24,13 +25,7 @@ pub const TOKEN_ENV: &str = "COCALC_MOVE_TOKEN";
     default_path = "/com/cocalc/ProjectHost1"
 )]
 pub(super) trait Moves {
-    fn move_project(
-        &self,
-        id: &str,
-        target: &str,
-        token: &str,
-        start: bool,
-    ) -> zbus::Result<String>;
+    fn move_project_with(&self, id: &str, body_json: &str) -> zbus::Result<String>;
     fn get_operation(&self, op: &str) -> zbus::Result<String>;
     fn cancel_operation(&self, op: &str) -> zbus::Result<String>;
 }
@@ -114,11 +109,18 @@ pub fn progress_line(v: &View, tick: usize) -> String {
     )
 }
 
+/// `--pin`'s value: `sha256:` and the certificate's hash (the prefix may be left out); the daemon
+/// checks the hash itself as `master.pin_sha256`.
+pub fn pin_arg(s: &str) -> String {
+    s.strip_prefix("sha256:").unwrap_or(s).to_string()
+}
+
 /// `move ID --to URL`: runs the move to its end.
 pub async fn run(
     id: ProjectId,
     target: String,
     token: Option<String>,
+    pin: Option<String>,
     start: bool,
 ) -> Result<(), CliError> {
     let token = match token.or_else(|| std::env::var(TOKEN_ENV).ok()) {
@@ -134,10 +136,17 @@ pub async fn run(
     };
     let conn = zbus::Connection::system().await?;
     let p = MovesProxy::new(&conn).await?;
-    let v = parse(
-        &p.move_project(&id.to_string(), &target, &token, start)
-            .await?,
-    )?;
+    let body = super::moves::MoveBody {
+        target: target.clone(),
+        token,
+        start,
+        pin_sha256: pin.as_deref().map(pin_arg),
+    };
+    let body = serde_json::to_string(&body).map_err(|e| CliError {
+        code: EXIT_FAILURE,
+        message: e.to_string(),
+    })?;
+    let v = parse(&p.move_project_with(&id.to_string(), &body).await?)?;
     let op = v.op.clone();
     let tty = std::io::stderr().is_terminal();
     if !tty {
@@ -206,6 +215,15 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pin_option_drops_its_sha256_prefix_only() {
+        let h = "ab".repeat(32);
+        assert_eq!(pin_arg(&format!("sha256:{h}")), h);
+        assert_eq!(pin_arg(&h), h);
+        // anything else reaches the daemon as given, which refuses it (400 / InvalidBody)
+        assert_eq!(pin_arg("md5:ab"), "md5:ab");
+    }
 
     #[test]
     fn progress_lines() {

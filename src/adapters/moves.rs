@@ -8,39 +8,62 @@ use http_body_util::{BodyExt as _, Empty, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::backends::tls_client::{self, Trust};
 use crate::core::moves::{MoveRequest, Sender};
 use crate::domain::moves::{MoveId, TargetState};
 use crate::domain::project::ProjectId;
 
-/// `POST /projects/:id/move` body.
-#[derive(Debug, Default, Deserialize)]
+/// `POST /projects/:id/move` body (also D-Bus `MoveProjectWith`'s JSON argument).
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MoveBody {
-    /// the target host's API, `http://host:port`
+    /// the target host's API, `https://host:port` (or `http://` to loopback, or anywhere with
+    /// `moves.allow_http`)
     pub target: String,
     /// the master's move token for the target
     pub token: String,
     /// start the project on the target
     #[serde(default)]
     pub start: bool,
+    /// SHA-256 of the target's certificate (`master.pin_sha256`'s format): only that
+    /// certificate is accepted (wins over `moves.pin_sha256`; https targets only)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_sha256: Option<String>,
 }
 
-/// A target's address: `http://<host>:<port>[/]` only (no path, query or user info).
+/// A target's address: `https://<host>:<port>[/]` or `http://…` (no path, query or user info).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// `host:port`
+    /// `host:port` as in the URL (IPv6 hosts in brackets)
     pub authority: String,
+    /// the host, without brackets
+    pub host: String,
+    /// `https://`
+    pub https: bool,
+}
+
+impl Target {
+    /// `localhost`, 127.0.0.0/8 or ::1.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.to_canonical().is_loopback())
+    }
 }
 
 /// Parses a target URL.
 pub fn parse_target(s: &str) -> Result<Target, String> {
-    let bad = |why: &str| format!("target {s:?}: {why} (expected http://host:port)");
+    let bad = |why: &str| format!("target {s:?}: {why} (expected https://host:port)");
     let uri: hyper::Uri = s.parse().map_err(|_| bad("not a URL"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(bad("the scheme must be http"));
-    }
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(bad("the scheme must be https (or http)")),
+    };
     let a = uri.authority().ok_or_else(|| bad("no host"))?;
     if a.as_str().contains('@') || a.port_u16().is_none() || a.host().is_empty() {
         return Err(bad("host and port required, no user info"));
@@ -50,12 +73,82 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
     }
     Ok(Target {
         authority: a.as_str().to_string(),
+        host: a
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        https,
     })
 }
 
+/// Where and how the source connects: the target, and TLS to it unless plain HTTP was allowed.
+#[derive(Clone)]
+pub struct Link {
+    /// the target
+    pub target: Target,
+    /// TLS, for an `https://` target
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("target", &self.target)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// How the certificate of an `https://` target is checked: the request's pin, else
+/// `moves.pin_sha256`, else a chain to `moves.ca_file` (or the system's CAs) naming the host.
+/// `Err` for a plain `http://` target that is neither loopback nor allowed by
+/// `moves.allow_http`, or a pin with it.
+pub fn trust(
+    t: &Target,
+    pin: Option<&str>,
+    m: &crate::config::MoveSettings,
+) -> Result<Option<Trust>, String> {
+    let pin = pin
+        .map(|p| crate::config::parse_pin(p).map_err(|e| format!("pin_sha256: {e}")))
+        .transpose()?;
+    if !t.https {
+        if pin.is_some() {
+            return Err(format!(
+                "pin_sha256: a pin needs an https:// target, not {}",
+                t.authority
+            ));
+        }
+        if !t.is_loopback() && !m.allow_http {
+            return Err(format!(
+                "target http://{}: plain HTTP would carry the project's files in clear text to \
+                 a host that is not loopback; use https:// (the target's http.tls_cert and \
+                 http.tls_key, with pin_sha256 or a CA), or set moves.allow_http = true on this \
+                 host for a trusted network",
+                t.authority
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(match (pin, &m.pin_sha256) {
+        (Some(sha256), _) => Trust::Pin {
+            sha256,
+            source: "the move's pin_sha256",
+        },
+        (None, Some(p)) => Trust::Pin {
+            sha256: crate::config::parse_pin(p).map_err(|e| format!("moves.pin_sha256: {e}"))?,
+            source: "moves.pin_sha256",
+        },
+        (None, None) => Trust::Cas(m.ca_file.clone()),
+    }))
+}
+
 impl MoveBody {
-    /// The core's request, with the target checked.
-    pub fn into_request(self) -> Result<(MoveRequest, Target), String> {
+    /// The core's request and the link to the target, checked against `moves`' settings.
+    pub fn into_request(
+        self,
+        m: &crate::config::MoveSettings,
+    ) -> Result<(MoveRequest, Link), String> {
         let t = parse_target(&self.target)?;
         if self.token.is_empty()
             || self.token.len() > crate::auth::MAX_TOKEN_LEN
@@ -63,22 +156,26 @@ impl MoveBody {
         {
             return Err("token: expected the master's move token for the target".into());
         }
+        let tls = match trust(&t, self.pin_sha256.as_deref(), m)? {
+            Some(trust) => Some(tls_client::connector(&trust).map_err(|e| format!("moves: {e}"))?),
+            None => None,
+        };
         Ok((
             MoveRequest {
                 target: self.target,
                 token: self.token,
                 start: self.start,
             },
-            t,
+            Link { target: t, tls },
         ))
     }
 }
 
-/// Sends a move's stream over plain HTTP/1.1 (chunked) to the target.
+/// Sends a move's stream over HTTP/1.1 (chunked) to the target, in TLS for an `https://` one.
 #[derive(Debug)]
 pub struct HttpSender {
-    /// the target
-    pub target: Target,
+    /// the target and TLS to it
+    pub link: Link,
     /// `moves.stall_timeout`: a connection whose peer acknowledges nothing for this long is
     /// dead (TCP keepalive and user timeout on its socket)
     pub stall: std::time::Duration,
@@ -121,57 +218,84 @@ impl HttpSender {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let target = &self.link.target;
         let tcp = tokio::time::timeout(
             std::time::Duration::from_secs(30),
-            tokio::net::TcpStream::connect(&self.target.authority),
+            tokio::net::TcpStream::connect(&target.authority),
         )
         .await
-        .map_err(|_| format!("cannot connect to {}: timed out", self.target.authority))?
-        .map_err(|e| format!("cannot connect to {}: {e}", self.target.authority))?;
+        .map_err(|_| format!("cannot connect to {}: timed out", target.authority))?
+        .map_err(|e| format!("cannot connect to {}: {e}", target.authority))?;
         let _ = tcp.set_nodelay(true);
+        // on the TCP socket under TLS too: the kernel watches the peer either way
         watch_peer(&tcp, self.stall)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP handshake: {e}"))?;
-        let conn = tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
             .uri(format!("/projects/{id}/receive/{mv}"))
-            .header(hyper::header::HOST, &self.target.authority)
+            .header(hyper::header::HOST, &target.authority)
             .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
             .body(body)
             .map_err(|e| e.to_string())?;
-        // the answer to a whole stream comes once the target received (and maybe placed) it
-        let resp = tokio::time::timeout(
-            std::time::Duration::from_secs(3600),
-            sender.send_request(req),
-        )
-        .await
-        .map_err(|_| format!("no answer from {}", self.target.authority))?
-        .map_err(|e| {
-            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(" ({c})"));
-            format!(
-                "the connection to {} broke: {e}{cause}",
-                self.target.authority
-            )
-        })?;
-        let status = resp.status();
-        let text = match tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            resp.into_body().collect(),
-        )
-        .await
-        {
-            Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes())
-                .chars()
-                .take(2000)
-                .collect(),
-            _ => String::new(),
-        };
-        conn.abort();
-        Ok((status, text))
+        match &self.link.tls {
+            None => exchange(TokioIo::new(tcp), req, &target.authority).await,
+            Some(tls) => {
+                let name = tls_client::server_name(&target.host)?;
+                let stream = tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    tls.connect(name, tcp),
+                )
+                .await
+                .map_err(|_| format!("TLS handshake with {}: timed out", target.authority))?
+                .map_err(|e| format!("TLS handshake with {}: {e}", target.authority))?;
+                exchange(TokioIo::new(stream), req, &target.authority).await
+            }
+        }
     }
+}
+
+/// One request over an open connection (plain or TLS) to `authority`; (status, body text).
+async fn exchange<I, B>(
+    io: I,
+    req: Request<B>,
+    authority: &str,
+) -> Result<(StatusCode, String), String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let conn = tokio::spawn(conn);
+    // the answer to a whole stream comes once the target received (and maybe placed) it
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(3600),
+        sender.send_request(req),
+    )
+    .await
+    .map_err(|_| format!("no answer from {authority}"))?
+    .map_err(|e| {
+        let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(" ({c})"));
+        format!("the connection to {authority} broke: {e}{cause}")
+    })?;
+    let status = resp.status();
+    let text = match tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        resp.into_body().collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes())
+            .chars()
+            .take(2000)
+            .collect(),
+        _ => String::new(),
+    };
+    conn.abort();
+    Ok((status, text))
 }
 
 #[async_trait::async_trait]
@@ -256,8 +380,8 @@ pub fn bearer(h: Option<&hyper::header::HeaderValue>) -> Option<String> {
 }
 
 /// A shared sender for the core; `stall`: `moves.stall_timeout`.
-pub fn sender(target: Target, stall: std::time::Duration) -> Arc<dyn Sender> {
-    Arc::new(HttpSender { target, stall })
+pub fn sender(link: Link, stall: std::time::Duration) -> Arc<dyn Sender> {
+    Arc::new(HttpSender { link, stall })
 }
 
 #[cfg(test)]
@@ -284,22 +408,134 @@ mod tests {
 
     #[test]
     fn targets() {
+        let t = parse_target("https://10.213.0.2:9002").unwrap();
         assert_eq!(
-            parse_target("http://10.213.0.2:9002").unwrap().authority,
-            "10.213.0.2:9002"
+            (t.authority.as_str(), t.host.as_str(), t.https),
+            ("10.213.0.2:9002", "10.213.0.2", true)
         );
-        assert!(parse_target("http://h:1/").is_ok());
+        let t = parse_target("http://[::1]:9002/").unwrap();
+        assert_eq!((t.host.as_str(), t.https), ("::1", false));
+        assert!(t.is_loopback());
+        for (u, lo) in [
+            ("http://127.0.0.1:1", true),
+            ("http://127.9.9.9:1", true),
+            ("http://LOCALHOST:1", true),
+            ("http://[::ffff:127.0.0.1]:1", true),
+            ("http://10.0.0.1:1", false),
+            ("http://h.example:1", false),
+            ("http://[::2]:1", false),
+        ] {
+            assert_eq!(parse_target(u).unwrap().is_loopback(), lo, "{u}");
+        }
         for bad in [
             "",
             "ftp://h:1",
             "http://h",
+            "https://h",
             "http://u@h:1",
+            "https://u:p@h:1",
             "http://h:1/x",
-            "http://h:1/?a=b",
-            "https://h:1",
+            "https://h:1/?a=b",
             "h:1",
         ] {
             assert!(parse_target(bad).is_err(), "{bad}");
         }
+    }
+
+    fn body(target: &str, pin: Option<&str>) -> MoveBody {
+        MoveBody {
+            target: target.into(),
+            token: "t".into(),
+            start: true,
+            pin_sha256: pin.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn plain_http_goes_only_to_loopback_unless_allowed() {
+        let mut m = crate::config::MoveSettings::default();
+        let (_, l) = body("http://127.0.0.1:9002", None)
+            .into_request(&m)
+            .unwrap();
+        assert!(l.tls.is_none());
+        let e = body("http://10.213.0.2:9002", None)
+            .into_request(&m)
+            .unwrap_err();
+        assert!(
+            e.contains("clear text") && e.contains("https://") && e.contains("moves.allow_http"),
+            "{e}"
+        );
+        m.allow_http = true;
+        let (r, l) = body("http://10.213.0.2:9002", None)
+            .into_request(&m)
+            .unwrap();
+        assert!(l.tls.is_none());
+        assert_eq!(r.target, "http://10.213.0.2:9002");
+        // a pin means TLS: never with plain http
+        let e = body("http://127.0.0.1:9002", Some(&"ab".repeat(32)))
+            .into_request(&m)
+            .unwrap_err();
+        assert!(e.contains("https"), "{e}");
+    }
+
+    #[test]
+    fn https_trusts_the_requests_pin_then_the_configured_one_then_the_cas() {
+        let mut m = crate::config::MoveSettings::default();
+        let t = parse_target("https://10.213.0.2:9002").unwrap();
+        let ab = "ab".repeat(32);
+        let cd = "cd:".repeat(31) + "cd";
+        assert_eq!(trust(&t, None, &m).unwrap(), Some(Trust::Cas(None)));
+        m.ca_file = Some("/etc/x/ca.pem".into());
+        assert_eq!(
+            trust(&t, None, &m).unwrap(),
+            Some(Trust::Cas(Some("/etc/x/ca.pem".into())))
+        );
+        m.ca_file = None;
+        m.pin_sha256 = Some(ab.clone());
+        assert_eq!(
+            trust(&t, None, &m).unwrap(),
+            Some(Trust::Pin {
+                sha256: [0xab; 32],
+                source: "moves.pin_sha256"
+            })
+        );
+        // the body wins
+        assert_eq!(
+            trust(&t, Some(&cd), &m).unwrap(),
+            Some(Trust::Pin {
+                sha256: [0xcd; 32],
+                source: "the move's pin_sha256"
+            })
+        );
+        // a pin that is not one: a clear 400, not a connection
+        for bad in ["", "abcd", &"zz".repeat(32), &"ab".repeat(33)] {
+            let e = body("https://10.213.0.2:9002", Some(bad))
+                .into_request(&m)
+                .unwrap_err();
+            assert!(e.contains("pin_sha256") && e.contains("64 hex"), "{bad}: {e}");
+        }
+        let (_, l) = body("https://10.213.0.2:9002", Some(&ab))
+            .into_request(&m)
+            .unwrap();
+        assert!(l.tls.is_some());
+        // an unreadable CA file is said, before anything is sent
+        m.pin_sha256 = None;
+        m.ca_file = Some("/no/such/ca.pem".into());
+        let e = body("https://10.213.0.2:9002", None)
+            .into_request(&m)
+            .unwrap_err();
+        assert!(e.contains("/no/such/ca.pem"), "{e}");
+    }
+
+    #[test]
+    fn the_body_takes_a_pin_and_nothing_unknown() {
+        let b: MoveBody =
+            serde_json::from_str(r#"{"target":"https://h:1","token":"t","pin_sha256":"ab"}"#)
+                .unwrap();
+        assert_eq!(b.pin_sha256.as_deref(), Some("ab"));
+        assert!(serde_json::from_str::<MoveBody>(r#"{"target":"h","token":"t","pin":"ab"}"#).is_err());
+        // the D-Bus argument is the same JSON
+        let back: MoveBody = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        assert_eq!(back.pin_sha256.as_deref(), Some("ab"));
     }
 }
