@@ -632,6 +632,17 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
             );
         }
         let listener = tokio::net::TcpListener::from_std(listeners.http)?;
+        // TLS for connections to non-loopback addresses: without its certificate the daemon
+        // does not start (never plain HTTP where TLS was configured)
+        let hs = &host.settings().http;
+        let api_tls = match (&hs.tls_cert, &hs.tls_key) {
+            (Some(c), Some(k)) => Some(std::sync::Arc::new(
+                cocalc_project_host::adapters::proxy::tls::Tls::new(c.clone(), k.clone())
+                    .map_err(|e| anyhow::anyhow!("http.tls_cert/http.tls_key: {e}"))?,
+            )),
+            _ => None,
+        };
+        let tls_on = api_tls.is_some();
         let watchdog = activation::spawn_watchdog();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         // the proxy stops with the API (same signal, same order: before the bus and the core)
@@ -691,10 +702,11 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
             watchdog_ms = watchdog.map(|d| d.as_millis() as u64),
             admin_tokens,
             master_keys,
+            tls = tls_on,
             "serving"
         );
         activation::notify_ready(&format!("serving on {addr}"));
-        http::serve(listener, host.clone(), auth, async {
+        http::serve(listener, host.clone(), auth, api_tls, async {
             let _ = stop_rx.await;
         })
         .await;

@@ -1,5 +1,6 @@
-//! The HTTP API (hyper 1): a thin adapter over [`Host`]. `serve(listener, host, shutdown)` takes
-//! its listener and shutdown signal from the caller, so socket activation and tests come free.
+//! The HTTP API (hyper 1): a thin adapter over [`Host`]. `serve(listener, host, auth, tls, shutdown)`
+//! takes its listener and shutdown signal from the caller, so socket activation and tests come free;
+//! with `http.tls_cert`, connections to non-loopback addresses speak TLS (`wants_tls`).
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -838,12 +839,26 @@ async fn handle(
     Ok(resp)
 }
 
+/// Whether a connection speaks TLS: with `http.tls_cert`/`tls_key` set, every connection that
+/// reached a non-loopback address of this host (host-to-host traffic: moves); connections to
+/// loopback stay plain (local tools). Decided by the connection's own local address, so one
+/// `0.0.0.0:9002` socket serves both.
+pub fn wants_tls(local: std::net::SocketAddr) -> bool {
+    !local.ip().to_canonical().is_loopback()
+}
+
+/// An accepted connection, plain or in TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// Serves the API on `listener` until `shutdown` resolves, then lets in-flight requests finish
-/// (up to 30 s) before returning. `auth` decides who may call what.
+/// (up to 30 s) before returning. `auth` decides who may call what; with `tls`
+/// (`http.tls_cert`), connections to non-loopback addresses speak TLS ([`wants_tls`]).
 pub async fn serve(
     listener: TcpListener,
     host: Arc<Host>,
     auth: Arc<Auth>,
+    tls: Option<Arc<super::proxy::tls::Tls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -851,6 +866,9 @@ pub async fn serve(
     let peers = super::connlimit::PeerLimiter::new(host.settings().http.max_connections_per_peer);
     // ends the event and log streams at shutdown (they would hold the graceful wait)
     let closing = tokio_util::sync::CancellationToken::new();
+    if let Some(t) = &tls {
+        t.reload_on_sighup("API", closing.clone());
+    }
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -879,15 +897,36 @@ pub async fn serve(
         let svc = hyper::service::service_fn(move |req| {
             handle(host.clone(), auth.clone(), closing.clone(), req)
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_headers(MAX_HEADERS)
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        // an unknown local address (cannot happen on an accepted socket) is not trusted plain
+        let acceptor = tls
+            .as_ref()
+            .filter(|_| stream.local_addr().map_or(true, wants_tls))
+            .map(|t| t.acceptor());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let io: Box<dyn Io> = match acceptor {
+                None => Box::new(stream),
+                // the handshake is bounded like a request head (slowloris); a client that does
+                // not speak TLS gets nothing but the close
+                Some(a) => match tokio::time::timeout(HEADER_TIMEOUT, a.accept(stream)).await {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %peer.ip(), error = %e, "API: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %peer.ip(), "API: TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_headers(MAX_HEADERS)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(io), svc);
+            let _ = watcher.watch(conn).await;
             drop(slot);
             drop(permit);
         });
@@ -914,6 +953,22 @@ mod tests {
 
     const ID: &str = "6f1c2d3e-0000-4000-8000-000000000001";
     const MV: &str = "0b7e2f4a-1111-4000-8000-00000000000a";
+
+    #[test]
+    fn only_connections_to_loopback_stay_plain_when_tls_is_on() {
+        for (a, tls) in [
+            ("127.0.0.1:9002", false),
+            ("127.1.2.3:9002", false),
+            ("[::1]:9002", false),
+            ("[::ffff:127.0.0.1]:9002", false),
+            ("10.213.0.2:9002", true),
+            ("[::ffff:10.213.0.2]:9002", true),
+            ("[fe80::1]:9002", true),
+            ("0.0.0.0:9002", true),
+        ] {
+            assert_eq!(wants_tls(a.parse().unwrap()), tls, "{a}");
+        }
+    }
 
     #[test]
     fn routes() {

@@ -1,4 +1,5 @@
-//! Optional TLS on the proxy listener (`proxy.tls_cert`, `proxy.tls_key`: PEM files), with
+//! Optional TLS on the proxy listener (`proxy.tls_cert`, `proxy.tls_key`: PEM files) and on the
+//! API's host-to-host connections (`http.tls_cert`, `http.tls_key`, `adapters::http`), with
 //! rustls (ring provider, TLS 1.2 and 1.3, ALPN `http/1.1`). The files are re-read on SIGHUP; a
 //! reload that fails keeps the configuration in force (and says why in the journal).
 use std::path::{Path, PathBuf};
@@ -55,6 +56,35 @@ impl Tls {
         let c = load(&self.cert, &self.key)?;
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = c;
         Ok(())
+    }
+
+    /// Re-reads the files on each SIGHUP until `stop` (the API's; `what` names the listener in
+    /// the journal).
+    pub fn reload_on_sighup(
+        self: &Arc<Self>,
+        what: &'static str,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "cannot watch SIGHUP: the TLS certificate is not reloaded");
+                return;
+            }
+        };
+        let t = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => match t.reload() {
+                        Ok(()) => tracing::info!(listener = what, "TLS certificate and key reloaded (SIGHUP)"),
+                        Err(e) => tracing::warn!(listener = what, error = %e, "TLS reload failed, the previous certificate stays"),
+                    },
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
     }
 
     /// An acceptor with the configuration in force now.
