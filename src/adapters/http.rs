@@ -847,6 +847,9 @@ pub fn wants_tls(local: std::net::SocketAddr) -> bool {
     !local.ip().to_canonical().is_loopback()
 }
 
+/// The first byte of a TLS client's first record (content type handshake).
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// An accepted connection, plain or in TLS.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
@@ -906,9 +909,18 @@ pub async fn serve(
         tokio::spawn(async move {
             let io: Box<dyn Io> = match acceptor {
                 None => Box::new(stream),
-                // the handshake is bounded like a request head (slowloris); a client that does
-                // not speak TLS gets nothing but the close
-                Some(a) => match tokio::time::timeout(HEADER_TIMEOUT, a.accept(stream)).await {
+                // a client that does not open with a TLS handshake record gets not a byte (not
+                // even an alert), only the close; the handshake is bounded like a request head
+                // (slowloris)
+                Some(a) => match tokio::time::timeout(HEADER_TIMEOUT, async {
+                    let mut first = [0u8; 1];
+                    match stream.peek(&mut first).await {
+                        Ok(1) if first[0] == TLS_HANDSHAKE => a.accept(stream).await,
+                        _ => Err(std::io::Error::other("not a TLS handshake")),
+                    }
+                })
+                .await
+                {
                     Ok(Ok(s)) => Box::new(s),
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %peer.ip(), error = %e, "API: TLS handshake failed");

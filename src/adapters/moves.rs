@@ -512,7 +512,10 @@ mod tests {
             let e = body("https://10.213.0.2:9002", Some(bad))
                 .into_request(&m)
                 .unwrap_err();
-            assert!(e.contains("pin_sha256") && e.contains("64 hex"), "{bad}: {e}");
+            assert!(
+                e.contains("pin_sha256") && e.contains("64 hex"),
+                "{bad}: {e}"
+            );
         }
         let (_, l) = body("https://10.213.0.2:9002", Some(&ab))
             .into_request(&m)
@@ -533,7 +536,9 @@ mod tests {
             serde_json::from_str(r#"{"target":"https://h:1","token":"t","pin_sha256":"ab"}"#)
                 .unwrap();
         assert_eq!(b.pin_sha256.as_deref(), Some("ab"));
-        assert!(serde_json::from_str::<MoveBody>(r#"{"target":"h","token":"t","pin":"ab"}"#).is_err());
+        assert!(
+            serde_json::from_str::<MoveBody>(r#"{"target":"h","token":"t","pin":"ab"}"#).is_err()
+        );
         // the D-Bus argument is the same JSON
         let back: MoveBody = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
         assert_eq!(back.pin_sha256.as_deref(), Some("ab"));

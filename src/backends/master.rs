@@ -133,8 +133,8 @@ impl HttpMaster {
             .map_err(|e| un("request", &e))?;
         let resp = match &self.tls {
             Some(tls) => {
-                let name = tls_client::server_name(&self.url.host)
-                    .map_err(|e| un("server name", &e))?;
+                let name =
+                    tls_client::server_name(&self.url.host).map_err(|e| un("server name", &e))?;
                 let stream = tls.connect(name, tcp).await.map_err(|e| un("TLS", &e))?;
                 send(TokioIo::new(stream), req).await?
             }

@@ -119,9 +119,7 @@ pub fn config(trust: &Trust) -> Result<rustls::ClientConfig, String> {
                 .with_no_client_auth())
         }
         Trust::Cas(file) => {
-            let file = file
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(SYSTEM_CAS));
+            let file = file.clone().unwrap_or_else(|| PathBuf::from(SYSTEM_CAS));
             Ok(builder
                 .with_root_certificates(roots(&file)?)
                 .with_no_client_auth())

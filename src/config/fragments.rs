@@ -118,7 +118,12 @@ impl MovesFragment {
             "moves.receive_idle",
             mark,
         );
-        put(&mut s.ca_file, self.ca_file.map(Some), "moves.ca_file", mark);
+        put(
+            &mut s.ca_file,
+            self.ca_file.map(Some),
+            "moves.ca_file",
+            mark,
+        );
         put(
             &mut s.pin_sha256,
             self.pin_sha256.map(Some),
@@ -162,7 +167,12 @@ impl HttpFragment {
             "http.max_connections_per_peer",
             mark,
         );
-        put(&mut h.tls_cert, self.tls_cert.map(Some), "http.tls_cert", mark);
+        put(
+            &mut h.tls_cert,
+            self.tls_cert.map(Some),
+            "http.tls_cert",
+            mark,
+        );
         put(&mut h.tls_key, self.tls_key.map(Some), "http.tls_key", mark);
     }
 }

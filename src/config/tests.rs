@@ -414,7 +414,10 @@ fn api_tls_and_move_trust_merge_and_validate() {
         "[http]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n[moves]\nallow_http = true\npin_sha256 = \"ab:cd\"\n",
     )]);
     let e = s.unwrap_err().to_string();
-    assert!(e.contains("moves.pin_sha256") && e.contains("/etc/x/a.toml"), "{e}");
+    assert!(
+        e.contains("moves.pin_sha256") && e.contains("/etc/x/a.toml"),
+        "{e}"
+    );
     let s = m(&[(
         "/etc/x/a.toml",
         &format!(
@@ -427,12 +430,18 @@ fn api_tls_and_move_trust_merge_and_validate() {
     assert_eq!(s.http.tls_key.as_deref(), Some(Path::new("/k.pem")));
     assert!(s.moves.allow_http);
     assert_eq!(s.moves.pin_sha256, Some("ab".repeat(32)));
-    assert!(!Settings::default().moves.allow_http, "plain http is opt-in");
+    assert!(
+        !Settings::default().moves.allow_http,
+        "plain http is opt-in"
+    );
     let pin = format!("pin_sha256 = \"{}\"", "ab".repeat(32));
     for (toml, key) in [
         ("[http]\ntls_cert = \"/c.pem\"", "http.tls_key"),
         ("[http]\ntls_key = \"/k.pem\"", "http.tls_cert"),
-        ("[http]\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"", "http.tls_cert"),
+        (
+            "[http]\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"",
+            "http.tls_cert",
+        ),
         ("[moves]\nca_file = \"ca.pem\"", "moves.ca_file"),
         ("[moves]\npin_sha256 = \"zz\"", "moves.pin_sha256"),
         (
