@@ -1,7 +1,9 @@
 //! Moving a project between two testbed machines (docs/moves.md). The test boots a second
 //! machine (`<TESTBED_NAME>-peer`, torn down by a guard even when the test fails) with the same
 //! .deb, joins the two with a veth pair inside their own network namespaces (10.213.0.1/30 and
-//! .2), exposes the peer's API on its veth address, and trusts one test master key on both.
+//! .2), exposes the peer's API on its veth address, and trusts one test master key on both. The
+//! tests that are not about TLS move over plain HTTP (`moves.allow_http` on the source); the
+//! TLS one gives the peer a certificate the test makes (openssl) and moves over https.
 use std::process::Command;
 
 use base64::Engine as _;
@@ -23,6 +25,8 @@ fn storage_up() -> String {
     )
 }
 const TARGET: &str = "http://10.213.0.2:9002";
+const TLS_TARGET: &str = "https://10.213.0.2:9002";
+const TLS_DROP_IN: &str = "/etc/cocalc-project-host/config.d/92-e2e-moves-tls.toml";
 
 fn script() -> String {
     format!("{}/tests/testbed/testbed.sh", env!("CARGO_MANIFEST_DIR"))
@@ -165,10 +169,15 @@ struct Master {
 }
 
 impl Master {
+    /// The key, and plain-HTTP moves allowed (the tests not about TLS).
     fn install(peer: &Peer) -> Master {
+        Master::install_with(peer, true)
+    }
+
+    fn install_with(peer: &Peer, allow_http: bool) -> Master {
         let (seed, b64) = tb::master_key();
         let cmd = format!(
-            "printf '[auth]\\nmaster_public_keys = [\"{b64}\"]\\nmax_token_lifetime = 3600\\n' > {MASTER_DROP_IN} && systemctl restart cocalc-project-host.service"
+            "printf '[auth]\\nmaster_public_keys = [\"{b64}\"]\\nmax_token_lifetime = 3600\\n[moves]\\nallow_http = {allow_http}\\n' > {MASTER_DROP_IN} && systemctl restart cocalc-project-host.service"
         );
         ok(&cmd);
         peer.ok(&cmd);
@@ -847,4 +856,181 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
     rejected(post(&mv4), ""); // replay
     drop(master);
     drop(peer);
+}
+
+/// Gives the peer's API TLS (`http.tls_cert`/`tls_key`) with a certificate for 10.213.0.2
+/// issued by a CA the test makes (openssl, EC P-256); (the CA's PEM, the SHA-256 pin of the
+/// peer's certificate).
+fn peer_tls(peer: &Peer) -> (String, String) {
+    let d = "/etc/cocalc-project-host";
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    peer.ok(&format!(
+        "cd {d} && openssl req -x509 {ec} -keyout e2e-ca.key -out e2e-ca.crt -days 2 -subj /CN=e2e-moves-ca 2>/dev/null \
+         && openssl req {ec} -keyout e2e-api.key -out e2e-api.csr -subj /CN=10.213.0.2 2>/dev/null \
+         && printf 'subjectAltName=IP:10.213.0.2\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > e2e-ext.cnf \
+         && openssl x509 -req -in e2e-api.csr -CA e2e-ca.crt -CAkey e2e-ca.key -CAcreateserial -out e2e-api.crt -days 2 -extfile e2e-ext.cnf 2>/dev/null \
+         && printf '[http]\\ntls_cert = \"{d}/e2e-api.crt\"\\ntls_key = \"{d}/e2e-api.key\"\\n' > {TLS_DROP_IN} \
+         && systemctl restart cocalc-project-host.service"
+    ));
+    let ca = peer.ok(&format!("cat {d}/e2e-ca.crt"));
+    let pin = peer.ok(&format!(
+        "openssl x509 -in {d}/e2e-api.crt -outform der | sha256sum | cut -c1-64"
+    ));
+    assert_eq!(pin.len(), 64, "{pin}");
+    (ca, pin)
+}
+
+/// Nothing of a move reached the peer: no project, nothing under its moves directory but the
+/// used ids.
+fn nothing_on_peer(peer: &Peer, id: &str) {
+    assert_eq!(
+        peer.ok(&format!(
+            "test -e {}/project-{id} && echo yes || echo no",
+            tb::STORAGE
+        )),
+        "no"
+    );
+    assert_eq!(
+        peer.ok(&format!(
+            "ls -A {}/.moves 2>/dev/null | grep -v '^used$' || true",
+            tb::STORAGE
+        )),
+        ""
+    );
+}
+
+#[test]
+fn a_move_over_tls_checks_the_targets_certificate_and_plain_http_to_a_remote_target_is_refused() {
+    let peer = Peer::up();
+    // plain HTTP is not allowed on the source here (the default)
+    let master = Master::install_with(&peer, false);
+    let (ca, pin) = peer_tls(&peer);
+    // the peer's own loopback stays plain (its local tools and this test's peer.http)
+    let target_id = peer_host_id(&peer);
+    let ca_path = "/etc/cocalc-project-host/e2e-moves-ca.crt";
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&ca);
+    ok(&format!("echo {b64} | base64 -d > {ca_path}"));
+    let _ca_cleanup = CleanUp(format!("rm -f {ca_path}"));
+
+    // a plain-HTTP client on the TLS side gets nothing: no status, no byte of an answer
+    let o = tb::sh(
+        "curl -sS -m 10 -o /tmp/plain.out -w '%{http_code}' http://10.213.0.2:9002/healthz; echo \" rc=$?\"; cat /tmp/plain.out 2>/dev/null | wc -c; rm -f /tmp/plain.out",
+    );
+    let out = o.stdout.trim().to_string();
+    // curl's 52: "Empty reply from server" (not even a TLS alert comes back)
+    assert_eq!(out, "000 rc=52\n0", "no status, no byte: {}", o.stderr);
+    eprintln!(
+        "plain HTTP to the TLS side: {out:?}, curl: {}",
+        o.stderr.trim()
+    );
+    // the same over TLS, checked against the test's CA and the address: answered
+    assert_eq!(
+        ok(&format!(
+            "curl -sS -m 10 --cacert {ca_path} -o /dev/null -w '%{{http_code}}' https://10.213.0.2:9002/healthz"
+        )),
+        "200"
+    );
+
+    let id = new_id();
+    let (before, snaps_before) = populate(&id);
+    let token = master.token(&target_id, &id, &["move"]);
+    // http:// to a target that is not loopback, without moves.allow_http: 400, nothing started
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/move"),
+        Some(&json!({"target": TARGET, "token": token, "start": true}).to_string()),
+    );
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")), "{v}");
+    let e = v["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("clear text") && e.contains("https://") && e.contains("moves.allow_http"),
+        "says why and how: {v}"
+    );
+    let o = tb::sh(&format!(
+        "COCALC_MOVE_TOKEN='{token}' cocalc-project-host move {id} --to {TARGET}"
+    ));
+    assert_eq!(o.code, 2, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("clear text"), "{}", o.stderr);
+    // a pin that is not a SHA-256: 400 before any connection
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/move"),
+        Some(&json!({"target": TLS_TARGET, "token": token, "pin_sha256": "abcd"}).to_string()),
+    );
+    assert_eq!((s, v["code"].as_str()), (400, Some("invalid_body")), "{v}");
+    assert_eq!(tb::status(&id)["state"], "running");
+    nothing_on_peer(&peer, &id);
+
+    // the wrong pin (through the CLI: D-Bus MoveProjectWith): the TLS handshake fails, the move
+    // with it; the project runs on here, whole, and nothing reached the target
+    let wrong = "0f".repeat(32);
+    let o = tb::sh(&format!(
+        "COCALC_MOVE_TOKEN='{token}' cocalc-project-host move {id} --to {TLS_TARGET} --pin sha256:{wrong}"
+    ));
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains("TLS handshake with 10.213.0.2:9002")
+            && o.stderr.contains("not the pinned one")
+            && o.stderr.contains(&pin),
+        "a clear TLS/pin error naming the certificate it got: {}",
+        o.stderr
+    );
+    tb::wait_for("the project running", 60, || {
+        (tb::status(&id)["state"] == "running").then_some(())
+    });
+    assert_eq!(inventory(ok, &id), before, "the source is intact");
+    nothing_on_peer(&peer, &id);
+
+    // the right pin (the HTTP body's): the move completes over TLS
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id}/move"),
+        Some(
+            &json!({"target": TLS_TARGET, "token": token, "start": true, "pin_sha256": pin})
+                .to_string(),
+        ),
+    );
+    assert_eq!(s, 202, "{v}");
+    let t0 = std::time::Instant::now();
+    let v = wait_op(v["op"].as_str().unwrap(), &["failed", "done"]);
+    assert_eq!(v["phase"], "done", "{v}");
+    eprintln!(
+        "move over TLS of a 200 MB project with 3 snapshots: {:?}, {} bytes, downtime {} ms",
+        t0.elapsed(),
+        v["bytes_sent"],
+        v["downtime_ms"]
+    );
+    moved_whole(&peer, &id, &before, &snaps_before);
+
+    // no pin: the certificate must chain to moves.ca_file and name the target's address
+    let _ca = DropIn::install(TLS_DROP_IN, &format!("[moves]\nca_file = \"{ca_path}\"\n"));
+    let id2 = new_id();
+    tb::start(&id2, None);
+    ok(&format!(
+        "podman exec project-{id2} sh -c 'echo via-ca > /home/user/f'"
+    ));
+    let token2 = master.token(&target_id, &id2, &["move"]);
+    let (s, v) = http(
+        "POST",
+        &format!("/projects/{id2}/move"),
+        Some(&json!({"target": TLS_TARGET, "token": token2, "start": true}).to_string()),
+    );
+    assert_eq!(s, 202, "{v}");
+    let v = wait_op(v["op"].as_str().unwrap(), &["failed", "done"]);
+    assert_eq!(v["phase"], "done", "{v}");
+    assert_eq!(
+        peer.ok(&format!("podman exec project-{id2} cat /home/user/f")),
+        "via-ca"
+    );
+    drop(master);
+    drop(peer);
+}
+
+/// Runs a shell command on the machine when dropped.
+struct CleanUp(String);
+
+impl Drop for CleanUp {
+    fn drop(&mut self) {
+        sh(&self.0);
+    }
 }
