@@ -863,6 +863,28 @@ fn the_target_refuses_bad_tokens_tampered_and_unexpected_streams_and_places_noth
 /// peer's certificate).
 fn peer_tls(peer: &Peer) -> (String, String) {
     let d = "/etc/cocalc-project-host";
+    // half a pair, or files that are not there: a clear error, never plain HTTP instead
+    let o = peer.sh(&format!(
+        "printf '[http]\\ntls_cert = \"{d}/e2e-api.crt\"\\n' > {TLS_DROP_IN} && cocalc-project-host check-config"
+    ));
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    assert!(
+        o.stderr.contains(TLS_DROP_IN) && o.stderr.contains("http.tls_key"),
+        "{}",
+        o.stderr
+    );
+    let o = peer.sh(&format!(
+        "printf '[http]\\ntls_cert = \"{d}/e2e-api.crt\"\\ntls_key = \"{d}/e2e-api.key\"\\n' > {TLS_DROP_IN} && systemctl restart cocalc-project-host.service"
+    ));
+    assert_ne!(
+        o.code, 0,
+        "the daemon must not start without its certificate"
+    );
+    assert!(
+        peer.ok("journalctl -u cocalc-project-host.service -n 30 --no-pager")
+            .contains(&format!("http.tls_cert/http.tls_key: {d}/e2e-api.crt")),
+        "the journal says why"
+    );
     let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
     peer.ok(&format!(
         "cd {d} && openssl req -x509 {ec} -keyout e2e-ca.key -out e2e-ca.crt -days 2 -subj /CN=e2e-moves-ca 2>/dev/null \
