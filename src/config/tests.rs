@@ -436,8 +436,14 @@ fn api_tls_and_move_trust_merge_and_validate() {
     );
     let pin = format!("pin_sha256 = \"{}\"", "ab".repeat(32));
     for (toml, key) in [
-        ("[http]\ntls_cert = \"/c.pem\"", "http.tls_key"),
-        ("[http]\ntls_key = \"/k.pem\"", "http.tls_cert"),
+        (
+            "[http]\ntls_cert = \"/c.pem\"",
+            "a.toml: http.tls_cert: needs http.tls_key",
+        ),
+        (
+            "[http]\ntls_key = \"/k.pem\"",
+            "a.toml: http.tls_key: needs http.tls_cert",
+        ),
         (
             "[http]\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"",
             "http.tls_cert",

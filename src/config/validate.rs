@@ -198,8 +198,19 @@ fn validate_tls(s: &Settings) -> Result<(), (&'static str, String)> {
             }
         }
         (None, None) => {}
-        (Some(_), None) => return Err(("http.tls_key", "must be set with http.tls_cert".into())),
-        (None, Some(_)) => return Err(("http.tls_cert", "must be set with http.tls_key".into())),
+        // the error names the key that is set (and so the file that set it)
+        (Some(_), None) => {
+            return Err((
+                "http.tls_cert",
+                "needs http.tls_key too (both or neither)".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "http.tls_key",
+                "needs http.tls_cert too (both or neither)".into(),
+            ));
+        }
     }
     if let Some(p) = &s.moves.ca_file
         && !p.is_absolute()

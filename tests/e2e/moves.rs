@@ -1044,6 +1044,27 @@ fn a_move_over_tls_checks_the_targets_certificate_and_plain_http_to_a_remote_tar
         peer.ok(&format!("podman exec project-{id2} cat /home/user/f")),
         "via-ca"
     );
+
+    // a renewed certificate is served after SIGHUP, by the same daemon
+    let pid = || peer.ok("systemctl show -P MainPID cocalc-project-host.service");
+    let pid_before = pid();
+    let d = "/etc/cocalc-project-host";
+    peer.ok(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout e2e-api.key.new -out e2e-api.crt.new -days 2 -subj /CN=renewed -addext subjectAltName=IP:10.213.0.2 2>/dev/null \
+         && mv e2e-api.key.new e2e-api.key && mv e2e-api.crt.new e2e-api.crt \
+         && systemctl kill -s HUP cocalc-project-host.service"
+    ));
+    let renewed = peer.ok(&format!(
+        "openssl x509 -in {d}/e2e-api.crt -outform der | sha256sum | cut -c1-64"
+    ));
+    assert_ne!(renewed, pin);
+    tb::wait_for("the renewed certificate served", 20, || {
+        let served = ok(
+            "openssl s_client -connect 10.213.0.2:9002 </dev/null 2>/dev/null | openssl x509 -outform der | sha256sum | cut -c1-64",
+        );
+        (served == renewed).then_some(())
+    });
+    assert_eq!(pid(), pid_before, "reloaded, not restarted");
     drop(master);
     drop(peer);
 }
