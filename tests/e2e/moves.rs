@@ -313,7 +313,7 @@ fn a_running_project_with_snapshots_moves_cancel_leaves_it_whole_and_a_retry_com
     let (before, snaps_before) = populate(&id);
 
     // a wrong audience (the source's own id): refused by the target; through the CLI (D-Bus
-    // MoveProject/GetOperation), which says so and exits non-zero
+    // MoveProjectWith/GetOperation), which says so and exits non-zero
     let o = tb::sh(&format!(
         "COCALC_MOVE_TOKEN='{}' cocalc-project-host move {id} --to {TARGET}",
         master.token(&tb::host_id(), &id, &["move"])
@@ -939,8 +939,13 @@ fn a_move_over_tls_checks_the_targets_certificate_and_plain_http_to_a_remote_tar
         "curl -sS -m 10 -o /tmp/plain.out -w '%{http_code}' http://10.213.0.2:9002/healthz; echo \" rc=$?\"; cat /tmp/plain.out 2>/dev/null | wc -c; rm -f /tmp/plain.out",
     );
     let out = o.stdout.trim().to_string();
-    // curl's 52: "Empty reply from server" (not even a TLS alert comes back)
-    assert_eq!(out, "000 rc=52\n0", "no status, no byte: {}", o.stderr);
+    // closed unanswered, not even a TLS alert: curl's 52 ("Empty reply from server") or, as the
+    // request was left unread, 56 ("Connection reset by peer")
+    assert!(
+        out == "000 rc=52\n0" || out == "000 rc=56\n0",
+        "no status, no byte: {out:?} {}",
+        o.stderr
+    );
     eprintln!(
         "plain HTTP to the TLS side: {out:?}, curl: {}",
         o.stderr.trim()
