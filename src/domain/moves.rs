@@ -517,7 +517,7 @@ impl<'m> StreamCheck<'m> {
     pub fn op(&mut self, op: StreamOp<'_>) -> Result<(), String> {
         let m = self.m;
         if self.ended {
-            return Err("data after the stream's end command".into());
+            return Err("an extra command after the stream's end command".into());
         }
         self.commands += 1;
         if !self.begun && !matches!(op, StreamOp::Begin { .. }) {

@@ -28,6 +28,8 @@ pub const MAX_COMMAND: u64 = 1 << 20;
 const HEADER: u64 = 17;
 /// A command's header: u32 length, u16 command, u32 CRC.
 const COMMAND_HEADER: u64 = 10;
+/// The end command's number (btrfs send.h `BTRFS_SEND_C_END`).
+const END: u16 = 21;
 
 /// Walks the commands' lengths (not their contents): every one within [`MAX_COMMAND`], the
 /// last one ending exactly at the end of the file.
@@ -55,6 +57,13 @@ fn frames_bounded(f: &std::fs::File) -> Result<(), String> {
             ));
         }
         off += COMMAND_HEADER + n;
+        // END: a stream ends there (`btrfs receive` would read a second stream after it)
+        if u16::from_le_bytes([hdr[4], hdr[5]]) == END && off < len {
+            return Err(format!(
+                "{} extra bytes after the stream's end command (an extra stream?)",
+                len - off
+            ));
+        }
     }
     if off != len {
         return Err(format!(
@@ -386,7 +395,6 @@ ID 258 gen 8 top level 5 received_uuid 9f033f7c-c278-f546-90d1-8031e25169aa uuid
     // command and attribute numbers of the send stream (btrfs send.h)
     const SUBVOL: u16 = 1;
     const CLONE: u16 = 16;
-    const END: u16 = 21;
     const A_UUID: u16 = 1;
     const A_CTRANSID: u16 = 2;
     const A_PATH: u16 = 15;
@@ -446,7 +454,7 @@ ID 258 gen 8 top level 5 received_uuid 9f033f7c-c278-f546-90d1-8031e25169aa uuid
         let mut two = ok.clone();
         two.extend_from_slice(&ok[17..]);
         let e = check_bytes(&two, &m).unwrap_err();
-        assert!(e.contains("after the stream's end"), "{e}");
+        assert!(e.contains("extra bytes after the stream's end"), "{e}");
         // truncated, a flipped bit (CRC), a huge length, not a stream at all: refused
         let e = check_bytes(&ok[..ok.len() - 3], &m).unwrap_err();
         assert!(e.contains("a truncated command"), "{e}");
