@@ -323,6 +323,16 @@ pub trait Storage: Send + Sync + Debug {
     ) -> Result<(PathBuf, PathBuf), StorageError> {
         no_moves()
     }
+    /// Target: checks a move's spooled stream (`m` announced it) before `btrfs receive` reads
+    /// it: what it creates, what it clones from and the paths it names
+    /// (`domain::moves::StreamCheck`), and that the UUIDs it names are no other subvolume's.
+    async fn check_move_stream(
+        &self,
+        _mv: crate::domain::moves::MoveId,
+        _m: &crate::domain::moves::Manifest,
+    ) -> Result<(), String> {
+        Err("this storage backend does not move projects".into())
+    }
     /// Target: what the staging area holds (names, kinds, read-only flags, UUIDs).
     async fn inspect_move(
         &self,

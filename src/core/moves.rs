@@ -944,6 +944,12 @@ impl Host {
         // whole and authentic: its number is taken, whatever comes next (no replay of it)
         st.last_seq = m.seq;
         self.storage.save_move_record(mv, st).await?;
+        // what it creates, clones from and names, before btrfs reads it (`btrfs receive -m`
+        // would find a clone source anywhere on the filesystem by its UUID)
+        self.storage
+            .check_move_stream(mv, &m)
+            .await
+            .map_err(|e| reject(format!("stream refused before receive: {e}")))?;
         self.units
             .run_helper(Helper::Receive {
                 mv,

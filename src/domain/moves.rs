@@ -56,6 +56,14 @@ impl SubvolUuid {
     pub fn send_identity(uuid: SubvolUuid, received: Option<SubvolUuid>) -> SubvolUuid {
         received.unwrap_or(uuid)
     }
+
+    /// A UUID read from a stream (the nil UUID is no subvolume's).
+    pub fn from_stream(u: uuid::Uuid) -> Result<SubvolUuid, String> {
+        if u.is_nil() {
+            return Err("the stream names the nil UUID".into());
+        }
+        Ok(SubvolUuid(u))
+    }
 }
 
 impl FromStr for SubvolUuid {
@@ -458,6 +466,143 @@ pub fn check_lineage(m: &Manifest, found: &[Staged]) -> Result<(), String> {
     Ok(())
 }
 
+/// One command of a `btrfs send` stream as the target's check before `btrfs receive` sees it
+/// (`backends::btrfs` reads the spooled stream into these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOp<'a> {
+    /// `subvol` (whole, `parent: None`) or `snapshot` (incremental to `parent`): the subvolume
+    /// the stream creates, under `path` in the staging area
+    Begin {
+        /// its name
+        path: &'a str,
+        /// its identity in the stream (the received UUID it gets)
+        uuid: SubvolUuid,
+        /// the subvolume it is a snapshot of
+        parent: Option<SubvolUuid>,
+    },
+    /// `clone`: extents copied from the subvolume that `btrfs receive` finds by this UUID
+    Clone(SubvolUuid),
+    /// a path a command names inside the subvolume (a symlink's target is not one)
+    Path(&'a str),
+    /// `end`
+    End,
+}
+
+/// Checks a stream's commands against its manifest before `btrfs receive` reads it: it creates
+/// exactly the announced subvolume (name, UUID, whole or a snapshot of the announced parent),
+/// it clones only from that subvolume or that parent, every path stays inside it (relative, no
+/// `..`), and nothing follows its end. `btrfs receive -m` finds a clone source by UUID anywhere
+/// on the filesystem, so without this a stream could copy extents of any subvolume whose UUID
+/// it knows (with [`SubvolUuid`]s unique on the target, which the backend checks).
+#[derive(Debug)]
+pub struct StreamCheck<'m> {
+    m: &'m Manifest,
+    commands: u64,
+    begun: bool,
+    ended: bool,
+}
+
+impl<'m> StreamCheck<'m> {
+    /// A check of the stream `m` announces.
+    pub fn new(m: &'m Manifest) -> StreamCheck<'m> {
+        StreamCheck {
+            m,
+            commands: 0,
+            begun: false,
+            ended: false,
+        }
+    }
+
+    /// Takes the next command.
+    pub fn op(&mut self, op: StreamOp<'_>) -> Result<(), String> {
+        let m = self.m;
+        if self.ended {
+            return Err("an extra command after the stream's end command".into());
+        }
+        self.commands += 1;
+        if !self.begun && !matches!(op, StreamOp::Begin { .. }) {
+            return Err("the stream does not begin with the subvolume it creates".into());
+        }
+        match op {
+            StreamOp::Begin { path, uuid, parent } => {
+                if self.begun {
+                    return Err(format!(
+                        "an extra subvolume {:?} in the stream: one stream creates one subvolume",
+                        trunc(path)
+                    ));
+                }
+                self.begun = true;
+                if path != m.name {
+                    return Err(format!(
+                        "the stream creates {:?}, not the announced {:?}",
+                        trunc(path),
+                        m.name
+                    ));
+                }
+                if uuid != m.uuid {
+                    return Err(format!(
+                        "{:?} is not the announced subvolume (the stream's UUID {uuid}, announced {}): an unrelated stream under its name?",
+                        m.name, m.uuid
+                    ));
+                }
+                match (parent, m.parent_uuid) {
+                    (None, None) => {}
+                    (Some(got), Some(want)) if got == want => {}
+                    (None, Some(_)) => {
+                        return Err(format!(
+                            "{:?} was not received against its announced parent {:?}: the stream is whole",
+                            m.name,
+                            m.parent.as_deref().unwrap_or_default()
+                        ));
+                    }
+                    (Some(got), _) => {
+                        return Err(format!(
+                            "{:?} is a snapshot of {got} in the stream, not of the announced parent ({})",
+                            m.name,
+                            m.parent_uuid
+                                .map_or_else(|| "none".to_string(), |u| u.to_string())
+                        ));
+                    }
+                }
+            }
+            StreamOp::Clone(from) => {
+                if from != m.uuid && Some(from) != m.parent_uuid {
+                    return Err(format!(
+                        "the stream clones data from subvolume {from}, neither its own nor its announced parent: a stream may not copy another subvolume's data"
+                    ));
+                }
+            }
+            StreamOp::Path(p) => {
+                let bad = p.starts_with('/') || p.split('/').any(|c| c == "..") || p.contains('\0');
+                if bad {
+                    return Err(format!(
+                        "the stream names the path {:?}, outside its subvolume",
+                        trunc(p)
+                    ));
+                }
+            }
+            StreamOp::End => self.ended = true,
+        }
+        Ok(())
+    }
+
+    /// The stream is over: it must have created its subvolume and ended.
+    pub fn finish(self) -> Result<(), String> {
+        if !self.begun {
+            return Err("the stream creates no subvolume".into());
+        }
+        if !self.ended {
+            return Err("the stream stops before its end command".into());
+        }
+        Ok(())
+    }
+}
+
+/// At most 64 characters of a name from a stream, for an error message.
+fn trunc(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
 /// Whether a move's staging area, last touched at `touched_ms`, has been idle longer than `ttl`
 /// at `now_ms` (the sweep deletes it then).
 pub fn expired(touched_ms: u64, now_ms: u64, ttl: std::time::Duration) -> bool {
@@ -502,6 +647,149 @@ mod tests {
             start: false,
             last: None,
         }
+    }
+
+    /// Runs `ops` through a [`StreamCheck`] of `m`: the first error, else `finish`'s answer.
+    fn check(m: &Manifest, ops: &[StreamOp<'_>]) -> Result<(), String> {
+        let mut c = StreamCheck::new(m);
+        for op in ops {
+            c.op(*op)?;
+        }
+        c.finish()
+    }
+
+    #[test]
+    fn a_stream_creates_exactly_its_announced_subvolume_and_clones_only_from_its_lineage() {
+        use StreamOp::{Begin, Clone, End, Path};
+        let mv = MoveId::new();
+        let whole = m(&mv, 1, "snap1", None);
+        let inc = m(&mv, 2, "snap2", Some("snap1"));
+        let begin_whole = Begin {
+            path: "snap1",
+            uuid: u(U1),
+            parent: None,
+        };
+        let begin_inc = Begin {
+            path: "snap2",
+            uuid: u(U1),
+            parent: Some(u(U2)),
+        };
+        // what btrfs send writes: accepted (clones from itself, and from the parent when
+        // incremental; the root's own path is empty; a symlink's target is not a path)
+        let ok = [
+            begin_whole,
+            Path(""),
+            Path("o257-7-0"),
+            Path("dir/f"),
+            Clone(u(U1)),
+            End,
+        ];
+        assert_eq!(check(&whole, &ok), Ok(()));
+        assert_eq!(
+            check(
+                &inc,
+                &[begin_inc, Path("f"), Clone(u(U2)), Clone(u(U1)), End]
+            ),
+            Ok(())
+        );
+        let err = |m: &Manifest, ops: &[StreamOp<'_>], want: &str| {
+            let e = check(m, ops).expect_err(want);
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+        };
+        // a clone source outside its lineage: the attack this check exists for
+        err(
+            &whole,
+            &[begin_whole, Clone(u(U3)), End],
+            "clones data from",
+        );
+        err(&inc, &[begin_inc, Clone(u(U3)), End], "clones data from");
+        // a whole stream may not clone from a parent it does not have
+        err(
+            &whole,
+            &[begin_whole, Clone(u(U2)), End],
+            "clones data from",
+        );
+        // one subvolume per stream, created first, under its name, with its UUID and parent
+        err(
+            &whole,
+            &[begin_whole, End, begin_whole],
+            "after the stream's end",
+        );
+        err(
+            &whole,
+            &[
+                begin_whole,
+                Begin {
+                    path: "extra",
+                    uuid: u(U3),
+                    parent: None,
+                },
+                End,
+            ],
+            "extra subvolume",
+        );
+        err(&whole, &[Path("f"), begin_whole, End], "does not begin");
+        err(
+            &whole,
+            &[
+                Begin {
+                    path: "../../escape",
+                    uuid: u(U1),
+                    parent: None,
+                },
+                End,
+            ],
+            "not the announced",
+        );
+        err(
+            &whole,
+            &[
+                Begin {
+                    path: "snap1",
+                    uuid: u(U4),
+                    parent: None,
+                },
+                End,
+            ],
+            "not the announced subvolume",
+        );
+        err(&inc, &[begin_whole, End], "not the announced");
+        err(
+            &inc,
+            &[
+                Begin {
+                    path: "snap2",
+                    uuid: u(U1),
+                    parent: None,
+                },
+                End,
+            ],
+            "not received against",
+        );
+        err(
+            &inc,
+            &[
+                Begin {
+                    path: "snap2",
+                    uuid: u(U1),
+                    parent: Some(u(U3)),
+                },
+                End,
+            ],
+            "snapshot of",
+        );
+        err(&whole, &[begin_inc, End], "not the announced");
+        // paths stay inside the subvolume
+        for p in ["/etc/shadow", "../x", "a/../../x", "..", "a\0b"] {
+            err(
+                &whole,
+                &[begin_whole, Path(p), End],
+                "outside its subvolume",
+            );
+        }
+        // whole: begun and ended
+        err(&whole, &[], "creates no subvolume");
+        err(&whole, &[begin_whole, Path("f")], "stops before its end");
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod master;
+mod move_streams;
 mod moves;
 mod observe;
 mod packaging;

@@ -12,6 +12,7 @@ use crate::domain::snapshots::SnapshotName;
 
 mod remove;
 pub mod sendrecv;
+pub mod stream;
 mod subvol;
 pub use subvol::{
     Qgroup, QuotaMode, Role, SCRATCH_DIR, SNAPSHOTS_DIR, Subvol, parse_qgroups, parse_subvolumes,
@@ -272,6 +273,13 @@ impl crate::ports::Storage for Storage {
         mv: crate::domain::moves::MoveId,
     ) -> Result<Vec<crate::domain::moves::Staged>, StorageError> {
         self.inspect_staging(&mv).await
+    }
+    async fn check_move_stream(
+        &self,
+        mv: crate::domain::moves::MoveId,
+        m: &crate::domain::moves::Manifest,
+    ) -> Result<(), String> {
+        self.check_spooled(&mv, m).await
     }
     async fn sweep_move(&self, mv: crate::domain::moves::MoveId, keep: &[String]) {
         self.sweep_staging(&mv, keep).await
