@@ -295,7 +295,8 @@ pub(super) async fn density(ctx: &mut Ctx) -> Result<()> {
         let (lo, hi) = (w[0], w[1]);
         let t = Instant::now();
         let mut js = JoinSet::new();
-        for id in ids[lo..hi].iter().cloned() {
+        for id in &ids[lo..hi] {
+            let id = id.clone();
             let sem = sem.clone();
             js.spawn(async move {
                 let _p = sem.acquire_owned().await?;
@@ -485,7 +486,8 @@ async fn start_chunk(
         })
     };
     let mut js = JoinSet::new();
-    for id in ids.iter().cloned() {
+    for id in ids {
+        let id = id.clone();
         let token = ctx.next_token();
         let sem = sem.clone();
         js.spawn(async move {
