@@ -657,11 +657,20 @@ impl Host {
         }
     }
 
+    /// Brings the in-memory picture and the store in line with the units systemd has loaded:
+    /// one listing of the units (`Units::list`: one `ListUnitsByPatterns` and pipelined property
+    /// reads), then only the store rows that disagree are written, many in flight at once (the
+    /// store serializes them on its own thread; no round trip is awaited per project).
     async fn reconcile(&self) -> anyhow::Result<()> {
+        /// Store writes in flight at once.
+        const WRITES: usize = 32;
         let t0 = std::time::Instant::now();
         let rows = self.store.projects().await?;
         let units = self.units.list().await?;
+        let units_ms = t0.elapsed().as_millis() as u64;
         let now = now_ms();
+        let stored: HashMap<ProjectId, ProjectState> =
+            rows.iter().map(|r| (r.id, r.state)).collect();
         {
             let mut map = self.entries();
             for r in &rows {
@@ -671,11 +680,13 @@ impl Host {
                 e.idle_override = (r.config.idle_freeze, r.config.idle_stop);
             }
         }
+        // (id, state, last_touched) the store must be told
+        let mut writes: Vec<(ProjectId, ProjectState, u64)> = Vec::new();
         let mut adopted = 0;
         for (id, info) in units {
             let state = ProjectState::from_active_state(info.active_state);
-            if !rows.iter().any(|r| r.id == id && r.state == state) {
-                self.store.upsert(id, state, None, now).await?;
+            if stored.get(&id) != Some(&state) {
+                writes.push((id, state, now));
             }
             self.mark_known(id, now);
             let up = state == ProjectState::Running;
@@ -686,20 +697,26 @@ impl Host {
             adopted += 1;
         }
         // the store remembers projects running that systemd no longer has: they stopped meanwhile
-        for r in rows.iter().filter(|r| r.state != ProjectState::Opened) {
-            if self
-                .read_entries()
-                .get(&r.id)
-                .is_some_and(|e| e.unit.is_none())
-            {
-                self.store
-                    .upsert(r.id, ProjectState::Opened, None, r.last_touched)
-                    .await?;
+        {
+            let map = self.read_entries();
+            for r in rows.iter().filter(|r| r.state != ProjectState::Opened) {
+                if map.get(&r.id).is_some_and(|e| e.unit.is_none()) {
+                    writes.push((r.id, ProjectState::Opened, r.last_touched));
+                }
             }
+        }
+        let corrected = writes.len();
+        let mut results = futures_util::stream::iter(writes)
+            .map(|(id, state, at)| async move { self.store.upsert(id, state, None, at).await })
+            .buffer_unordered(WRITES);
+        while let Some(r) = results.next().await {
+            r?;
         }
         tracing::info!(
             known = rows.len(),
             running_units = adopted,
+            store_corrected = corrected,
+            units_ms,
             took_ms = t0.elapsed().as_millis() as u64,
             "reconciled with systemd and the store"
         );

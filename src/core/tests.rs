@@ -222,6 +222,50 @@ async fn reconcile_agrees_with_every_mix_of_store_units_and_storage() {
     assert_eq!(cases, 30);
 }
 
+/// Many projects in one reconcile, every mix at once: the store writes go out together (not one
+/// awaited round trip per project) and each project still ends where systemd says it is.
+#[tokio::test]
+async fn reconcile_of_many_projects_corrects_each_one() {
+    let stores = [
+        None,
+        Some(ProjectState::Opened),
+        Some(ProjectState::Running),
+    ];
+    let units = [
+        None,
+        Some(ActiveState::Active),
+        Some(ActiveState::Activating),
+        Some(ActiveState::Deactivating),
+        Some(ActiveState::Failed),
+    ];
+    let sim = Sim::new();
+    let mut cases = Vec::new();
+    for n in 0..300u32 {
+        let p = id(1000 + n);
+        let store = stores[n as usize % stores.len()];
+        let unit = units[(n as usize / stores.len()) % units.len()];
+        if let Some(s) = store {
+            sim.store.put(p, s, super::now_ms());
+        }
+        sim.units.set_external(p, unit);
+        cases.push((p, store, unit));
+    }
+    let h = host(&sim).await;
+    let mut up = 0;
+    for (p, store, unit) in cases {
+        let case = format!("{p}: store {store:?}, unit {unit:?}");
+        let state = unit.map_or(ProjectState::Opened, ProjectState::from_active_state);
+        assert_eq!(h.is_known(p), store.is_some() || unit.is_some(), "{case}");
+        assert_eq!(h.peek_status(p).state, state, "{case}");
+        let want = (store.is_some() || unit.is_some()).then_some(state);
+        assert_eq!(stored(&sim, p), want, "{case}");
+        up += usize::from(state != ProjectState::Opened);
+    }
+    assert_eq!(h.running_count(), up);
+    assert_eq!(up, 180);
+    h.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn a_client_hanging_up_mid_start_does_not_cut_the_start_off() {
     let sim = Sim::new();
