@@ -463,29 +463,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Re-reads the TLS certificate and key on each SIGHUP until the proxy stops.
-fn reload_on_sighup(t: Arc<tls::Tls>, stop: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(error = %e, "proxy: cannot watch SIGHUP: the TLS certificate is not reloaded");
-            return;
-        }
-    };
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = hup.recv() => match t.reload() {
-                    Ok(()) => tracing::info!("proxy: TLS certificate and key reloaded (SIGHUP)"),
-                    Err(e) => tracing::warn!(error = %e, "proxy: TLS reload failed, the previous certificate stays"),
-                },
-                () = stop.cancelled() => return,
-            }
-        }
-    });
-}
-
 /// Serves one connection (plain or TLS) until it ends, or gracefully once `closing` fires.
 async fn serve_conn<I>(io: I, px: Arc<Proxy>, peer: SocketAddr, closing: CancellationToken)
 where
@@ -512,7 +489,7 @@ where
 pub async fn serve(listener: TcpListener, px: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     px.watch_projects();
     if let Some(t) = &px.tls {
-        reload_on_sighup(t.clone(), px.stop.clone());
+        t.reload_on_sighup("proxy", px.stop.clone());
     }
     let conns = TaskTracker::new();
     let closing = CancellationToken::new();
