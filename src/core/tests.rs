@@ -163,20 +163,24 @@ async fn a_crash_between_unit_started_and_store_written_is_adopted_by_the_next_h
     );
 }
 
+/// Every state the store may hold of a project, and every state its unit may be in (`None`:
+/// none), for the reconcile tests' mixes.
+const STORES: [Option<ProjectState>; 3] = [
+    None,
+    Some(ProjectState::Opened),
+    Some(ProjectState::Running),
+];
+const UNITS: [Option<ActiveState>; 5] = [
+    None,
+    Some(ActiveState::Active),
+    Some(ActiveState::Activating),
+    Some(ActiveState::Deactivating),
+    Some(ActiveState::Failed),
+];
+
 #[tokio::test]
 async fn reconcile_agrees_with_every_mix_of_store_units_and_storage() {
-    let stores = [
-        None,
-        Some(ProjectState::Opened),
-        Some(ProjectState::Running),
-    ];
-    let units = [
-        None,
-        Some(ActiveState::Active),
-        Some(ActiveState::Activating),
-        Some(ActiveState::Deactivating),
-        Some(ActiveState::Failed),
-    ];
+    let (stores, units) = (STORES, UNITS);
     let mut cases = 0;
     for store in stores {
         for unit in units {
@@ -226,18 +230,7 @@ async fn reconcile_agrees_with_every_mix_of_store_units_and_storage() {
 /// awaited round trip per project) and each project still ends where systemd says it is.
 #[tokio::test]
 async fn reconcile_of_many_projects_corrects_each_one() {
-    let stores = [
-        None,
-        Some(ProjectState::Opened),
-        Some(ProjectState::Running),
-    ];
-    let units = [
-        None,
-        Some(ActiveState::Active),
-        Some(ActiveState::Activating),
-        Some(ActiveState::Deactivating),
-        Some(ActiveState::Failed),
-    ];
+    let (stores, units) = (STORES, UNITS);
     let sim = Sim::new();
     let mut cases = Vec::new();
     for n in 0..300u32 {
