@@ -110,7 +110,10 @@ fn a_stream_may_not_clone_another_projects_data_nor_take_its_uuid() {
         "btrfs subvolume list -R {} | grep -c 'received_uuid {u} ' || true",
         tb::STORAGE
     ));
-    assert_eq!(holders, "1", "the victim's snapshot holds the received UUID {u}");
+    assert_eq!(
+        holders, "1",
+        "the victim's snapshot holds the received UUID {u}"
+    );
 
     // The same source, compromised, now moves its own project: a base snapshot, then a final
     // stream incremental to it whose file is a reflink of the victim's secret, sent with the
@@ -121,7 +124,12 @@ fn a_stream_may_not_clone_another_projects_data_nor_take_its_uuid() {
          && btrfs send -q {WORK}/base > /tmp/stream-{m2}"
     ));
     let base = uuid_of(&format!("{WORK}/base"));
-    let (s, v) = post(&ta, &attacker, &m2, manifest(&m2, &attacker, 1, "base", &base));
+    let (s, v) = post(
+        &ta,
+        &attacker,
+        &m2,
+        manifest(&m2, &attacker, 1, "base", &base),
+    );
     assert_eq!((s, v["placed"].as_bool()), (200, Some(false)), "{v}");
     let live = format!(".move-{m2}-2");
     ok(&format!(
@@ -132,15 +140,27 @@ fn a_stream_may_not_clone_another_projects_data_nor_take_its_uuid() {
     let dump = ok(&format!(
         "btrfs receive --dump -f /tmp/stream-{m2} | awk '$1 == \"clone\"' | head -3"
     ));
-    assert!(dump.contains("stolen"), "no clone command in the crafted stream: {dump}");
-    let mut m = manifest(&m2, &attacker, 2, &live, &uuid_of(&format!("{WORK}/{live}")));
+    assert!(
+        dump.contains("stolen"),
+        "no clone command in the crafted stream: {dump}"
+    );
+    let mut m = manifest(
+        &m2,
+        &attacker,
+        2,
+        &live,
+        &uuid_of(&format!("{WORK}/{live}")),
+    );
     m["parent"] = json!("base");
     m["parent_uuid"] = json!(base);
     m["last"] = json!(["base"]);
     let (s, v) = post(&ta, &attacker, &m2, m);
     assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     assert!(
-        v["error"].as_str().unwrap_or("").contains("clones data from"),
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("clones data from"),
         "{v}"
     );
     // nothing placed, nothing of the secret anywhere under the attacker's move or project
@@ -180,7 +200,12 @@ fn a_stream_may_not_clone_another_projects_data_nor_take_its_uuid() {
     ok(&format!(
         "btrfs send -q {WORK}/snap1 | btrfs receive -q {WORK}/r/ && btrfs send -q {WORK}/r/snap1 > /tmp/stream-{m3}"
     ));
-    let (s, v) = post(&ta, &attacker, &m3, manifest(&m3, &attacker, 1, "snap1", &u));
+    let (s, v) = post(
+        &ta,
+        &attacker,
+        &m3,
+        manifest(&m3, &attacker, 1, "snap1", &u),
+    );
     assert_eq!((s, v["code"].as_str()), (409, Some("move_rejected")), "{v}");
     assert!(
         v["error"]
@@ -190,5 +215,7 @@ fn a_stream_may_not_clone_another_projects_data_nor_take_its_uuid() {
         "{v}"
     );
     assert_eq!(ok(&format!("ls -A {}/.moves/{m3}", tb::STORAGE)), "");
-    sh(&format!("rm -f /tmp/stream-{m1} /tmp/stream-{m2} /tmp/stream-{m3}"));
+    sh(&format!(
+        "rm -f /tmp/stream-{m1} /tmp/stream-{m2} /tmp/stream-{m3}"
+    ));
 }
