@@ -32,9 +32,9 @@ const CHUNK: usize = 256 * 1024;
 /// An upload that sends nothing for this long is dropped (its temporary file removed).
 const BODY_IDLE: Duration = Duration::from_secs(60);
 /// After a failed write, this much of the rest of the upload is read (and dropped) so the client
-/// gets the answer instead of a reset; more than that and the connection is closed. A quota
-/// can stop a write tens of MiB before the end of a file (qgroup accounting lags), and curl
-/// then saw a broken pipe instead of the 507 with 16 MiB.
+/// gets the answer instead of a reset; more than that and the connection is closed. (With 16
+/// MiB, a write refused at the quota 30 MiB before the end of an upload left curl racing: it
+/// got the 507 only if it read it before its next write hit the closed socket.)
 const DRAIN_LIMIT: u64 = 64 << 20;
 
 /// Serves one request for a project's files (the caller is authorized for them).
