@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cocalc_project_host::adapters::cli::{self as client, Action};
+use cocalc_project_host::adapters::tls::Tls;
 use cocalc_project_host::adapters::{dbus, http, observe_cli, ssh};
 use cocalc_project_host::backends::btrfs;
 use cocalc_project_host::core::Host;
@@ -635,13 +636,8 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
         // TLS for connections to non-loopback addresses: without its certificate the daemon
         // does not start (never plain HTTP where TLS was configured)
         let hs = &host.settings().http;
-        let api_tls = match (&hs.tls_cert, &hs.tls_key) {
-            (Some(c), Some(k)) => Some(std::sync::Arc::new(
-                cocalc_project_host::adapters::proxy::tls::Tls::new(c.clone(), k.clone())
-                    .map_err(|e| anyhow::anyhow!("http.tls_cert/http.tls_key: {e}"))?,
-            )),
-            _ => None,
-        };
+        let api_tls = Tls::from_pair(&hs.tls_cert, &hs.tls_key, "http.tls_cert/http.tls_key")
+            .map_err(anyhow::Error::msg)?;
         let tls_on = api_tls.is_some();
         let watchdog = activation::spawn_watchdog();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -652,13 +648,8 @@ fn serve(settings: config::Settings, listen: Option<SocketAddr>) -> anyhow::Resu
                 let l = tokio::net::TcpListener::from_std(l)?;
                 let ps = &host.settings().proxy;
                 // a TLS listener without its certificate must not fall back to plain HTTP
-                let tls = match (&ps.tls_cert, &ps.tls_key) {
-                    (Some(c), Some(k)) => Some(std::sync::Arc::new(
-                        cocalc_project_host::adapters::proxy::tls::Tls::new(c.clone(), k.clone())
-                            .map_err(|e| anyhow::anyhow!("proxy TLS: {e}"))?,
-                    )),
-                    _ => None,
-                };
+                let tls = Tls::from_pair(&ps.tls_cert, &ps.tls_key, "proxy TLS")
+                    .map_err(anyhow::Error::msg)?;
                 tracing::info!(address = %l.local_addr()?, tls = tls.is_some(), "serving the proxy");
                 let px = cocalc_project_host::adapters::proxy::Proxy::new(
                     host.clone(),

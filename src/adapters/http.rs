@@ -861,7 +861,7 @@ pub async fn serve(
     listener: TcpListener,
     host: Arc<Host>,
     auth: Arc<Auth>,
-    tls: Option<Arc<super::proxy::tls::Tls>>,
+    tls: Option<Arc<super::tls::Tls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

@@ -12,4 +12,5 @@ pub mod observe_cli;
 pub mod proxy;
 pub mod sse;
 pub mod ssh;
+pub mod tls;
 pub mod top;

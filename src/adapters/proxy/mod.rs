@@ -39,7 +39,6 @@ pub mod route;
 mod settings;
 #[cfg(test)]
 mod tests;
-pub mod tls;
 pub use settings::{ProxyFragment, ProxySettings};
 
 /// The proxy's response body: streamed from a project, or built here.
@@ -111,7 +110,7 @@ pub struct Proxy {
     auth: Arc<Auth>,
     key: cookie::Key,
     pool: Arc<forward::Pool>,
-    tls: Option<Arc<tls::Tls>>,
+    tls: Option<Arc<super::tls::Tls>>,
     stop: CancellationToken,
 }
 
@@ -146,7 +145,7 @@ impl Proxy {
     pub fn new(
         host: Arc<Host>,
         auth: Arc<Auth>,
-        tls: Option<Arc<tls::Tls>>,
+        tls: Option<Arc<super::tls::Tls>>,
     ) -> std::io::Result<Arc<Proxy>> {
         let key = cookie::Key::load_or_create(&host.settings().state_dir)?;
         Ok(Arc::new(Proxy {

@@ -40,6 +40,22 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String
 }
 
 impl Tls {
+    /// The listener's TLS from its configured pair (`what`: the keys, for the error), `None`
+    /// without one. Unloadable files are an error: a listener configured for TLS never falls
+    /// back to plain HTTP. (Half a pair is refused when the config is checked.)
+    pub fn from_pair(
+        cert: &Option<PathBuf>,
+        key: &Option<PathBuf>,
+        what: &str,
+    ) -> Result<Option<Arc<Tls>>, String> {
+        match (cert, key) {
+            (Some(c), Some(k)) => Tls::new(c.clone(), k.clone())
+                .map(|t| Some(Arc::new(t)))
+                .map_err(|e| format!("{what}: {e}")),
+            _ => Ok(None),
+        }
+    }
+
     /// Loads the files once (an error here stops the daemon: a TLS listener without its
     /// certificate must not silently serve plain HTTP).
     pub fn new(cert: PathBuf, key: PathBuf) -> Result<Tls, String> {
